@@ -1,0 +1,344 @@
+//! Expansion: reads only the validated model and builds the output from small pieces.
+//!
+//! For `#[cached] fn name(params) -> R { body }` the output is:
+//! - `fn name(params) -> R`, with the user's attributes and signature, calling `name::__memo_call`;
+//! - `struct name {}` (type namespace, so it does not clash with the function) whose associated
+//!   functions are the function's cache handle: `name::clear()`, `name::is_cached(args)`,
+//!   `name::call_uncached(args)`, `name::recompute(args)`, `name::location()`, `name::version()`;
+//! - in its `impl`, the hidden `__memo_call` holding the body in a closure, and
+//!   `__memo_function`, the function's `static` run-time state.
+//!
+//! Every path is absolute (`::core`, `<crate>::__private`), and every generated local or item
+//! carries the `__memo_` prefix.
+
+use proc_macro2::{Span, TokenStream};
+use quote::{quote, quote_spanned, ToTokens};
+use syn::spanned::Spanned;
+use syn::{Attribute, ItemFn, ReturnType, Type};
+
+use crate::args::Args;
+use crate::validate::{validate, CachedFn, Param};
+use crate::version::{source_text, version_hash};
+
+/// The attribute's entry point: any error becomes `compile_error!` next to the user's function,
+/// unchanged, so the rest of their crate still type-checks.
+pub(crate) fn cached(args: TokenStream, item: TokenStream) -> TokenStream {
+    let item: ItemFn = match syn::parse2(item.clone()) {
+        Ok(item) => item,
+        Err(_) => {
+            let error = syn::Error::new(
+                Span::call_site(),
+                "#[cached] applies to functions (`fn name(args) -> T { ... }`)",
+            );
+            return with_error(error, item);
+        }
+    };
+    let args: Args = match syn::parse2(args) {
+        Ok(args) => args,
+        Err(error) => return with_error(error, item.into_token_stream()),
+    };
+    match validate(item, args) {
+        Ok(model) => expand(&model),
+        Err((error, item)) => with_error(error, item.into_token_stream()),
+    }
+}
+
+fn with_error(error: syn::Error, item: TokenStream) -> TokenStream {
+    let error = error.into_compile_error();
+    quote!(#error #item)
+}
+
+/// The tokens shared by the pieces of one expansion.
+struct Names<'a> {
+    model: &'a CachedFn,
+    /// `<crate>::__private`
+    private: TokenStream,
+    /// The return type (`()` when none is written).
+    output: Type,
+}
+
+fn expand(model: &CachedFn) -> TokenStream {
+    let krate = match &model.args.krate {
+        Some(path) => path.to_token_stream(),
+        None => quote!(::memo),
+    };
+    let output = match &model.item.sig.output {
+        ReturnType::Default => syn::parse_quote!(()),
+        ReturnType::Type(_, ty) => (**ty).clone(),
+    };
+    let names = Names {
+        model,
+        private: quote!(#krate::__private),
+        output,
+    };
+    let function = public_fn(&names);
+    let handle = handle(&names);
+    quote!(#function #handle)
+}
+
+/// Attributes that must also govern the generated items: conditional compilation and lints.
+fn shared_attrs(attrs: &[Attribute], lints: bool) -> Vec<&Attribute> {
+    attrs
+        .iter()
+        .filter(|attr| {
+            let path = attr.path();
+            path.is_ident("cfg")
+                || path.is_ident("cfg_attr")
+                || (lints
+                    && ["allow", "warn", "deny", "forbid", "expect"]
+                        .iter()
+                        .any(|lint| path.is_ident(lint)))
+        })
+        .collect()
+}
+
+/// `name: Type` for each parameter, without `mut` (which is not part of a signature).
+fn plain_params(params: &[Param]) -> Vec<TokenStream> {
+    params
+        .iter()
+        .map(|Param { binding, ty, .. }| quote!(#binding: #ty))
+        .collect()
+}
+
+fn bindings(params: &[Param]) -> Vec<&syn::Ident> {
+    params.iter().map(|param| &param.binding).collect()
+}
+
+/// Calls `__memo_call` in the given mode with the parameters, inside `unsafe` for an
+/// `unsafe fn`.
+fn call_body(names: &Names<'_>, mode: &str) -> TokenStream {
+    let private = &names.private;
+    let name = &names.model.item.sig.ident;
+    let mode = syn::Ident::new(mode, Span::call_site());
+    let args = bindings(&names.model.params);
+    let call = quote!(#name::__memo_call(#private::CallMode::#mode, #(#args),*));
+    match names.model.item.sig.unsafety {
+        Some(_) => quote!(unsafe { #call }),
+        None => call,
+    }
+}
+
+/// The user's function, with its attributes, name and signature; its body calls `__memo_call`.
+fn public_fn(names: &Names<'_>) -> TokenStream {
+    let item = &names.model.item;
+    let attrs = &item.attrs;
+    let vis = &item.vis;
+    let mut sig = item.sig.clone();
+    let params = plain_params(&names.model.params);
+    sig.inputs = syn::parse_quote!(#(#params),*);
+    let body = call_body(names, "Cached");
+    quote! {
+        #(#attrs)*
+        #vis #sig {
+            #body
+        }
+    }
+}
+
+/// Statements binding `__memo_memory` to the cache this function uses.
+fn memory(names: &Names<'_>) -> TokenStream {
+    let private = &names.private;
+    match &names.model.args.memory {
+        None => quote!(let __memo_memory: &#private::Memory = #private::Memory::global();),
+        Some(expr) => quote_spanned! {expr.span()=>
+            let __memo_memory_owner = &(#expr);
+            let __memo_memory: &#private::Memory =
+                #private::AsMemory::as_memory(__memo_memory_owner);
+        },
+    }
+}
+
+/// Statements binding `__memo_key` to the call's key (or `None`), hashing each parameter.
+fn key(names: &Names<'_>, mode: TokenStream) -> TokenStream {
+    let private = &names.private;
+    let hash_args = names.model.params.iter().map(|Param { binding, ty, .. }| {
+        // Spanned at the type, so a type that is not `Serialize` is reported there.
+        quote_spanned!(ty.span()=> #private::ArgsHasher::arg(__memo_hasher, &#binding);)
+    });
+    quote! {
+        let __memo_key = __memo_function.key(__memo_memory, #mode, |__memo_hasher| {
+            #(#hash_args)*
+        });
+    }
+}
+
+/// The struct sharing the function's name and its `impl`: the cache handle and the hidden items.
+fn handle(names: &Names<'_>) -> TokenStream {
+    let model = names.model;
+    let item = &model.item;
+    let vis = &item.vis;
+    let name = &item.sig.ident;
+    let cfgs = shared_attrs(&item.attrs, false);
+    let struct_doc = format!(
+        "Cache controls of [`{name}`](fn@{name}), which is `#[cached]`: \
+         `{name}::clear()`, `{name}::is_cached(..)`, `{name}::call_uncached(..)`, \
+         `{name}::recompute(..)`, `{name}::location()` and `{name}::version()`."
+    );
+    let call = hidden_call(names);
+    let function = function_static(names);
+    let methods = handle_methods(names);
+    quote! {
+        #(#cfgs)*
+        #[doc = #struct_doc]
+        #[allow(non_camel_case_types, dead_code)]
+        #vis struct #name {}
+
+        #(#cfgs)*
+        #[allow(dead_code, clippy::needless_lifetimes, clippy::too_many_arguments)]
+        impl #name {
+            #call
+            #function
+            #methods
+        }
+    }
+}
+
+/// `__memo_call`: keys the call and runs the body (in a closure) through the cache.
+fn hidden_call(names: &Names<'_>) -> TokenStream {
+    let model = names.model;
+    let item = &model.item;
+    let private = &names.private;
+    let vis = &item.vis;
+    let unsafety = &item.sig.unsafety;
+    let generics = &item.sig.generics;
+    let where_clause = &generics.where_clause;
+    let output = &names.output;
+    let lints = shared_attrs(&item.attrs, true);
+    let inputs = model.params.iter().map(|param| {
+        let Param { binding, ty, .. } = param;
+        let mutability = param.mutable.then(|| quote!(mut));
+        quote!(#mutability #binding: #ty)
+    });
+    let destructure = model.params.iter().filter_map(|param| {
+        let pattern = param.pattern.as_ref()?;
+        let binding = &param.binding;
+        Some(quote!(let #pattern = #binding;))
+    });
+    let memory = memory(names);
+    let key = key(names, quote!(__memo_mode));
+    let body = &item.block;
+    let call = quote_spanned! {output.span()=>
+        #private::CachedFunction::call::<#output, _>(
+            __memo_function,
+            __memo_memory,
+            __memo_mode,
+            __memo_key,
+            move || -> #output {
+                #(#destructure)*
+                #body
+            },
+        )
+    };
+    quote! {
+        #[doc(hidden)]
+        #[inline]
+        #(#lints)*
+        #vis #unsafety fn __memo_call #generics (
+            __memo_mode: #private::CallMode,
+            #(#inputs),*
+        ) -> #output #where_clause {
+            #memory
+            let __memo_function = Self::__memo_function();
+            #key
+            #call
+        }
+    }
+}
+
+/// `__memo_function`: the function's run-time state, a `static` built from compile-time facts.
+fn function_static(names: &Names<'_>) -> TokenStream {
+    let item = &names.model.item;
+    let private = &names.private;
+    let vis = &item.vis;
+    let name = item.sig.ident.to_string();
+    let version = version_hash(item, names.model.args.version.as_deref());
+    let source = source_text(item);
+    quote! {
+        #[doc(hidden)]
+        #vis fn __memo_function() -> &'static #private::CachedFunction {
+            static __MEMO_FUNCTION: #private::CachedFunction =
+                #private::CachedFunction::new(#private::FunctionDef {
+                    module_path: ::core::module_path!(),
+                    name: #name,
+                    version: #version,
+                    source: #source,
+                });
+            &__MEMO_FUNCTION
+        }
+    }
+}
+
+/// The public cache handle: joblib's `func.clear()`, `check_call_in_cache`, `func.call`.
+fn handle_methods(names: &Names<'_>) -> TokenStream {
+    let model = names.model;
+    let item = &model.item;
+    let private = &names.private;
+    let vis = &item.vis;
+    let name = &item.sig.ident;
+    let unsafety = &item.sig.unsafety;
+    let generics = &item.sig.generics;
+    let where_clause = &generics.where_clause;
+    let output = &names.output;
+    let params = plain_params(&model.params);
+    let memory = memory(names);
+    let key = key(names, quote!(#private::CallMode::Cached));
+    let uncached = call_body(names, "Uncached");
+    let refresh = call_body(names, "Refresh");
+    let doc = |text: String| quote!(#[doc = #text]);
+    let clear_doc = doc(format!(
+        "Removes every stored result of [`{name}`](fn@{name}), of all its versions."
+    ));
+    let is_cached_doc = doc(format!(
+        "Whether the result of [`{name}`](fn@{name}) for these arguments is stored \
+         (read and checked, so a broken entry is `false`)."
+    ));
+    let uncached_doc = doc(format!(
+        "Runs [`{name}`](fn@{name}) without the cache: nothing is read or stored."
+    ));
+    let refresh_doc = doc(format!(
+        "Runs [`{name}`](fn@{name}) and stores its result, replacing a stored one."
+    ));
+    let location_doc = doc(format!(
+        "The folder holding the stored results of this version of [`{name}`](fn@{name}), or \
+         `None` when its cache is disabled."
+    ));
+    let version_doc = doc(format!(
+        "The version hash of [`{name}`](fn@{name}): BLAKE3 of its tokens, 64 hex digits."
+    ));
+    quote! {
+        #clear_doc
+        #vis fn clear() -> ::core::result::Result<(), #private::Error> {
+            #memory
+            Self::__memo_function().clear(__memo_memory)
+        }
+
+        #is_cached_doc
+        #vis fn is_cached #generics (#(#params),*) -> bool #where_clause {
+            #memory
+            let __memo_function = Self::__memo_function();
+            #key
+            __memo_function.is_cached::<#output>(__memo_memory, __memo_key)
+        }
+
+        #uncached_doc
+        #vis #unsafety fn call_uncached #generics (#(#params),*) -> #output #where_clause {
+            #uncached
+        }
+
+        #refresh_doc
+        #vis #unsafety fn recompute #generics (#(#params),*) -> #output #where_clause {
+            #refresh
+        }
+
+        #location_doc
+        #vis fn location() -> ::core::option::Option<::std::path::PathBuf> {
+            #memory
+            Self::__memo_function().location(__memo_memory)
+        }
+
+        #version_doc
+        #vis fn version() -> &'static str {
+            Self::__memo_function().def().version
+        }
+    }
+}

@@ -1,0 +1,19 @@
+//! The `#[cached]` attribute of [memo](https://docs.rs/memo). Users depend on `memo`, which
+//! re-exports it; see its documentation for the attribute's options.
+//!
+//! The crate parses the attribute into a typed model ([`args`]), validates it against the
+//! function's signature ([`validate`]), and expands from the validated model ([`expand`]). It does
+//! no I/O.
+
+mod args;
+mod expand;
+mod validate;
+mod version;
+
+use proc_macro::TokenStream;
+
+/// Caches a function's results on disk, keyed by its arguments; see the `memo` crate.
+#[proc_macro_attribute]
+pub fn cached(args: TokenStream, item: TokenStream) -> TokenStream {
+    expand::cached(args.into(), item.into()).into()
+}

@@ -1,0 +1,256 @@
+//! Entry encoding: a fixed 72-byte header followed by the rmp-serde payload.
+//!
+//! The format is described for people in `docs/FORMAT.md`; the constants here are the single
+//! source of truth, and the unit tests below pin the exact bytes.
+//!
+//! | offset | size | field |
+//! |---|---|---|
+//! | 0 | 4 | magic `MEMO` |
+//! | 4 | 2 | format version, u16 little-endian ([`FORMAT_VERSION`]) |
+//! | 6 | 2 | flags, u16 little-endian (0: plain rmp-serde payload; others are reserved) |
+//! | 8 | 32 | the entry's [`CacheKey`] |
+//! | 40 | 8 | created, nanoseconds since the Unix epoch, u64 little-endian |
+//! | 48 | 8 | compute duration in nanoseconds, u64 little-endian |
+//! | 56 | 8 | payload length in bytes, u64 little-endian |
+//! | 64 | 8 | checksum: XXH3-64 of bytes 0..64 followed by the payload, u64 little-endian |
+//! | 72 | n | payload: the value in MessagePack, structs as maps with field names |
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use xxhash_rust::xxh3::Xxh3Default;
+
+use crate::key::CacheKey;
+
+/// The four bytes every entry starts with.
+pub const MAGIC: [u8; 4] = *b"MEMO";
+/// The entry format this build writes and reads. Entries of any other version are misses.
+pub const FORMAT_VERSION: u16 = 1;
+/// Length of the fixed header.
+pub const HEADER_LEN: usize = 72;
+const CHECKSUM_AT: usize = 64;
+
+/// What an entry's header says about it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EntryHeader {
+    /// The key the entry was written for.
+    pub key: CacheKey,
+    /// When the value was computed.
+    pub created: SystemTime,
+    /// How long the computation took.
+    pub duration: Duration,
+    /// Length of the payload in bytes.
+    pub payload_len: u64,
+}
+
+/// Why stored bytes are not a valid entry. Any of these makes the entry a miss.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CorruptEntry {
+    /// Shorter than a header.
+    #[error("{len} bytes is shorter than the {HEADER_LEN}-byte header")]
+    TooShort {
+        /// The length found.
+        len: usize,
+    },
+    /// Does not start with [`MAGIC`].
+    #[error("not a memo entry (bad magic bytes)")]
+    BadMagic,
+    /// Written by another format version.
+    #[error("entry format version {found} (this build reads version {FORMAT_VERSION})")]
+    OtherVersion {
+        /// The version found.
+        found: u16,
+    },
+    /// Flags this build does not understand.
+    #[error("unknown entry flags {flags:#06x}")]
+    UnknownFlags {
+        /// The flags found.
+        flags: u16,
+    },
+    /// The header names another key: the file is not the entry that was asked for.
+    #[error("entry belongs to another key")]
+    KeyMismatch,
+    /// The payload length in the header does not match the bytes present.
+    #[error("header says {claimed} payload bytes but {present} are present (truncated or padded)")]
+    LengthMismatch {
+        /// Length the header claims.
+        claimed: u64,
+        /// Bytes actually present after the header.
+        present: u64,
+    },
+    /// The checksum does not match: some byte changed.
+    #[error("checksum mismatch (damaged entry)")]
+    ChecksumMismatch,
+}
+
+fn unix_nanos(time: SystemTime) -> u64 {
+    time.duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+fn checksum(header: &[u8], payload: &[u8]) -> u64 {
+    let mut hasher = Xxh3Default::new();
+    hasher.update(&header[..CHECKSUM_AT]);
+    hasher.update(payload);
+    hasher.digest()
+}
+
+/// Builds the header for `payload`; the entry on disk is the header followed by the payload.
+pub fn encode_header(
+    key: &CacheKey,
+    created: SystemTime,
+    duration: Duration,
+    payload: &[u8],
+) -> [u8; HEADER_LEN] {
+    let mut header = [0u8; HEADER_LEN];
+    header[0..4].copy_from_slice(&MAGIC);
+    header[4..6].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+    header[6..8].copy_from_slice(&0u16.to_le_bytes());
+    header[8..40].copy_from_slice(key.as_bytes());
+    header[40..48].copy_from_slice(&unix_nanos(created).to_le_bytes());
+    let nanos = u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX);
+    header[48..56].copy_from_slice(&nanos.to_le_bytes());
+    header[56..64].copy_from_slice(&(payload.len() as u64).to_le_bytes());
+    let sum = checksum(&header, payload);
+    header[64..72].copy_from_slice(&sum.to_le_bytes());
+    header
+}
+
+fn u64_at(bytes: &[u8], at: usize) -> u64 {
+    let mut word = [0u8; 8];
+    word.copy_from_slice(&bytes[at..at + 8]);
+    u64::from_le_bytes(word)
+}
+
+/// Reads and verifies just the header, without the payload (no checksum check).
+pub fn decode_header(bytes: &[u8]) -> Result<EntryHeader, CorruptEntry> {
+    if bytes.len() < HEADER_LEN {
+        return Err(CorruptEntry::TooShort { len: bytes.len() });
+    }
+    if bytes[0..4] != MAGIC {
+        return Err(CorruptEntry::BadMagic);
+    }
+    let version = u16::from_le_bytes([bytes[4], bytes[5]]);
+    if version != FORMAT_VERSION {
+        return Err(CorruptEntry::OtherVersion { found: version });
+    }
+    let flags = u16::from_le_bytes([bytes[6], bytes[7]]);
+    if flags != 0 {
+        return Err(CorruptEntry::UnknownFlags { flags });
+    }
+    let mut key = [0u8; 32];
+    key.copy_from_slice(&bytes[8..40]);
+    Ok(EntryHeader {
+        key: CacheKey::from_bytes(key),
+        created: UNIX_EPOCH + Duration::from_nanos(u64_at(bytes, 40)),
+        duration: Duration::from_nanos(u64_at(bytes, 48)),
+        payload_len: u64_at(bytes, 56),
+    })
+}
+
+/// Verifies a whole entry read from storage and returns its header and payload.
+pub fn decode<'a>(
+    bytes: &'a [u8],
+    expected: &CacheKey,
+) -> Result<(EntryHeader, &'a [u8]), CorruptEntry> {
+    let header = decode_header(bytes)?;
+    if header.key != *expected {
+        return Err(CorruptEntry::KeyMismatch);
+    }
+    let payload = &bytes[HEADER_LEN..];
+    if header.payload_len != payload.len() as u64 {
+        return Err(CorruptEntry::LengthMismatch {
+            claimed: header.payload_len,
+            present: payload.len() as u64,
+        });
+    }
+    if checksum(bytes, payload) != u64_at(bytes, CHECKSUM_AT) {
+        return Err(CorruptEntry::ChecksumMismatch);
+    }
+    Ok((header, payload))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> (CacheKey, Vec<u8>) {
+        let key = CacheKey::from_bytes([7; 32]);
+        let created = UNIX_EPOCH + Duration::from_nanos(0x0102_0304_0506_0708);
+        let payload = b"payload".to_vec();
+        let header = encode_header(&key, created, Duration::from_nanos(500), &payload);
+        let mut bytes = header.to_vec();
+        bytes.extend_from_slice(&payload);
+        (key, bytes)
+    }
+
+    #[test]
+    fn header_bytes_are_pinned() {
+        let (_, bytes) = sample();
+        assert_eq!(&bytes[0..8], b"MEMO\x01\x00\x00\x00");
+        assert_eq!(&bytes[8..40], &[7u8; 32]);
+        assert_eq!(&bytes[40..48], &[8, 7, 6, 5, 4, 3, 2, 1]);
+        assert_eq!(&bytes[48..56], &500u64.to_le_bytes());
+        assert_eq!(&bytes[56..64], &7u64.to_le_bytes());
+        assert_eq!(&bytes[72..], b"payload");
+        assert_eq!(bytes.len(), HEADER_LEN + 7);
+    }
+
+    #[test]
+    fn round_trip() {
+        let (key, bytes) = sample();
+        let (header, payload) = decode(&bytes, &key).unwrap();
+        assert_eq!(payload, b"payload");
+        assert_eq!(header.duration, Duration::from_nanos(500));
+        assert_eq!(header.payload_len, 7);
+    }
+
+    #[test]
+    fn every_single_byte_flip_is_detected() {
+        let (key, bytes) = sample();
+        for at in 0..bytes.len() {
+            let mut damaged = bytes.clone();
+            damaged[at] ^= 0x40;
+            assert!(
+                decode(&damaged, &key).is_err(),
+                "flip at {at} went unnoticed"
+            );
+        }
+    }
+
+    #[test]
+    fn truncation_padding_and_wrong_key_are_rejected() {
+        let (key, bytes) = sample();
+        for len in 0..bytes.len() {
+            assert!(decode(&bytes[..len], &key).is_err(), "truncated to {len}");
+        }
+        let mut padded = bytes.clone();
+        padded.push(0);
+        assert!(matches!(
+            decode(&padded, &key),
+            Err(CorruptEntry::LengthMismatch { .. })
+        ));
+        let other = CacheKey::from_bytes([8; 32]);
+        assert_eq!(decode(&bytes, &other), Err(CorruptEntry::KeyMismatch));
+    }
+
+    #[test]
+    fn a_huge_claimed_length_is_rejected_without_allocating() {
+        let (key, mut bytes) = sample();
+        bytes[56..64].copy_from_slice(&u64::MAX.to_le_bytes());
+        assert!(matches!(
+            decode(&bytes, &key),
+            Err(CorruptEntry::LengthMismatch { .. })
+        ));
+    }
+
+    #[test]
+    fn other_versions_are_never_read() {
+        let (key, mut bytes) = sample();
+        bytes[4] = 2;
+        assert_eq!(
+            decode(&bytes, &key),
+            Err(CorruptEntry::OtherVersion { found: 2 })
+        );
+    }
+}

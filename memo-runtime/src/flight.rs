@@ -1,0 +1,180 @@
+//! In-process single flight: when several threads miss on one key at once, one computes and the
+//! others wait for its result instead of computing it again.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::thread::{self, ThreadId};
+
+use crate::key::CacheKey;
+
+/// The encoded payload a finished computation hands to its waiters.
+pub(crate) type Payload = Arc<Vec<u8>>;
+
+enum State {
+    Running,
+    /// Finished; the payload is `None` when the value could not be encoded.
+    Done(Option<Payload>),
+    /// The computing thread panicked.
+    Abandoned,
+}
+
+struct Flight {
+    owner: ThreadId,
+    state: Mutex<State>,
+    finished: Condvar,
+}
+
+/// The keys being computed in this process right now.
+#[derive(Default)]
+pub(crate) struct InFlight {
+    flights: Mutex<HashMap<CacheKey, Arc<Flight>>>,
+}
+
+/// The outcome of [`InFlight::claim`].
+pub(crate) enum Claim<'a> {
+    /// This thread computes the key; it must call [`FlightGuard::finish`].
+    Owner(FlightGuard<'a>),
+    /// Another thread computed the key; its payload, if it could be encoded. `None` also when
+    /// that thread panicked: look again, then compute.
+    Waited(Option<Payload>),
+    /// This thread is already computing this key further up its stack (a function that calls
+    /// itself with the same arguments): waiting would deadlock, so compute directly.
+    Reentrant,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding these locks cannot leave their data inconsistent.
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl InFlight {
+    pub(crate) fn claim(&self, key: CacheKey) -> Claim<'_> {
+        let me = thread::current().id();
+        let flight = {
+            let mut flights = lock(&self.flights);
+            match flights.get(&key) {
+                Some(flight) if flight.owner == me => return Claim::Reentrant,
+                Some(flight) => Arc::clone(flight),
+                None => {
+                    let flight = Arc::new(Flight {
+                        owner: me,
+                        state: Mutex::new(State::Running),
+                        finished: Condvar::new(),
+                    });
+                    flights.insert(key, Arc::clone(&flight));
+                    return Claim::Owner(FlightGuard {
+                        set: self,
+                        key,
+                        flight,
+                        finished: false,
+                    });
+                }
+            }
+        };
+        let mut state = lock(&flight.state);
+        loop {
+            match &*state {
+                State::Running => {
+                    state = flight
+                        .finished
+                        .wait(state)
+                        .unwrap_or_else(PoisonError::into_inner);
+                }
+                State::Done(payload) => return Claim::Waited(payload.clone()),
+                State::Abandoned => return Claim::Waited(None),
+            }
+        }
+    }
+}
+
+/// Held by the thread computing a key; wakes the waiters when finished or dropped (a panic).
+pub(crate) struct FlightGuard<'a> {
+    set: &'a InFlight,
+    key: CacheKey,
+    flight: Arc<Flight>,
+    finished: bool,
+}
+
+impl FlightGuard<'_> {
+    pub(crate) fn finish(mut self, payload: Option<Payload>) {
+        self.finished = true;
+        self.settle(State::Done(payload));
+    }
+
+    fn settle(&self, outcome: State) {
+        lock(&self.set.flights).remove(&self.key);
+        *lock(&self.flight.state) = outcome;
+        self.flight.finished.notify_all();
+    }
+}
+
+impl Drop for FlightGuard<'_> {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.settle(State::Abandoned);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    #[test]
+    fn one_owner_and_waiters_get_its_payload() {
+        let set = InFlight::default();
+        let key = CacheKey::from_bytes([1; 32]);
+        let owners = AtomicUsize::new(0);
+        let received = AtomicUsize::new(0);
+        thread::scope(|scope| {
+            for _ in 0..8 {
+                scope.spawn(|| match set.claim(key) {
+                    Claim::Owner(guard) => {
+                        owners.fetch_add(1, Ordering::SeqCst);
+                        thread::sleep(Duration::from_millis(100));
+                        guard.finish(Some(Arc::new(b"value".to_vec())));
+                    }
+                    Claim::Waited(Some(payload)) => {
+                        assert_eq!(&*payload, b"value");
+                        received.fetch_add(1, Ordering::SeqCst);
+                    }
+                    // A thread that arrives after the owner finished becomes an owner itself.
+                    Claim::Waited(None) | Claim::Reentrant => panic!("unexpected claim"),
+                });
+            }
+        });
+        let owners = owners.load(Ordering::SeqCst);
+        assert!(owners >= 1);
+        assert_eq!(owners + received.load(Ordering::SeqCst), 8);
+    }
+
+    #[test]
+    fn a_panicking_owner_releases_waiters() {
+        let set = InFlight::default();
+        let key = CacheKey::from_bytes([2; 32]);
+        let guard = match set.claim(key) {
+            Claim::Owner(guard) => guard,
+            _ => panic!("first claim must own"),
+        };
+        thread::scope(|scope| {
+            let waiter = scope.spawn(|| matches!(set.claim(key), Claim::Waited(None)));
+            thread::sleep(Duration::from_millis(50));
+            drop(guard); // as during unwinding
+            assert!(waiter.join().unwrap());
+        });
+        assert!(matches!(set.claim(key), Claim::Owner(_)));
+    }
+
+    #[test]
+    fn the_same_thread_is_told_it_reenters() {
+        let set = InFlight::default();
+        let key = CacheKey::from_bytes([3; 32]);
+        let _guard = match set.claim(key) {
+            Claim::Owner(guard) => guard,
+            _ => panic!("first claim must own"),
+        };
+        assert!(matches!(set.claim(key), Claim::Reentrant));
+    }
+}

@@ -1,0 +1,334 @@
+//! One cached function at run time: keying a call, looking it up, computing and storing it.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Instant, SystemTime};
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::entry::{self, CorruptEntry};
+use crate::error::Error;
+use crate::flight::{Claim, Payload};
+use crate::key::{ArgsHasher, CacheKey};
+use crate::log;
+use crate::memory::{Counters, Memory};
+use crate::store::{function_dir_name, EntryAddress, Store};
+
+/// What the `#[cached]` macro knows about a function at compile time.
+#[derive(Debug)]
+pub struct FunctionDef {
+    /// `module_path!()` where the function is defined (starts with the crate name).
+    pub module_path: &'static str,
+    /// The function's name.
+    pub name: &'static str,
+    /// The function-version hash: 64 hex digits of BLAKE3 over the function's normalized tokens
+    /// (and the `version = "..."` option).
+    pub version: &'static str,
+    /// The function's source as compiled (formatted, without comments and doc comments).
+    pub source: &'static str,
+}
+
+/// How a call treats the cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CallMode {
+    /// Serve a stored value, or compute and store it.
+    Cached,
+    /// Compute and store, replacing any stored value.
+    Refresh,
+    /// Compute only; neither read nor write the cache.
+    Uncached,
+}
+
+/// The run-time state of one `#[cached]` function. The macro creates one per function, in a
+/// `static`.
+#[derive(Debug)]
+pub struct CachedFunction {
+    def: FunctionDef,
+    names: OnceLock<Names>,
+    write_warned: AtomicBool,
+}
+
+#[derive(Debug)]
+struct Names {
+    identity: String,
+    dir: String,
+}
+
+impl CachedFunction {
+    /// Wraps the macro's facts about a function.
+    pub const fn new(def: FunctionDef) -> Self {
+        CachedFunction {
+            def,
+            names: OnceLock::new(),
+            write_warned: AtomicBool::new(false),
+        }
+    }
+
+    /// The facts the macro recorded.
+    pub fn def(&self) -> &FunctionDef {
+        &self.def
+    }
+
+    fn names(&self) -> &Names {
+        self.names.get_or_init(|| {
+            let identity = format!("{}::{}", self.def.module_path, self.def.name);
+            let dir = function_dir_name(&identity);
+            Names { identity, dir }
+        })
+    }
+
+    /// The function's path, e.g. `my_crate::physics::simulate`.
+    pub fn identity(&self) -> &str {
+        &self.names().identity
+    }
+
+    /// The folder holding this version's entries in `memory`, or `None` when it is disabled.
+    pub fn location(&self, memory: &Memory) -> Option<PathBuf> {
+        memory
+            .store()
+            .map(|store| store.version_location(&self.names().dir, self.def.version))
+    }
+
+    /// Hashes a call's arguments into its key. `None` when the cache is not used for this call:
+    /// the memory is disabled, the mode is [`CallMode::Uncached`], or an argument failed to
+    /// serialize (reported as a warning, or a panic in strict mode).
+    pub fn key(
+        &self,
+        memory: &Memory,
+        mode: CallMode,
+        args: impl FnOnce(&mut ArgsHasher),
+    ) -> Option<CacheKey> {
+        if mode == CallMode::Uncached || memory.store().is_none() {
+            return None;
+        }
+        let mut hasher = ArgsHasher::new(self.identity(), self.def.version);
+        args(&mut hasher);
+        match hasher.finish() {
+            Ok(key) => Some(key),
+            Err(source) => {
+                let function = self.identity().to_owned();
+                self.problem(memory, Error::Key { function, source }, NOT_CACHED);
+                None
+            }
+        }
+    }
+
+    /// Runs one call: serves the stored value for `key`, or runs `compute`, stores its value
+    /// and returns it. Simultaneous misses on one key in this process compute once.
+    pub fn call<R, F>(
+        &self,
+        memory: &Memory,
+        mode: CallMode,
+        key: Option<CacheKey>,
+        compute: F,
+    ) -> R
+    where
+        R: Serialize + DeserializeOwned,
+        F: FnOnce() -> R,
+    {
+        let (Some(key), Some(store)) = (key, memory.store()) else {
+            return compute();
+        };
+        let at = self.address(&key);
+        if mode == CallMode::Cached {
+            if let Some(value) = self.lookup(memory, store, &at) {
+                return value;
+            }
+        }
+        loop {
+            match memory.flights.claim(key) {
+                Claim::Reentrant => {
+                    Counters::bump(&memory.counters.misses);
+                    return compute();
+                }
+                Claim::Waited(Some(payload)) => {
+                    if let Some(value) = self.decode_payload(memory, store, &at, &payload) {
+                        Counters::bump(&memory.counters.hits);
+                        return value;
+                    }
+                }
+                Claim::Waited(None) => {
+                    // The other thread panicked or could not encode its value: look again, and
+                    // compute if the value is still missing.
+                    if mode == CallMode::Cached {
+                        if let Some(value) = self.lookup(memory, store, &at) {
+                            return value;
+                        }
+                    }
+                }
+                Claim::Owner(flight) => {
+                    // Another thread may have stored the value between our lookup and our claim.
+                    if mode == CallMode::Cached {
+                        if let Some(value) = self.lookup(memory, store, &at) {
+                            flight.finish(None);
+                            return value;
+                        }
+                    }
+                    let started = Instant::now();
+                    let value = compute();
+                    let duration = started.elapsed();
+                    Counters::bump(&memory.counters.misses);
+                    let payload = self.save(memory, store, &at, &value, duration);
+                    flight.finish(payload);
+                    return value;
+                }
+            }
+        }
+    }
+
+    /// Whether a valid entry for `key` is stored (it is read and decoded as `R` to be sure).
+    pub fn is_cached<R: DeserializeOwned>(&self, memory: &Memory, key: Option<CacheKey>) -> bool {
+        match (key, memory.store()) {
+            (Some(key), Some(store)) => {
+                let at = self.address(&key);
+                self.read_entry::<R>(memory, store, &at).is_some()
+            }
+            _ => false,
+        }
+    }
+
+    /// Removes every stored entry of this function, all versions.
+    pub fn clear(&self, memory: &Memory) -> Result<(), Error> {
+        match memory.store() {
+            Some(store) => store.clear_function(&self.names().dir),
+            None => Ok(()),
+        }
+    }
+
+    fn address<'a>(&'a self, key: &'a CacheKey) -> EntryAddress<'a> {
+        EntryAddress {
+            function: &self.names().dir,
+            version: self.def.version,
+            key,
+        }
+    }
+
+    fn lookup<R: DeserializeOwned>(
+        &self,
+        memory: &Memory,
+        store: &dyn Store,
+        at: &EntryAddress<'_>,
+    ) -> Option<R> {
+        let value = self.read_entry(memory, store, at)?;
+        Counters::bump(&memory.counters.hits);
+        Some(value)
+    }
+
+    fn read_entry<R: DeserializeOwned>(
+        &self,
+        memory: &Memory,
+        store: &dyn Store,
+        at: &EntryAddress<'_>,
+    ) -> Option<R> {
+        let bytes = match store.read(at) {
+            Ok(Some(bytes)) => bytes,
+            Ok(None) => return None,
+            Err(error) => {
+                self.problem(memory, error, RECOMPUTING);
+                return None;
+            }
+        };
+        match entry::decode(&bytes, at.key) {
+            Ok((_, payload)) => self.decode_payload(memory, store, at, payload),
+            Err(CorruptEntry::OtherVersion { found }) => {
+                // Written by another version of memo: not an error, just not ours to read.
+                tracing::debug!(target: "memo", found, "entry of another format version");
+                None
+            }
+            Err(reason) => {
+                let path = store.describe(at);
+                self.problem(memory, Error::Corrupt { path, reason }, RECOMPUTING);
+                None
+            }
+        }
+    }
+
+    fn decode_payload<R: DeserializeOwned>(
+        &self,
+        memory: &Memory,
+        store: &dyn Store,
+        at: &EntryAddress<'_>,
+        payload: &[u8],
+    ) -> Option<R> {
+        match rmp_serde::from_slice(payload) {
+            Ok(value) => Some(value),
+            Err(error) => {
+                let error = Error::Decode {
+                    path: store.describe(at),
+                    type_name: std::any::type_name::<R>(),
+                    message: error.to_string(),
+                };
+                self.problem(memory, error, RECOMPUTING);
+                None
+            }
+        }
+    }
+
+    /// Encodes and stores a computed value; returns the payload for waiting threads.
+    fn save<R: Serialize>(
+        &self,
+        memory: &Memory,
+        store: &dyn Store,
+        at: &EntryAddress<'_>,
+        value: &R,
+        duration: std::time::Duration,
+    ) -> Option<Payload> {
+        let payload = match rmp_serde::to_vec_named(value) {
+            Ok(payload) => payload,
+            Err(error) => {
+                let function = self.identity().to_owned();
+                let message = error.to_string();
+                self.problem(memory, Error::Encode { function, message }, NOT_CACHED);
+                return None;
+            }
+        };
+        let result = self.save_source(memory, store).and_then(|()| {
+            let header = entry::encode_header(at.key, SystemTime::now(), duration, &payload);
+            store.write(at, &header, &payload)
+        });
+        match result {
+            Ok(()) => Counters::bump(&memory.counters.stores),
+            Err(error) => self.write_problem(memory, error),
+        }
+        Some(Arc::new(payload))
+    }
+
+    fn save_source(&self, memory: &Memory, store: &dyn Store) -> Result<(), Error> {
+        if memory.first_store_of(self as *const Self as usize) {
+            let text = format!(
+                "// memo: source of `{}`, version {}\n{}",
+                self.identity(),
+                self.def.version,
+                self.def.source
+            );
+            store.save_source(&self.names().dir, self.def.version, &text)?;
+        }
+        Ok(())
+    }
+
+    /// A failed write: warned once per function (a read-only or full disk would otherwise warn on
+    /// every call), then at debug level.
+    fn write_problem(&self, memory: &Memory, error: Error) {
+        if memory.is_strict() || !self.write_warned.swap(true, Ordering::Relaxed) {
+            self.problem(memory, error, NOT_STORED);
+        } else {
+            Counters::bump(&memory.counters.errors);
+            tracing::debug!(target: "memo", "{error}");
+        }
+    }
+
+    /// Reports a tolerated problem: counted, then a warning, or a panic in strict mode.
+    fn problem(&self, memory: &Memory, error: Error, consequence: &str) {
+        Counters::bump(&memory.counters.errors);
+        if memory.is_strict() {
+            panic!("memo (strict mode) in `{}`: {error}", self.identity());
+        }
+        log::warn(&format!("{error}; {consequence}"));
+    }
+}
+
+const RECOMPUTING: &str = "treated as a miss, the value is recomputed";
+const NOT_CACHED: &str = "the value is computed and returned, but not cached";
+const NOT_STORED: &str = "the value is returned but not stored; further write failures of this function are logged at debug level";

@@ -1,0 +1,774 @@
+//! Cache keys: the arguments' serde serialization, streamed into BLAKE3.
+//!
+//! The arguments are never serialized into one buffer: [`ArgsHasher`] is a serde
+//! [`Serializer`] that writes a compact, self-delimiting encoding (a tag byte per value,
+//! fixed-width little-endian numbers, length-prefixed strings) through a small buffer into a
+//! [`blake3::Hasher`]. The encoding is prefix-free, so two different values of one type never
+//! feed the hasher the same bytes.
+//!
+//! Rules worth knowing (they are the documented keying rules of memo):
+//! - Floats are keyed by their bit pattern, so `-0.0` and `0.0` are different keys (they can give
+//!   different results, `1.0 / x`), while every NaN is keyed as one canonical NaN.
+//! - `std` and `hashbrown` `HashMap`/`HashSet` values are keyed independently of their iteration
+//!   order (which is random per process): each entry is hashed on its own and the digests are
+//!   sorted. They are recognised by type, directly or behind `&`, `Box`, `Rc` or `Arc`. Every other
+//!   sequence or map (a `Vec`, a `BTreeMap`, an `IndexMap`) is keyed in its iteration order.
+//! - Struct, variant and field names are part of the key.
+
+use std::fmt;
+
+use serde::ser::{self, Serialize};
+
+/// The key of one cache entry: a 256-bit BLAKE3 digest of the function's identity, its version
+/// and its arguments.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CacheKey([u8; 32]);
+
+impl CacheKey {
+    /// Wraps raw digest bytes.
+    pub const fn from_bytes(bytes: [u8; 32]) -> Self {
+        CacheKey(bytes)
+    }
+
+    /// The digest bytes.
+    pub const fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+
+    /// The key as 64 lowercase hexadecimal digits, as used in entry file names.
+    pub fn to_hex(&self) -> String {
+        blake3::Hash::from_bytes(self.0).to_hex().to_string()
+    }
+}
+
+impl fmt::Debug for CacheKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "CacheKey({})", self.to_hex())
+    }
+}
+
+impl fmt::Display for CacheKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}
+
+/// Why an argument could not be hashed: its `Serialize` implementation returned an error.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyError(String);
+
+impl fmt::Display for KeyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for KeyError {}
+
+impl ser::Error for KeyError {
+    fn custom<T: fmt::Display>(msg: T) -> Self {
+        KeyError(msg.to_string())
+    }
+}
+
+/// Domain separation: a key of this format can never equal a digest made for another purpose.
+const KEY_DOMAIN: &[u8] = b"memo cache key v1\0";
+
+mod tag {
+    pub const BOOL: u8 = 1;
+    pub const I8: u8 = 2;
+    pub const I16: u8 = 3;
+    pub const I32: u8 = 4;
+    pub const I64: u8 = 5;
+    pub const I128: u8 = 6;
+    pub const U8: u8 = 7;
+    pub const U16: u8 = 8;
+    pub const U32: u8 = 9;
+    pub const U64: u8 = 10;
+    pub const U128: u8 = 11;
+    pub const F32: u8 = 12;
+    pub const F64: u8 = 13;
+    pub const CHAR: u8 = 14;
+    pub const STR: u8 = 15;
+    pub const BYTES: u8 = 16;
+    pub const NONE: u8 = 17;
+    pub const SOME: u8 = 18;
+    pub const UNIT: u8 = 19;
+    pub const UNIT_STRUCT: u8 = 20;
+    pub const UNIT_VARIANT: u8 = 21;
+    pub const NEWTYPE_STRUCT: u8 = 22;
+    pub const NEWTYPE_VARIANT: u8 = 23;
+    pub const SEQ: u8 = 24;
+    pub const TUPLE: u8 = 25;
+    pub const TUPLE_STRUCT: u8 = 26;
+    pub const TUPLE_VARIANT: u8 = 27;
+    pub const MAP: u8 = 28;
+    pub const STRUCT: u8 = 29;
+    pub const STRUCT_VARIANT: u8 = 30;
+    pub const UNORDERED: u8 = 31;
+    pub const END: u8 = 32;
+    pub const ARG: u8 = 33;
+}
+
+/// Bytes buffered before they are handed to BLAKE3: large enough for its SIMD paths.
+const LARGE_BUFFER: usize = 64 * 1024;
+const SMALL_BUFFER: usize = 256;
+
+/// A buffered BLAKE3 writer: small keys never touch the heap, large ones are hashed in 64 KiB
+/// blocks so that BLAKE3 can use its wide SIMD paths.
+struct Sink {
+    hasher: blake3::Hasher,
+    small: [u8; SMALL_BUFFER],
+    small_len: usize,
+    large: Vec<u8>,
+}
+
+impl Sink {
+    fn new() -> Self {
+        Sink {
+            hasher: blake3::Hasher::new(),
+            small: [0; SMALL_BUFFER],
+            small_len: 0,
+            large: Vec::new(),
+        }
+    }
+
+    #[inline]
+    fn write(&mut self, bytes: &[u8]) {
+        if self.large.capacity() == 0 {
+            let end = self.small_len + bytes.len();
+            if end <= SMALL_BUFFER {
+                self.small[self.small_len..end].copy_from_slice(bytes);
+                self.small_len = end;
+                return;
+            }
+            self.large = Vec::with_capacity(LARGE_BUFFER);
+            self.large.extend_from_slice(&self.small[..self.small_len]);
+            self.small_len = 0;
+        }
+        if self.large.len() + bytes.len() > LARGE_BUFFER {
+            self.hasher.update(&self.large);
+            self.large.clear();
+            if bytes.len() > LARGE_BUFFER {
+                self.hasher.update(bytes);
+                return;
+            }
+        }
+        self.large.extend_from_slice(bytes);
+    }
+
+    #[inline]
+    fn tagged(&mut self, tag: u8, bytes: &[u8]) {
+        let mut block = [0u8; 17];
+        block[0] = tag;
+        block[1..=bytes.len()].copy_from_slice(bytes);
+        self.write(&block[..=bytes.len()]);
+    }
+
+    fn len_prefixed(&mut self, tag: u8, bytes: &[u8]) {
+        self.tagged(tag, &(bytes.len() as u64).to_le_bytes());
+        self.write(bytes);
+    }
+
+    fn finish(mut self) -> [u8; 32] {
+        if self.large.capacity() == 0 {
+            self.hasher.update(&self.small[..self.small_len]);
+        } else {
+            self.hasher.update(&self.large);
+        }
+        *self.hasher.finalize().as_bytes()
+    }
+}
+
+/// Streams a function call's identity, version and arguments into a [`CacheKey`].
+///
+/// Generated code creates one per call and feeds it each argument with
+/// [`ArgsHasher::arg`]; the first `Serialize` error is kept and reported by
+/// [`ArgsHasher::finish`].
+pub struct ArgsHasher {
+    sink: Sink,
+    error: Option<KeyError>,
+}
+
+impl ArgsHasher {
+    /// Starts a key for a function with the given identity and version hash.
+    pub fn new(identity: &str, version: &str) -> Self {
+        let mut sink = Sink::new();
+        sink.write(KEY_DOMAIN);
+        sink.len_prefixed(tag::STR, identity.as_bytes());
+        sink.len_prefixed(tag::STR, version.as_bytes());
+        ArgsHasher { sink, error: None }
+    }
+
+    /// Adds one argument to the key.
+    pub fn arg<T: ?Sized + Serialize>(&mut self, value: &T) {
+        if self.error.is_some() {
+            return;
+        }
+        self.sink.write(&[tag::ARG]);
+        let mut serializer = KeySerializer::new(&mut self.sink);
+        serializer.note::<T>();
+        if let Err(error) = value.serialize(&mut serializer) {
+            self.error = Some(error);
+        }
+    }
+
+    /// The key, or the first error an argument's `Serialize` implementation returned.
+    pub fn finish(self) -> Result<CacheKey, KeyError> {
+        match self.error {
+            Some(error) => Err(error),
+            None => Ok(CacheKey(self.sink.finish())),
+        }
+    }
+}
+
+/// Whether values of the type named `name` iterate in an order that means nothing (and changes
+/// from process to process), so that they must be keyed order-independently.
+fn is_unordered(mut name: &str) -> bool {
+    const WRAPPERS: [&str; 5] = [
+        "alloc::boxed::Box<",
+        "alloc::rc::Rc<",
+        "alloc::sync::Arc<",
+        "std::rc::Rc<",
+        "std::sync::Arc<",
+    ];
+    loop {
+        if let Some(rest) = name.strip_prefix("&mut ") {
+            name = rest;
+        } else if let Some(rest) = name.strip_prefix('&') {
+            name = rest;
+        } else if let Some(rest) = WRAPPERS.iter().find_map(|w| name.strip_prefix(w)) {
+            name = rest;
+        } else {
+            break;
+        }
+    }
+    [
+        "std::collections::hash::map::HashMap<",
+        "std::collections::hash::set::HashSet<",
+        "hashbrown::map::HashMap<",
+        "hashbrown::set::HashSet<",
+    ]
+    .iter()
+    .any(|prefix| name.starts_with(prefix))
+}
+
+/// The serde serializer behind [`ArgsHasher`].
+struct KeySerializer<'a> {
+    sink: &'a mut Sink,
+    /// Set by [`KeySerializer::note`] when the value about to be serialized is an unordered
+    /// collection; consumed by the next `serialize_seq`/`serialize_map`.
+    unordered_next: bool,
+}
+
+impl<'a> KeySerializer<'a> {
+    fn new(sink: &'a mut Sink) -> Self {
+        KeySerializer {
+            sink,
+            unordered_next: false,
+        }
+    }
+
+    /// Records the static type of the value about to be serialized (serde tells us nothing else).
+    #[inline]
+    fn note<T: ?Sized>(&mut self) {
+        self.unordered_next = is_unordered(std::any::type_name::<T>());
+    }
+
+    fn child<T: ?Sized + Serialize>(&mut self, value: &T) -> Result<(), KeyError> {
+        self.note::<T>();
+        value.serialize(&mut *self)
+    }
+
+    fn compound(&mut self, tag: u8, unordered: bool) -> Compound<'_, 'a> {
+        if unordered {
+            self.sink.write(&[tag::UNORDERED, tag]);
+            Compound::Unordered {
+                parent: self,
+                digests: Vec::new(),
+                entry: None,
+            }
+        } else {
+            self.sink.write(&[tag]);
+            Compound::Ordered(self)
+        }
+    }
+}
+
+/// A sequence, tuple, map or struct being hashed: in order, or entry by entry for unordered
+/// collections (each entry's digest is kept, and the sorted digests are written at the end).
+enum Compound<'s, 'a> {
+    Ordered(&'s mut KeySerializer<'a>),
+    Unordered {
+        parent: &'s mut KeySerializer<'a>,
+        digests: Vec<[u8; 32]>,
+        entry: Option<Sink>,
+    },
+}
+
+impl Compound<'_, '_> {
+    fn element<T: ?Sized + Serialize>(&mut self, value: &T) -> Result<(), KeyError> {
+        match self {
+            Compound::Ordered(serializer) => serializer.child(value),
+            Compound::Unordered { digests, .. } => {
+                let mut sink = Sink::new();
+                KeySerializer::new(&mut sink).child(value)?;
+                digests.push(sink.finish());
+                Ok(())
+            }
+        }
+    }
+
+    fn map_key<T: ?Sized + Serialize>(&mut self, key: &T) -> Result<(), KeyError> {
+        match self {
+            Compound::Ordered(serializer) => serializer.child(key),
+            Compound::Unordered { entry, .. } => {
+                let mut sink = Sink::new();
+                KeySerializer::new(&mut sink).child(key)?;
+                *entry = Some(sink);
+                Ok(())
+            }
+        }
+    }
+
+    fn map_value<T: ?Sized + Serialize>(&mut self, value: &T) -> Result<(), KeyError> {
+        match self {
+            Compound::Ordered(serializer) => serializer.child(value),
+            Compound::Unordered { digests, entry, .. } => {
+                let mut sink = entry
+                    .take()
+                    .ok_or_else(|| KeyError("map value serialized before its key".into()))?;
+                KeySerializer::new(&mut sink).child(value)?;
+                digests.push(sink.finish());
+                Ok(())
+            }
+        }
+    }
+
+    fn field<T: ?Sized + Serialize>(&mut self, name: &str, value: &T) -> Result<(), KeyError> {
+        let serializer = match self {
+            Compound::Ordered(serializer) => serializer,
+            Compound::Unordered { parent, .. } => parent,
+        };
+        serializer.sink.len_prefixed(tag::STR, name.as_bytes());
+        serializer.child(value)
+    }
+
+    fn end(self) -> Result<(), KeyError> {
+        match self {
+            Compound::Ordered(serializer) => serializer.sink.write(&[tag::END]),
+            Compound::Unordered {
+                parent,
+                mut digests,
+                ..
+            } => {
+                digests.sort_unstable();
+                parent
+                    .sink
+                    .tagged(tag::END, &(digests.len() as u64).to_le_bytes());
+                for digest in &digests {
+                    parent.sink.write(digest);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+macro_rules! forward_compound {
+    ($($trait:ident { $method:ident($($arg:ident: $ty:ty),*) => $via:ident })*) => {$(
+        impl ser::$trait for Compound<'_, '_> {
+            type Ok = ();
+            type Error = KeyError;
+
+            fn $method<T: ?Sized + Serialize>(&mut self, $($arg: $ty,)* value: &T) -> Result<(), KeyError> {
+                forward_compound!(@call self, $via, $($arg,)* value)
+            }
+
+            fn end(self) -> Result<(), KeyError> {
+                Compound::end(self)
+            }
+        }
+    )*};
+    (@call $self:ident, element, $value:ident) => { $self.element($value) };
+    (@call $self:ident, field, $name:ident, $value:ident) => { $self.field($name, $value) };
+}
+
+forward_compound! {
+    SerializeSeq { serialize_element() => element }
+    SerializeTuple { serialize_element() => element }
+    SerializeTupleStruct { serialize_field() => element }
+    SerializeTupleVariant { serialize_field() => element }
+    SerializeStruct { serialize_field(name: &'static str) => field }
+    SerializeStructVariant { serialize_field(name: &'static str) => field }
+}
+
+impl ser::SerializeMap for Compound<'_, '_> {
+    type Ok = ();
+    type Error = KeyError;
+
+    fn serialize_key<T: ?Sized + Serialize>(&mut self, key: &T) -> Result<(), KeyError> {
+        self.map_key(key)
+    }
+
+    fn serialize_value<T: ?Sized + Serialize>(&mut self, value: &T) -> Result<(), KeyError> {
+        self.map_value(value)
+    }
+
+    fn end(self) -> Result<(), KeyError> {
+        Compound::end(self)
+    }
+}
+
+impl<'s, 'a> ser::Serializer for &'s mut KeySerializer<'a> {
+    type Ok = ();
+    type Error = KeyError;
+    type SerializeSeq = Compound<'s, 'a>;
+    type SerializeTuple = Compound<'s, 'a>;
+    type SerializeTupleStruct = Compound<'s, 'a>;
+    type SerializeTupleVariant = Compound<'s, 'a>;
+    type SerializeMap = Compound<'s, 'a>;
+    type SerializeStruct = Compound<'s, 'a>;
+    type SerializeStructVariant = Compound<'s, 'a>;
+
+    fn serialize_bool(self, v: bool) -> Result<(), KeyError> {
+        self.sink.tagged(tag::BOOL, &[v as u8]);
+        Ok(())
+    }
+    fn serialize_i8(self, v: i8) -> Result<(), KeyError> {
+        self.sink.tagged(tag::I8, &v.to_le_bytes());
+        Ok(())
+    }
+    fn serialize_i16(self, v: i16) -> Result<(), KeyError> {
+        self.sink.tagged(tag::I16, &v.to_le_bytes());
+        Ok(())
+    }
+    fn serialize_i32(self, v: i32) -> Result<(), KeyError> {
+        self.sink.tagged(tag::I32, &v.to_le_bytes());
+        Ok(())
+    }
+    fn serialize_i64(self, v: i64) -> Result<(), KeyError> {
+        self.sink.tagged(tag::I64, &v.to_le_bytes());
+        Ok(())
+    }
+    fn serialize_i128(self, v: i128) -> Result<(), KeyError> {
+        self.sink.tagged(tag::I128, &v.to_le_bytes());
+        Ok(())
+    }
+    fn serialize_u8(self, v: u8) -> Result<(), KeyError> {
+        self.sink.tagged(tag::U8, &v.to_le_bytes());
+        Ok(())
+    }
+    fn serialize_u16(self, v: u16) -> Result<(), KeyError> {
+        self.sink.tagged(tag::U16, &v.to_le_bytes());
+        Ok(())
+    }
+    fn serialize_u32(self, v: u32) -> Result<(), KeyError> {
+        self.sink.tagged(tag::U32, &v.to_le_bytes());
+        Ok(())
+    }
+    fn serialize_u64(self, v: u64) -> Result<(), KeyError> {
+        self.sink.tagged(tag::U64, &v.to_le_bytes());
+        Ok(())
+    }
+    fn serialize_u128(self, v: u128) -> Result<(), KeyError> {
+        self.sink.tagged(tag::U128, &v.to_le_bytes());
+        Ok(())
+    }
+    fn serialize_f32(self, v: f32) -> Result<(), KeyError> {
+        let bits = if v.is_nan() {
+            f32::NAN.to_bits()
+        } else {
+            v.to_bits()
+        };
+        self.sink.tagged(tag::F32, &bits.to_le_bytes());
+        Ok(())
+    }
+    fn serialize_f64(self, v: f64) -> Result<(), KeyError> {
+        let bits = if v.is_nan() {
+            f64::NAN.to_bits()
+        } else {
+            v.to_bits()
+        };
+        self.sink.tagged(tag::F64, &bits.to_le_bytes());
+        Ok(())
+    }
+    fn serialize_char(self, v: char) -> Result<(), KeyError> {
+        self.sink.tagged(tag::CHAR, &u32::from(v).to_le_bytes());
+        Ok(())
+    }
+    fn serialize_str(self, v: &str) -> Result<(), KeyError> {
+        self.sink.len_prefixed(tag::STR, v.as_bytes());
+        Ok(())
+    }
+    fn serialize_bytes(self, v: &[u8]) -> Result<(), KeyError> {
+        self.sink.len_prefixed(tag::BYTES, v);
+        Ok(())
+    }
+    fn serialize_none(self) -> Result<(), KeyError> {
+        self.sink.write(&[tag::NONE]);
+        Ok(())
+    }
+    fn serialize_some<T: ?Sized + Serialize>(self, value: &T) -> Result<(), KeyError> {
+        self.sink.write(&[tag::SOME]);
+        self.child(value)
+    }
+    fn serialize_unit(self) -> Result<(), KeyError> {
+        self.sink.write(&[tag::UNIT]);
+        Ok(())
+    }
+    fn serialize_unit_struct(self, name: &'static str) -> Result<(), KeyError> {
+        self.sink.len_prefixed(tag::UNIT_STRUCT, name.as_bytes());
+        Ok(())
+    }
+    fn serialize_unit_variant(
+        self,
+        name: &'static str,
+        index: u32,
+        variant: &'static str,
+    ) -> Result<(), KeyError> {
+        self.sink.len_prefixed(tag::UNIT_VARIANT, name.as_bytes());
+        self.sink.tagged(tag::U32, &index.to_le_bytes());
+        self.sink.len_prefixed(tag::STR, variant.as_bytes());
+        Ok(())
+    }
+    fn serialize_newtype_struct<T: ?Sized + Serialize>(
+        self,
+        name: &'static str,
+        value: &T,
+    ) -> Result<(), KeyError> {
+        self.sink.len_prefixed(tag::NEWTYPE_STRUCT, name.as_bytes());
+        self.child(value)
+    }
+    fn serialize_newtype_variant<T: ?Sized + Serialize>(
+        self,
+        name: &'static str,
+        index: u32,
+        variant: &'static str,
+        value: &T,
+    ) -> Result<(), KeyError> {
+        self.sink
+            .len_prefixed(tag::NEWTYPE_VARIANT, name.as_bytes());
+        self.sink.tagged(tag::U32, &index.to_le_bytes());
+        self.sink.len_prefixed(tag::STR, variant.as_bytes());
+        self.child(value)
+    }
+    fn serialize_seq(self, _len: Option<usize>) -> Result<Compound<'s, 'a>, KeyError> {
+        let unordered = std::mem::take(&mut self.unordered_next);
+        Ok(self.compound(tag::SEQ, unordered))
+    }
+    fn serialize_tuple(self, _len: usize) -> Result<Compound<'s, 'a>, KeyError> {
+        Ok(self.compound(tag::TUPLE, false))
+    }
+    fn serialize_tuple_struct(
+        self,
+        name: &'static str,
+        _len: usize,
+    ) -> Result<Compound<'s, 'a>, KeyError> {
+        self.sink.len_prefixed(tag::TUPLE_STRUCT, name.as_bytes());
+        Ok(self.compound(tag::TUPLE_STRUCT, false))
+    }
+    fn serialize_tuple_variant(
+        self,
+        name: &'static str,
+        index: u32,
+        variant: &'static str,
+        _len: usize,
+    ) -> Result<Compound<'s, 'a>, KeyError> {
+        self.sink.len_prefixed(tag::TUPLE_VARIANT, name.as_bytes());
+        self.sink.tagged(tag::U32, &index.to_le_bytes());
+        self.sink.len_prefixed(tag::STR, variant.as_bytes());
+        Ok(self.compound(tag::TUPLE_VARIANT, false))
+    }
+    fn serialize_map(self, _len: Option<usize>) -> Result<Compound<'s, 'a>, KeyError> {
+        let unordered = std::mem::take(&mut self.unordered_next);
+        Ok(self.compound(tag::MAP, unordered))
+    }
+    fn serialize_struct(
+        self,
+        name: &'static str,
+        _len: usize,
+    ) -> Result<Compound<'s, 'a>, KeyError> {
+        self.sink.len_prefixed(tag::STRUCT, name.as_bytes());
+        Ok(self.compound(tag::STRUCT, false))
+    }
+    fn serialize_struct_variant(
+        self,
+        name: &'static str,
+        index: u32,
+        variant: &'static str,
+        _len: usize,
+    ) -> Result<Compound<'s, 'a>, KeyError> {
+        self.sink.len_prefixed(tag::STRUCT_VARIANT, name.as_bytes());
+        self.sink.tagged(tag::U32, &index.to_le_bytes());
+        self.sink.len_prefixed(tag::STR, variant.as_bytes());
+        Ok(self.compound(tag::STRUCT_VARIANT, false))
+    }
+    fn is_human_readable(&self) -> bool {
+        // The compact forms (e.g. of IP addresses) are cheaper to hash and just as unique.
+        false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::Serialize;
+    use std::collections::{BTreeMap, HashMap, HashSet};
+
+    fn key<T: ?Sized + Serialize>(value: &T) -> CacheKey {
+        let mut hasher = ArgsHasher::new("crate::f", "v");
+        hasher.arg(value);
+        hasher.finish().unwrap()
+    }
+
+    #[test]
+    fn equal_values_give_equal_keys_and_different_values_differ() {
+        assert_eq!(key(&42u64), key(&42u64));
+        assert_ne!(key(&42u64), key(&43u64));
+        assert_ne!(key("ab"), key("a"));
+        assert_ne!(key(&("a", "bc")), key(&("ab", "c")));
+        assert_ne!(key(&vec![1u8, 2]), key(&vec![2u8, 1]));
+    }
+
+    #[test]
+    fn identity_and_version_are_part_of_the_key() {
+        let base = key(&1u8);
+        let mut other = ArgsHasher::new("crate::g", "v");
+        other.arg(&1u8);
+        assert_ne!(base, other.finish().unwrap());
+        let mut other = ArgsHasher::new("crate::f", "w");
+        other.arg(&1u8);
+        assert_ne!(base, other.finish().unwrap());
+    }
+
+    #[test]
+    fn argument_boundaries_are_part_of_the_key() {
+        let mut one = ArgsHasher::new("f", "v");
+        one.arg(&(1u8, 2u8));
+        let mut two = ArgsHasher::new("f", "v");
+        two.arg(&1u8);
+        two.arg(&2u8);
+        assert_ne!(one.finish().unwrap(), two.finish().unwrap());
+    }
+
+    #[test]
+    fn owned_and_borrowed_forms_agree() {
+        let owned: Vec<f64> = vec![1.0, 2.5];
+        assert_eq!(key(&owned), key(&owned[..]));
+        assert_eq!(key("text"), key(&String::from("text")));
+    }
+
+    #[test]
+    fn floats_are_keyed_by_bits_with_one_nan() {
+        assert_ne!(key(&0.0f64), key(&-0.0f64));
+        let other_nan = f64::from_bits(f64::NAN.to_bits() | 1);
+        assert!(other_nan.is_nan());
+        assert_eq!(key(&f64::NAN), key(&other_nan));
+        assert_eq!(key(&f32::NAN), key(&-f32::NAN));
+        assert_ne!(key(&1.0f32), key(&1.0f64));
+    }
+
+    #[test]
+    fn hash_collections_are_order_independent() {
+        // Build the same set and map with different insertion orders and capacities, so their
+        // iteration orders differ.
+        let a: HashSet<u32> = (0..500).collect();
+        let mut b: HashSet<u32> = HashSet::with_capacity(4096);
+        b.extend((0..500).rev());
+        assert_ne!(
+            a.iter().copied().collect::<Vec<_>>(),
+            b.iter().copied().collect::<Vec<_>>(),
+            "test needs two iteration orders"
+        );
+        assert_eq!(key(&a), key(&b));
+        assert_eq!(key(&Some(&a)), key(&Some(&b)));
+        assert_eq!(key(&Box::new(a.clone())), key(&Box::new(b.clone())));
+
+        let m: HashMap<String, u32> = (0..300).map(|i| (i.to_string(), i)).collect();
+        let mut n: HashMap<String, u32> = HashMap::with_capacity(2048);
+        n.extend((0..300).rev().map(|i| (i.to_string(), i)));
+        assert_eq!(key(&m), key(&n));
+        assert_eq!(key(&vec![m.clone()]), key(&vec![n.clone()]));
+
+        n.insert("0".into(), 1);
+        assert_ne!(key(&m), key(&n));
+    }
+
+    #[test]
+    fn unordered_collections_still_differ_from_ordered_ones() {
+        let set: HashSet<u32> = [1].into_iter().collect();
+        assert_ne!(key(&set), key(&vec![1u32]));
+        let map: HashMap<u32, u32> = [(1, 2)].into_iter().collect();
+        let btree: BTreeMap<u32, u32> = [(1, 2)].into_iter().collect();
+        assert_ne!(key(&map), key(&btree));
+    }
+
+    #[test]
+    fn struct_and_field_names_are_part_of_the_key() {
+        #[derive(Serialize)]
+        struct A {
+            x: u32,
+        }
+        #[derive(Serialize)]
+        struct B {
+            x: u32,
+        }
+        #[derive(Serialize)]
+        struct C {
+            y: u32,
+        }
+        assert_ne!(key(&A { x: 1 }), key(&B { x: 1 }));
+        assert_ne!(key(&A { x: 1 }), key(&C { y: 1 }));
+        assert_eq!(key(&A { x: 1 }), key(&A { x: 1 }));
+    }
+
+    #[test]
+    fn untagged_enum_variants_do_not_collide() {
+        #[derive(Serialize)]
+        #[serde(untagged)]
+        enum E {
+            Num(u64),
+            Text(String),
+        }
+        assert_ne!(key(&E::Num(0)), key(&E::Text(String::new())));
+    }
+
+    #[test]
+    fn large_inputs_match_across_buffer_boundaries() {
+        let values: Vec<f64> = (0..200_000).map(|i| i as f64).collect();
+        assert_eq!(key(&values), key(&values.clone()));
+        let mut changed = values.clone();
+        changed[150_000] = -1.0;
+        assert_ne!(key(&values), key(&changed));
+        let text = "x".repeat(3 * LARGE_BUFFER + 7);
+        assert_ne!(key(&text), key(&text[1..]));
+    }
+
+    #[test]
+    fn serialize_errors_are_reported() {
+        struct Fails;
+        impl Serialize for Fails {
+            fn serialize<S: ser::Serializer>(&self, _: S) -> Result<S::Ok, S::Error> {
+                Err(ser::Error::custom("cannot serialize this"))
+            }
+        }
+        let mut hasher = ArgsHasher::new("f", "v");
+        hasher.arg(&Fails);
+        assert_eq!(
+            hasher.finish().unwrap_err().to_string(),
+            "cannot serialize this"
+        );
+    }
+
+    #[test]
+    fn type_names_of_unordered_collections() {
+        assert!(is_unordered(std::any::type_name::<HashSet<u8>>()));
+        assert!(is_unordered(std::any::type_name::<&HashMap<u8, u8>>()));
+        assert!(is_unordered(std::any::type_name::<
+            std::sync::Arc<HashSet<u8>>,
+        >()));
+        assert!(!is_unordered(std::any::type_name::<Vec<HashSet<u8>>>()));
+        assert!(!is_unordered(std::any::type_name::<BTreeMap<u8, u8>>()));
+    }
+}

@@ -1,0 +1,273 @@
+//! [`Memory`]: where a cache lives and how it behaves.
+
+use std::collections::HashSet;
+use std::env;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock, PoisonError};
+
+use crate::error::Error;
+use crate::flight::InFlight;
+use crate::store::{DirStore, Store};
+
+/// Environment variable naming the cache folder of [`Memory::from_env`] (and so of every
+/// `#[cached]` function without a `memory = ...` option).
+pub const MEMO_DIR: &str = "MEMO_DIR";
+/// Environment variable that turns every cache off when set to anything but `""`, `0`, `false`,
+/// `no` or `off`: cached functions then simply run, like joblib's `location=None`.
+pub const MEMO_DISABLE: &str = "MEMO_DISABLE";
+
+/// A cache: a storage location plus its settings.
+///
+/// Most programs never build one: `#[cached]` uses [`Memory::global`], which reads [`MEMO_DIR`]
+/// and falls back to [`Memory::default_location`]. Build your own to keep a function's cache
+/// elsewhere, and select it with `#[cached(memory = EXPR)]`, where `EXPR` is a `Memory`, a
+/// reference to one, or a `LazyLock`/`Arc`/`Box` of one:
+///
+/// ```
+/// use std::sync::LazyLock;
+/// use memo_runtime::Memory;
+///
+/// static SCRATCH: LazyLock<Memory> =
+///     LazyLock::new(|| Memory::new(std::env::temp_dir().join("memo-doc-scratch")));
+/// assert!(SCRATCH.location().is_some());
+/// ```
+///
+/// A `Memory` is meant to live as long as the program (a `static`): simultaneous misses on one
+/// key are computed once only among the calls that share the same `Memory` value.
+pub struct Memory {
+    location: Option<PathBuf>,
+    store: Option<Box<dyn Store>>,
+    strict: bool,
+    pub(crate) flights: InFlight,
+    pub(crate) counters: Counters,
+    /// Function versions (by the address of their static) whose source is already recorded.
+    sources_saved: Mutex<HashSet<usize>>,
+}
+
+impl fmt::Debug for Memory {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Memory")
+            .field("location", &self.location)
+            .field("enabled", &self.is_enabled())
+            .field("strict", &self.strict)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Default)]
+pub(crate) struct Counters {
+    pub(crate) hits: AtomicU64,
+    pub(crate) misses: AtomicU64,
+    pub(crate) stores: AtomicU64,
+    pub(crate) errors: AtomicU64,
+}
+
+impl Counters {
+    pub(crate) fn bump(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Counts of what a [`Memory`] did in this process, from [`Memory::stats`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Stats {
+    /// Calls answered from the cache (including those that waited for another thread).
+    pub hits: u64,
+    /// Calls that computed their value.
+    pub misses: u64,
+    /// Values written to the cache.
+    pub stores: u64,
+    /// Problems met and tolerated: unreadable or broken entries, failed writes.
+    pub errors: u64,
+}
+
+impl Memory {
+    /// A cache in the folder `location`, created on the first store.
+    ///
+    /// ```
+    /// let memory = memo_runtime::Memory::new("/tmp/my-project-cache");
+    /// assert_eq!(memory.location(), Some(std::path::Path::new("/tmp/my-project-cache")));
+    /// ```
+    pub fn new(location: impl Into<PathBuf>) -> Self {
+        let location = location.into();
+        let store: Box<dyn Store> = Box::new(DirStore::new(location.clone()));
+        Memory::build(Some(location), Some(store))
+    }
+
+    /// A cache that stores nothing: cached functions simply run.
+    ///
+    /// ```
+    /// assert!(!memo_runtime::Memory::disabled().is_enabled());
+    /// ```
+    pub fn disabled() -> Self {
+        Memory::build(None, None)
+    }
+
+    fn build(location: Option<PathBuf>, store: Option<Box<dyn Store>>) -> Self {
+        Memory {
+            location,
+            store,
+            strict: false,
+            flights: InFlight::default(),
+            counters: Counters::default(),
+            sources_saved: Mutex::new(HashSet::new()),
+        }
+    }
+
+    /// The cache configured by the environment: disabled when [`MEMO_DISABLE`] is set, else in
+    /// [`MEMO_DIR`] when it is set and not empty, else in [`Memory::default_location`].
+    pub fn from_env() -> Self {
+        if disabled_by_env() {
+            return Memory::disabled();
+        }
+        match env::var_os(MEMO_DIR) {
+            Some(dir) if !dir.is_empty() => Memory::new(dir),
+            _ => Memory::new(Memory::default_location()),
+        }
+    }
+
+    /// The cache used by `#[cached]` functions that do not name one: [`Memory::from_env`],
+    /// read once, at the first call.
+    pub fn global() -> &'static Memory {
+        static GLOBAL: OnceLock<Memory> = OnceLock::new();
+        GLOBAL.get_or_init(Memory::from_env)
+    }
+
+    /// The default cache folder when [`MEMO_DIR`] is not set: `memo` in the user's cache folder
+    /// (`$XDG_CACHE_HOME/memo` or `~/.cache/memo` on Linux, `~/Library/Caches/memo` on macOS,
+    /// `%LOCALAPPDATA%\memo` on Windows), or `.memo-cache` in the current folder when the system
+    /// names no cache folder.
+    ///
+    /// It depends neither on the executable's name nor on how it was started, so `cargo run`,
+    /// `cargo test` and a renamed binary share their results (entries are filed by the crate and
+    /// module that define each function).
+    pub fn default_location() -> PathBuf {
+        match dirs::cache_dir() {
+            Some(dir) => dir.join("memo"),
+            None => PathBuf::from(".memo-cache"),
+        }
+    }
+
+    /// Strict mode: problems with the cache (an entry that cannot be written, a broken entry,
+    /// an argument that cannot be hashed) make the call panic with the error, instead of being
+    /// logged as a warning while the value is computed and returned. For pipelines where a
+    /// silently cold cache is worse than a stop.
+    ///
+    /// ```
+    /// let memory = memo_runtime::Memory::new("/tmp/strict-cache").strict(true);
+    /// assert!(memory.is_strict());
+    /// ```
+    pub fn strict(mut self, strict: bool) -> Self {
+        self.strict = strict;
+        self
+    }
+
+    /// Whether strict mode is on.
+    pub fn is_strict(&self) -> bool {
+        self.strict
+    }
+
+    /// The cache folder, or `None` for a disabled cache.
+    pub fn location(&self) -> Option<&Path> {
+        self.location.as_deref()
+    }
+
+    /// Whether this cache stores and serves values: it has a location and [`MEMO_DISABLE`] is
+    /// not set.
+    pub fn is_enabled(&self) -> bool {
+        self.store.is_some() && !disabled_by_env()
+    }
+
+    /// What this cache did in this process so far.
+    pub fn stats(&self) -> Stats {
+        let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        Stats {
+            hits: load(&self.counters.hits),
+            misses: load(&self.counters.misses),
+            stores: load(&self.counters.stores),
+            errors: load(&self.counters.errors),
+        }
+    }
+
+    /// Removes every stored entry of every function, all versions.
+    ///
+    /// ```
+    /// let dir = std::env::temp_dir().join("memo-doc-clear");
+    /// let memory = memo_runtime::Memory::new(&dir);
+    /// memory.clear().unwrap();
+    /// ```
+    pub fn clear(&self) -> Result<(), Error> {
+        match &self.store {
+            Some(store) => store.clear(),
+            None => Ok(()),
+        }
+    }
+
+    pub(crate) fn store(&self) -> Option<&dyn Store> {
+        if disabled_by_env() {
+            return None;
+        }
+        self.store.as_deref()
+    }
+
+    /// Whether the source of the function version whose static lives at `id` still has to be
+    /// recorded; marks it as recorded.
+    pub(crate) fn first_store_of(&self, id: usize) -> bool {
+        self.sources_saved
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(id)
+    }
+}
+
+/// Whether [`MEMO_DISABLE`] turns caching off, read once per process.
+fn disabled_by_env() -> bool {
+    static DISABLED: OnceLock<bool> = OnceLock::new();
+    *DISABLED.get_or_init(|| match env::var(MEMO_DISABLE) {
+        Ok(value) => !matches!(
+            value.trim().to_ascii_lowercase().as_str(),
+            "" | "0" | "false" | "no" | "off"
+        ),
+        Err(env::VarError::NotPresent) => false,
+        Err(env::VarError::NotUnicode(_)) => true,
+    })
+}
+
+/// Anything a `#[cached(memory = EXPR)]` expression may evaluate to.
+pub trait AsMemory {
+    /// The memory itself.
+    fn as_memory(&self) -> &Memory;
+}
+
+impl AsMemory for Memory {
+    fn as_memory(&self) -> &Memory {
+        self
+    }
+}
+
+impl<T: AsMemory + ?Sized> AsMemory for &T {
+    fn as_memory(&self) -> &Memory {
+        (**self).as_memory()
+    }
+}
+
+impl<T: AsMemory + ?Sized> AsMemory for std::sync::Arc<T> {
+    fn as_memory(&self) -> &Memory {
+        (**self).as_memory()
+    }
+}
+
+impl<T: AsMemory + ?Sized> AsMemory for Box<T> {
+    fn as_memory(&self) -> &Memory {
+        (**self).as_memory()
+    }
+}
+
+impl<T: AsMemory, F: FnOnce() -> T> AsMemory for std::sync::LazyLock<T, F> {
+    fn as_memory(&self) -> &Memory {
+        std::sync::LazyLock::force(self).as_memory()
+    }
+}
