@@ -30,6 +30,15 @@ pub struct FunctionDef {
     pub source: &'static str,
 }
 
+/// What a look-up found.
+enum Lookup<R> {
+    Hit(R),
+    /// No entry.
+    Absent,
+    /// An entry that cannot be used (already reported).
+    Broken,
+}
+
 /// How a call treats the cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CallMode {
@@ -132,9 +141,14 @@ impl CachedFunction {
             return compute();
         };
         let at = self.address(&key);
+        // Whether the value may appear on disk while we wait to compute: only when nothing was
+        // there (a broken entry is not rewritten by anyone but its next computer).
+        let mut absent = true;
         if mode == CallMode::Cached {
-            if let Some(value) = self.lookup(memory, store, &at) {
-                return value;
+            match self.lookup(memory, store, &at) {
+                Lookup::Hit(value) => return value,
+                Lookup::Absent => {}
+                Lookup::Broken => absent = false,
             }
         }
         loop {
@@ -152,16 +166,17 @@ impl CachedFunction {
                 Claim::Waited(None) => {
                     // The other thread panicked or could not encode its value: look again, and
                     // compute if the value is still missing.
+                    absent = false;
                     if mode == CallMode::Cached {
-                        if let Some(value) = self.lookup(memory, store, &at) {
+                        if let Lookup::Hit(value) = self.lookup(memory, store, &at) {
                             return value;
                         }
                     }
                 }
                 Claim::Owner(flight) => {
                     // Another thread may have stored the value between our lookup and our claim.
-                    if mode == CallMode::Cached {
-                        if let Some(value) = self.lookup(memory, store, &at) {
+                    if mode == CallMode::Cached && absent {
+                        if let Lookup::Hit(value) = self.lookup(memory, store, &at) {
                             flight.finish(None);
                             return value;
                         }
@@ -183,7 +198,7 @@ impl CachedFunction {
         match (key, memory.store()) {
             (Some(key), Some(store)) => {
                 let at = self.address(&key);
-                self.read_entry::<R>(memory, store, &at).is_some()
+                matches!(self.read_entry::<R>(memory, store, &at), Lookup::Hit(_))
             }
             _ => false,
         }
@@ -210,10 +225,12 @@ impl CachedFunction {
         memory: &Memory,
         store: &dyn Store,
         at: &EntryAddress<'_>,
-    ) -> Option<R> {
-        let value = self.read_entry(memory, store, at)?;
-        Counters::bump(&memory.counters.hits);
-        Some(value)
+    ) -> Lookup<R> {
+        let found = self.read_entry(memory, store, at);
+        if let Lookup::Hit(_) = found {
+            Counters::bump(&memory.counters.hits);
+        }
+        found
     }
 
     fn read_entry<R: DeserializeOwned>(
@@ -221,16 +238,16 @@ impl CachedFunction {
         memory: &Memory,
         store: &dyn Store,
         at: &EntryAddress<'_>,
-    ) -> Option<R> {
+    ) -> Lookup<R> {
         let bytes = match store.read(at) {
             Ok(Some(bytes)) => bytes,
-            Ok(None) => return None,
+            Ok(None) => return Lookup::Absent,
             Err(error) => {
                 self.problem(memory, error, RECOMPUTING);
-                return None;
+                return Lookup::Broken;
             }
         };
-        match entry::decode(&bytes, at.key) {
+        let decoded = match entry::decode(&bytes, at.key) {
             Ok((_, payload)) => self.decode_payload(memory, store, at, payload),
             Err(CorruptEntry::OtherVersion { found }) => {
                 // Written by another version of memo: not an error, just not ours to read.
@@ -242,6 +259,10 @@ impl CachedFunction {
                 self.problem(memory, Error::Corrupt { path, reason }, RECOMPUTING);
                 None
             }
+        };
+        match decoded {
+            Some(value) => Lookup::Hit(value),
+            None => Lookup::Broken,
         }
     }
 

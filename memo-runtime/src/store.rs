@@ -198,7 +198,15 @@ impl Store for DirStore {
         let path = self.entry_path(at);
         match fs::read(&path) {
             Ok(bytes) => Ok(Some(bytes)),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            // A missing folder on the way (or a file where the folder should be): no entry.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::NotFound | io::ErrorKind::NotADirectory
+                ) =>
+            {
+                Ok(None)
+            }
             Err(e) => Err(Error::io("reading cache entry", path, e)),
         }
     }
