@@ -35,6 +35,13 @@ pub use memo_macros::cached;
 
 pub use memo_runtime::{AsMemory, CacheKey, Error, Memory, Stats, MEMO_DIR, MEMO_DISABLE};
 
+/// The parallel cached map: `.par_cached_map(f)` on iterators and slices.
+pub mod par_map {
+    #[doc(inline)]
+    pub use memo_runtime::par_map::*;
+}
+pub use par_map::{ParCachedMap, ParCachedMapSlice};
+
 /// The on-disk format and folder layout: [`entry`] (header and payload) and [`store`] (folders
 /// and atomic writes). Documented for people and tools; the full text is `docs/FORMAT.md`.
 pub mod format {
@@ -45,6 +52,7 @@ pub mod format {
 /// What most programs need: `use memo::prelude::*;`.
 pub mod prelude {
     pub use crate::cached;
+    pub use crate::par_map::{ParCachedMap, ParCachedMapSlice};
     pub use crate::Memory;
 }
 

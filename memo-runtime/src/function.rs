@@ -14,6 +14,7 @@ use crate::flight::{Claim, Payload};
 use crate::key::{ArgsHasher, CacheKey};
 use crate::log;
 use crate::memory::{Counters, Memory};
+use crate::probe;
 use crate::store::{function_dir_name, EntryAddress, Store};
 
 /// What the `#[cached]` macro knows about a function at compile time.
@@ -137,7 +138,12 @@ impl CachedFunction {
         R: Serialize + DeserializeOwned,
         F: FnOnce() -> R,
     {
+        let probing = probe::probing();
+        probe::record_call();
         let (Some(key), Some(store)) = (key, memory.store()) else {
+            if probing {
+                probe::miss(None);
+            }
             return compute();
         };
         let at = self.address(&key);
@@ -151,6 +157,9 @@ impl CachedFunction {
                 Lookup::Broken => absent = false,
             }
         }
+        if probing {
+            probe::miss(Some(key));
+        }
         loop {
             match memory.flights.claim(key) {
                 Claim::Reentrant => {
@@ -160,6 +169,7 @@ impl CachedFunction {
                 Claim::Waited(Some(payload)) => {
                     if let Some(value) = self.decode_payload(memory, store, &at, &payload) {
                         Counters::bump(&memory.counters.hits);
+                        probe::record_hit(std::time::Duration::ZERO);
                         return value;
                     }
                 }
@@ -248,7 +258,13 @@ impl CachedFunction {
             }
         };
         let decoded = match entry::decode(&bytes, at.key) {
-            Ok((_, payload)) => self.decode_payload(memory, store, at, payload),
+            Ok((header, payload)) => {
+                let value = self.decode_payload(memory, store, at, payload);
+                if value.is_some() {
+                    probe::record_hit(header.duration);
+                }
+                value
+            }
             Err(CorruptEntry::OtherVersion { found }) => {
                 // Written by another version of memo: not an error, just not ours to read.
                 tracing::debug!(target: "memo", found, "entry of another format version");
