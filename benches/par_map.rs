@@ -62,7 +62,12 @@ fn main() {
     for r in 0..REPS {
         let items = (r + 1) * 10_000_000..(r + 1) * 10_000_000 + N;
         let start = Instant::now();
-        let out = items.clone().par_cached_map(trivial).progress(false).run().unwrap();
+        let out = items
+            .clone()
+            .par_cached_map(trivial)
+            .progress(false)
+            .run()
+            .unwrap();
         cold.push(start.elapsed().as_secs_f64() * 1e6 / N as f64);
         assert_eq!(out.computed, N as usize);
         assert_eq!(out.results[5], trivial::call_uncached(items.start + 5));
@@ -93,13 +98,21 @@ fn main() {
     for r in 0..REPS {
         let items = r * 1_000_000..r * 1_000_000 + ITEMS;
         let start = Instant::now();
-        let out = items.clone().par_cached_map(spin).progress(false).run().unwrap();
+        let out = items
+            .clone()
+            .par_cached_map(spin)
+            .progress(false)
+            .run()
+            .unwrap();
         ratios.push(start.elapsed().as_secs_f64() / ideal);
         assert_eq!(out.computed, ITEMS as usize);
         let start = Instant::now();
         let again = items.par_cached_map(spin).progress(false).run().unwrap();
         warm_ms.push(start.elapsed().as_secs_f64() * 1e3);
-        assert_eq!((again.from_cache, again.results), (ITEMS as usize, out.results));
+        assert_eq!(
+            (again.from_cache, again.results),
+            (ITEMS as usize, out.results)
+        );
     }
     println!(
         "par_map/2000x1ms-cpu          {:>9.3} x ideal (item {:.3} ms, {threads} threads, ideal {:.0} ms)",

@@ -250,10 +250,13 @@ fn damaged_entry(x: u64) -> std::path::PathBuf {
     files[0].clone()
 }
 
+/// Something done to an entry file.
+type Damage = Box<dyn Fn(&std::path::Path)>;
+
 #[test]
 fn a_damaged_entry_is_a_miss_and_is_repaired() {
     let expected: Vec<u64> = (0..40).collect();
-    let damages: Vec<(&str, Box<dyn Fn(&std::path::Path)>)> = vec![
+    let damages: Vec<(&str, Damage)> = vec![
         (
             "truncated",
             Box::new(|p| {

@@ -221,7 +221,7 @@ fn scaled(x: &u64, factor: u64) -> u64 {
 
 #[test]
 fn closures_pass_extra_arguments_and_items_by_reference() {
-    let problems = vec![1u64, 2, 3, 4];
+    let problems: Vec<u64> = (1..5).collect();
     let by_ref: Vec<u64> = problems.iter().par_cached_map(|x| scaled(x, 10)).collect();
     assert_eq!(by_ref, [10, 20, 30, 40]);
     let by_value: Vec<u64> = problems.par_cached_map(|x| scaled(&x, 10)).collect();

@@ -37,9 +37,9 @@ pub(crate) fn cached(args: TokenStream, item: TokenStream) -> TokenStream {
         Ok(args) => args,
         Err(error) => return with_error(error, item.into_token_stream()),
     };
-    match validate(item, args) {
-        Ok(model) => expand(&model),
-        Err((error, item)) => with_error(error, item.into_token_stream()),
+    match validate(&item) {
+        Ok(params) => expand(&CachedFn { item, args, params }),
+        Err(error) => with_error(error, item.into_token_stream()),
     }
 }
 

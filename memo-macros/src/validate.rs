@@ -80,7 +80,8 @@ impl<'ast> Visit<'ast> for TypeCheck<'_> {
     }
 }
 
-pub(crate) fn validate(item: ItemFn, args: Args) -> Result<CachedFn, (syn::Error, ItemFn)> {
+/// Checks the function against what `#[cached]` supports; its parameters, or every problem.
+pub(crate) fn validate(item: &ItemFn) -> Result<Vec<Param>, syn::Error> {
     let mut errors = Errors::default();
     let sig = &item.sig;
     if let Some(token) = &sig.constness {
@@ -136,8 +137,8 @@ pub(crate) fn validate(item: ItemFn, args: Args) -> Result<CachedFn, (syn::Error
         }
     }
     match errors.0 {
-        Some(error) => Err((error, item)),
-        None => Ok(CachedFn { item, args, params }),
+        Some(error) => Err(error),
+        None => Ok(params),
     }
 }
 

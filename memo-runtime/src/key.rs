@@ -302,7 +302,7 @@ enum Compound<'s, 'a> {
     Unordered {
         parent: &'s mut KeySerializer<'a>,
         digests: Vec<[u8; 32]>,
-        entry: Option<Sink>,
+        entry: Option<Box<Sink>>,
     },
 }
 
@@ -323,7 +323,7 @@ impl Compound<'_, '_> {
         match self {
             Compound::Ordered(serializer) => serializer.child(key),
             Compound::Unordered { entry, .. } => {
-                let mut sink = Sink::new();
+                let mut sink = Box::new(Sink::new());
                 KeySerializer::new(&mut sink).child(key)?;
                 *entry = Some(sink);
                 Ok(())
@@ -339,7 +339,7 @@ impl Compound<'_, '_> {
                     .take()
                     .ok_or_else(|| KeyError("map value serialized before its key".into()))?;
                 KeySerializer::new(&mut sink).child(value)?;
-                digests.push(sink.finish());
+                digests.push((*sink).finish());
                 Ok(())
             }
         }
