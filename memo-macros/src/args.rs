@@ -22,6 +22,19 @@ pub(crate) struct Args {
 
 const OPTIONS: &str = "`version = \"...\"`, `memory = EXPR` and `crate = path`";
 
+/// Consumes the `=` after an option's name, or says at the name what the option needs.
+fn equals(input: ParseStream<'_>, span: Span, form: &str) -> syn::Result<()> {
+    if input.peek(Token![=]) {
+        input.parse::<Token![=]>()?;
+        Ok(())
+    } else {
+        Err(syn::Error::new(
+            span,
+            format!("this option needs a value: `{form}`"),
+        ))
+    }
+}
+
 /// Stores an option's value, or reports the option as given twice.
 fn set_once<T>(slot: &mut Option<T>, value: T, span: Span, name: &str) -> syn::Result<()> {
     if slot.is_some() {
@@ -42,7 +55,7 @@ impl Parse for Args {
             let lookahead = input.lookahead1();
             let outcome = if lookahead.peek(kw::version) {
                 let key: kw::version = input.parse()?;
-                input.parse::<Token![=]>()?;
+                equals(input, key.span, "version = \"2\"")?;
                 let value = match input.parse::<Lit>()? {
                     Lit::Str(s) => s.value(),
                     Lit::Int(i) => i.base10_digits().to_owned(),
@@ -56,12 +69,12 @@ impl Parse for Args {
                 set_once(&mut args.version, value, key.span, "version")
             } else if lookahead.peek(kw::memory) {
                 let key: kw::memory = input.parse()?;
-                input.parse::<Token![=]>()?;
+                equals(input, key.span, "memory = EXPR")?;
                 let value: Expr = input.parse()?;
                 set_once(&mut args.memory, value, key.span, "memory")
             } else if lookahead.peek(Token![crate]) {
                 let key: Token![crate] = input.parse()?;
-                input.parse::<Token![=]>()?;
+                equals(input, key.span, "crate = path::to::memo")?;
                 let value = Path::parse_mod_style(input)?;
                 set_once(&mut args.krate, value, key.span, "crate")
             } else if input.peek(syn::Ident) {

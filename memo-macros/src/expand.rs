@@ -26,10 +26,11 @@ pub(crate) fn cached(args: TokenStream, item: TokenStream) -> TokenStream {
     let item: ItemFn = match syn::parse2(item.clone()) {
         Ok(item) => item,
         Err(_) => {
-            let error = syn::Error::new(
-                Span::call_site(),
-                "#[cached] applies to functions (`fn name(args) -> T { ... }`)",
-            );
+            const MESSAGE: &str = "#[cached] applies to functions (`fn name(args) -> T { ... }`)";
+            let error = match syn::parse2::<syn::Item>(item.clone()) {
+                Ok(other) => syn::Error::new_spanned(other, MESSAGE),
+                Err(_) => syn::Error::new(Span::call_site(), MESSAGE),
+            };
             return with_error(error, item);
         }
     };
@@ -153,7 +154,7 @@ fn key(names: &Names<'_>, mode: TokenStream) -> TokenStream {
     let private = &names.private;
     let hash_args = names.model.params.iter().map(|Param { binding, ty, .. }| {
         // Spanned at the type, so a type that is not `Serialize` is reported there.
-        quote_spanned!(ty.span()=> #private::ArgsHasher::arg(__memo_hasher, &#binding);)
+        quote_spanned!(ty.span()=> #private::hash_arg(__memo_hasher, &#binding);)
     });
     quote! {
         let __memo_key = __memo_function.key(__memo_memory, #mode, |__memo_hasher| {
@@ -317,7 +318,7 @@ fn handle_methods(names: &Names<'_>) -> TokenStream {
             #memory
             let __memo_function = Self::__memo_function();
             #key
-            __memo_function.is_cached::<#output>(__memo_memory, __memo_key)
+            __memo_function.is_cached(__memo_memory, __memo_key)
         }
 
         #uncached_doc

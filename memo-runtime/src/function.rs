@@ -31,6 +31,31 @@ pub struct FunctionDef {
     pub source: &'static str,
 }
 
+/// What a `#[cached]` function may return: serializable both ways.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` cannot be a cached result: it must implement `serde::Serialize` and `serde::Deserialize`",
+    label = "the result of a #[cached] function is stored, so it must be serializable",
+    note = "derive them: `#[derive(serde::Serialize, serde::Deserialize)]`"
+)]
+pub trait CacheValue: Serialize + DeserializeOwned {}
+
+impl<T: Serialize + DeserializeOwned> CacheValue for T {}
+
+/// What a `#[cached]` function may take as an argument: serializable, to be hashed into the key.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` cannot be part of a cache key: it must implement `serde::Serialize`",
+    label = "the arguments of a #[cached] function are hashed into its key",
+    note = "derive it with `#[derive(serde::Serialize)]`, or wrap the value in a type that does"
+)]
+pub trait CacheArg: Serialize {}
+
+impl<T: Serialize + ?Sized> CacheArg for T {}
+
+/// Adds one argument to a call's key.
+pub fn hash_arg<T: CacheArg + ?Sized>(hasher: &mut ArgsHasher, value: &T) {
+    hasher.arg(value);
+}
+
 /// What a look-up found.
 enum Lookup<R> {
     Hit(R),
@@ -135,7 +160,7 @@ impl CachedFunction {
         compute: F,
     ) -> R
     where
-        R: Serialize + DeserializeOwned,
+        R: CacheValue,
         F: FnOnce() -> R,
     {
         let probing = probe::probing();
@@ -203,13 +228,14 @@ impl CachedFunction {
         }
     }
 
-    /// Whether a valid entry for `key` is stored (it is read and decoded as `R` to be sure).
-    pub fn is_cached<R: DeserializeOwned>(&self, memory: &Memory, key: Option<CacheKey>) -> bool {
-        match (key, memory.store()) {
-            (Some(key), Some(store)) => {
-                let at = self.address(&key);
-                matches!(self.read_entry::<R>(memory, store, &at), Lookup::Hit(_))
-            }
+    /// Whether an intact entry for `key` is stored: present, of this format, for this key, with a
+    /// matching checksum. (Its payload is not decoded: that happens on the call.)
+    pub fn is_cached(&self, memory: &Memory, key: Option<CacheKey>) -> bool {
+        let (Some(key), Some(store)) = (key, memory.store()) else {
+            return false;
+        };
+        match store.read(&self.address(&key)) {
+            Ok(Some(bytes)) => entry::decode(&bytes, &key).is_ok(),
             _ => false,
         }
     }

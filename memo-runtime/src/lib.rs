@@ -39,7 +39,9 @@ pub use par_map::{CachedMap, ItemFailure, MapError, MapOutcome, ParCachedMap, Pa
 #[doc(hidden)]
 pub mod __private {
     pub use crate::error::Error;
-    pub use crate::function::{CachedFunction, CallMode, FunctionDef};
+    pub use crate::function::{
+        hash_arg, CacheArg, CacheValue, CachedFunction, CallMode, FunctionDef,
+    };
     pub use crate::key::{ArgsHasher, CacheKey};
     pub use crate::memory::{AsMemory, Memory};
     pub use serde::de::DeserializeOwned;

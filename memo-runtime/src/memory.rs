@@ -237,6 +237,11 @@ fn disabled_by_env() -> bool {
 }
 
 /// Anything a `#[cached(memory = EXPR)]` expression may evaluate to.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` is not a `memo::Memory`",
+    label = "`memory = ...` takes a `Memory`",
+    note = "give a `Memory`, a reference to one, or a `LazyLock`, `Arc` or `Box` of one, e.g. a `static MEMORY: LazyLock<Memory>`"
+)]
 pub trait AsMemory {
     /// The memory itself.
     fn as_memory(&self) -> &Memory;

@@ -1,0 +1,8 @@
+use memo::prelude::*;
+
+#[cached]
+struct Settings {
+    steps: u32,
+}
+
+fn main() {}

@@ -1,0 +1,19 @@
+use memo::prelude::*;
+
+#[cached]
+async fn fetch(x: u64) -> u64 {
+    x
+}
+
+#[cached]
+const fn constant(x: u64) -> u64 {
+    x
+}
+
+#[cached]
+fn generic<T: serde::Serialize>(x: T) -> u64 {
+    let _ = x;
+    1
+}
+
+fn main() {}
