@@ -42,10 +42,12 @@ pub mod par_map {
 }
 pub use par_map::{ParCachedMap, ParCachedMapSlice};
 
-/// The on-disk format and folder layout: [`entry`] (header and payload) and [`store`] (folders
-/// and atomic writes). Documented for people and tools; the full text is `docs/FORMAT.md`.
+/// The on-disk format and folder layout: [`key`](format::key) (how arguments become a key),
+/// [`entry`](format::entry) (header and payload) and [`store`](format::store) (folders and atomic
+/// writes). Documented for people and tools; the full text is `docs/FORMAT.md`.
 pub mod format {
     pub use memo_runtime::entry;
+    pub use memo_runtime::key;
     pub use memo_runtime::store;
 }
 

@@ -217,7 +217,7 @@ fn hidden_call(names: &Names<'_>) -> TokenStream {
     });
     let memory = memory(names);
     let key = key(names, quote!(__memo_mode));
-    let body = &item.block;
+    let body = &item.block.stmts;
     let call = quote_spanned! {output.span()=>
         #private::CachedFunction::call::<#output, _>(
             __memo_function,
@@ -226,7 +226,7 @@ fn hidden_call(names: &Names<'_>) -> TokenStream {
             __memo_key,
             move || -> #output {
                 #(#destructure)*
-                #body
+                #(#body)*
             },
         )
     };

@@ -118,9 +118,11 @@ const SMALL_BUFFER: usize = 256;
 /// blocks so that BLAKE3 can use its wide SIMD paths.
 struct Sink {
     hasher: blake3::Hasher,
+    /// The active buffer's bytes: `small` until it overflows, then `large` for good.
     small: [u8; SMALL_BUFFER],
-    small_len: usize,
     large: Vec<u8>,
+    /// Bytes used in the active buffer.
+    len: usize,
 }
 
 impl Sink {
@@ -128,41 +130,68 @@ impl Sink {
         Sink {
             hasher: blake3::Hasher::new(),
             small: [0; SMALL_BUFFER],
-            small_len: 0,
             large: Vec::new(),
+            len: 0,
         }
     }
 
-    #[inline]
+    /// The room left in the active buffer, or `None` when `n` bytes do not fit.
+    #[inline(always)]
+    fn room(&mut self, n: usize) -> Option<&mut [u8]> {
+        let start = self.len;
+        let buffer: &mut [u8] = if self.large.is_empty() {
+            &mut self.small
+        } else {
+            &mut self.large
+        };
+        let room = buffer.get_mut(start..start + n)?;
+        self.len = start + n;
+        Some(room)
+    }
+
+    /// Buffers `bytes`; inlined so that the common fixed-size writes compile to a few moves.
+    #[inline(always)]
     fn write(&mut self, bytes: &[u8]) {
-        if self.large.capacity() == 0 {
-            let end = self.small_len + bytes.len();
-            if end <= SMALL_BUFFER {
-                self.small[self.small_len..end].copy_from_slice(bytes);
-                self.small_len = end;
-                return;
-            }
-            self.large = Vec::with_capacity(LARGE_BUFFER);
-            self.large.extend_from_slice(&self.small[..self.small_len]);
-            self.small_len = 0;
+        match self.room(bytes.len()) {
+            Some(room) => room.copy_from_slice(bytes),
+            None => self.write_spilling(bytes),
         }
-        if self.large.len() + bytes.len() > LARGE_BUFFER {
-            self.hasher.update(&self.large);
-            self.large.clear();
-            if bytes.len() > LARGE_BUFFER {
-                self.hasher.update(bytes);
-                return;
-            }
-        }
-        self.large.extend_from_slice(bytes);
     }
 
-    #[inline]
+    /// The rare path of [`Sink::write`]: moves to the large buffer, or hashes a full one.
+    #[cold]
+    #[inline(never)]
+    fn write_spilling(&mut self, bytes: &[u8]) {
+        if self.large.is_empty() {
+            self.large = vec![0; LARGE_BUFFER];
+            self.large[..self.len].copy_from_slice(&self.small[..self.len]);
+        } else {
+            self.hasher.update(&self.large[..self.len]);
+            self.len = 0;
+        }
+        if bytes.len() > LARGE_BUFFER - self.len {
+            self.hasher.update(&self.large[..self.len]);
+            self.len = 0;
+            self.hasher.update(bytes);
+        } else {
+            self.large[self.len..self.len + bytes.len()].copy_from_slice(bytes);
+            self.len += bytes.len();
+        }
+    }
+
+    /// Writes a tag byte and a fixed-width value.
+    #[inline(always)]
     fn tagged(&mut self, tag: u8, bytes: &[u8]) {
-        let mut block = [0u8; 17];
-        block[0] = tag;
-        block[1..=bytes.len()].copy_from_slice(bytes);
-        self.write(&block[..=bytes.len()]);
+        match self.room(1 + bytes.len()) {
+            Some(room) => {
+                room[0] = tag;
+                room[1..].copy_from_slice(bytes);
+            }
+            None => {
+                self.write_spilling(&[tag]);
+                self.write_spilling(bytes);
+            }
+        }
     }
 
     fn len_prefixed(&mut self, tag: u8, bytes: &[u8]) {
@@ -171,10 +200,10 @@ impl Sink {
     }
 
     fn finish(mut self) -> [u8; 32] {
-        if self.large.capacity() == 0 {
-            self.hasher.update(&self.small[..self.small_len]);
+        if self.large.is_empty() {
+            self.hasher.update(&self.small[..self.len]);
         } else {
-            self.hasher.update(&self.large);
+            self.hasher.update(&self.large[..self.len]);
         }
         *self.hasher.finalize().as_bytes()
     }
@@ -233,14 +262,15 @@ fn is_unordered(mut name: &str) -> bool {
         "std::sync::Arc<",
     ];
     loop {
-        if let Some(rest) = name.strip_prefix("&mut ") {
-            name = rest;
-        } else if let Some(rest) = name.strip_prefix('&') {
-            name = rest;
-        } else if let Some(rest) = WRAPPERS.iter().find_map(|w| name.strip_prefix(w)) {
-            name = rest;
-        } else {
-            break;
+        name = name.trim_start_matches('&');
+        name = name.strip_prefix("mut ").unwrap_or(name);
+        // Only `alloc::`, `std::` and `hashbrown::` names can be (or wrap) an unordered one.
+        if !matches!(name.as_bytes().first(), Some(b'a' | b's' | b'h')) {
+            return false;
+        }
+        match WRAPPERS.iter().find_map(|w| name.strip_prefix(w)) {
+            Some(inner) => name = inner,
+            None => break,
         }
     }
     [
@@ -256,23 +286,28 @@ fn is_unordered(mut name: &str) -> bool {
 /// The serde serializer behind [`ArgsHasher`].
 struct KeySerializer<'a> {
     sink: &'a mut Sink,
-    /// Set by [`KeySerializer::note`] when the value about to be serialized is an unordered
-    /// collection; consumed by the next `serialize_seq`/`serialize_map`.
-    unordered_next: bool,
+    /// The static type of the value about to be serialized, set by [`KeySerializer::note`]; looked
+    /// at only when a sequence or map starts, to tell unordered collections.
+    next_type: &'static str,
 }
 
 impl<'a> KeySerializer<'a> {
     fn new(sink: &'a mut Sink) -> Self {
         KeySerializer {
             sink,
-            unordered_next: false,
+            next_type: "",
         }
     }
 
     /// Records the static type of the value about to be serialized (serde tells us nothing else).
     #[inline]
     fn note<T: ?Sized>(&mut self) {
-        self.unordered_next = is_unordered(std::any::type_name::<T>());
+        self.next_type = std::any::type_name::<T>();
+    }
+
+    /// Whether the sequence or map starting now is an unordered collection.
+    fn starts_unordered(&mut self) -> bool {
+        is_unordered(std::mem::take(&mut self.next_type))
     }
 
     fn child<T: ?Sized + Serialize>(&mut self, value: &T) -> Result<(), KeyError> {
@@ -554,7 +589,7 @@ impl<'s, 'a> ser::Serializer for &'s mut KeySerializer<'a> {
         self.child(value)
     }
     fn serialize_seq(self, _len: Option<usize>) -> Result<Compound<'s, 'a>, KeyError> {
-        let unordered = std::mem::take(&mut self.unordered_next);
+        let unordered = self.starts_unordered();
         Ok(self.compound(tag::SEQ, unordered))
     }
     fn serialize_tuple(self, _len: usize) -> Result<Compound<'s, 'a>, KeyError> {
@@ -581,7 +616,7 @@ impl<'s, 'a> ser::Serializer for &'s mut KeySerializer<'a> {
         Ok(self.compound(tag::TUPLE_VARIANT, false))
     }
     fn serialize_map(self, _len: Option<usize>) -> Result<Compound<'s, 'a>, KeyError> {
-        let unordered = std::mem::take(&mut self.unordered_next);
+        let unordered = self.starts_unordered();
         Ok(self.compound(tag::MAP, unordered))
     }
     fn serialize_struct(
@@ -743,6 +778,41 @@ mod tests {
         assert_ne!(key(&values), key(&changed));
         let text = "x".repeat(3 * LARGE_BUFFER + 7);
         assert_ne!(key(&text), key(&text[1..]));
+    }
+
+    #[test]
+    fn the_byte_stream_is_the_documented_encoding_whatever_the_buffering() {
+        fn prefixed(out: &mut Vec<u8>, tag: u8, bytes: &[u8]) {
+            out.push(tag);
+            out.extend_from_slice(&(bytes.len() as u64).to_le_bytes());
+            out.extend_from_slice(bytes);
+        }
+        for len in [
+            0,
+            5,
+            SMALL_BUFFER - 40,
+            SMALL_BUFFER,
+            LARGE_BUFFER - 3,
+            3 * LARGE_BUFFER + 7,
+        ] {
+            let text = "y".repeat(len);
+            let mut expected = KEY_DOMAIN.to_vec();
+            prefixed(&mut expected, tag::STR, b"crate::f");
+            prefixed(&mut expected, tag::STR, b"v");
+            expected.push(tag::ARG);
+            prefixed(&mut expected, tag::STR, text.as_bytes());
+            expected.push(tag::ARG);
+            expected.extend_from_slice(&[tag::U64]);
+            expected.extend_from_slice(&7u64.to_le_bytes());
+            let mut hasher = ArgsHasher::new("crate::f", "v");
+            hasher.arg(text.as_str());
+            hasher.arg(&7u64);
+            assert_eq!(
+                hasher.finish().unwrap().as_bytes(),
+                blake3::hash(&expected).as_bytes(),
+                "length {len}"
+            );
+        }
     }
 
     #[test]
