@@ -98,9 +98,7 @@ impl Fixture {
     }
 
     fn computations(&self) -> usize {
-        std::fs::read_to_string(&self.counter)
-            .map(|t| t.lines().count())
-            .unwrap_or(0)
+        common::count_lines(&self.counter)
     }
 
     /// Builds the fixture with `function` as its cached function, runs it, returns the value.

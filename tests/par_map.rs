@@ -10,7 +10,7 @@ use std::sync::LazyLock;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{entry_files, fresh_dir, Counter};
+use common::{count_lines, entry_files, fresh_dir, Counter};
 use memo::prelude::*;
 use rayon::prelude::*;
 
@@ -293,24 +293,18 @@ fn child(cache: &std::path::Path, counter: &std::path::Path) -> Command {
     command
 }
 
-fn lines(path: &std::path::Path) -> usize {
-    std::fs::read_to_string(path)
-        .map(|t| t.lines().count())
-        .unwrap_or(0)
-}
-
 #[test]
 fn the_rerun_of_a_killed_run_computes_only_what_is_missing() {
     let dir = fresh_dir("resume");
     let (cache, counter) = (dir.join("cache"), dir.join("counter"));
     let mut running = child(&cache, &counter).spawn().unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
-    while lines(&counter) < 8 && Instant::now() < deadline {
+    while count_lines(&counter) < 8 && Instant::now() < deadline {
         thread::sleep(Duration::from_millis(10));
     }
     running.kill().unwrap(); // SIGKILL on Unix
     running.wait().unwrap();
-    let computed_before = lines(&counter);
+    let computed_before = count_lines(&counter);
     let stored = entry_files(&cache).len();
     assert!(
         stored >= 6,
@@ -325,7 +319,7 @@ fn the_rerun_of_a_killed_run_computes_only_what_is_missing() {
         stdout.contains(&format!("total={}", (0..30).sum::<u64>() * 3)),
         "{stdout}"
     );
-    let computed_in_rerun = lines(&counter) - computed_before;
+    let computed_in_rerun = count_lines(&counter) - computed_before;
     assert_eq!(
         computed_in_rerun,
         30 - stored,

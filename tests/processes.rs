@@ -7,7 +7,7 @@ use std::io::Write;
 use std::path::Path;
 use std::process::Command;
 
-use common::{entry_files, fresh_dir};
+use common::{count_lines, entry_files, fresh_dir};
 use memo::prelude::*;
 
 const CHILD: &str = "MEMO_TEST_CHILD_COUNTER";
@@ -67,21 +67,15 @@ fn run_child(counter: &Path, env: &[(&str, Option<&Path>)]) -> String {
     stdout
 }
 
-fn computations(counter: &Path) -> usize {
-    std::fs::read_to_string(counter)
-        .map(|text| text.lines().count())
-        .unwrap_or(0)
-}
-
 #[test]
 fn a_second_process_is_served_what_the_first_computed() {
     let dir = fresh_dir("processes");
     let cache = dir.join("cache");
     let counter = dir.join("counter");
     run_child(&counter, &[("MEMO_DIR", Some(&cache))]);
-    assert_eq!(computations(&counter), 1);
+    assert_eq!(count_lines(&counter), 1);
     run_child(&counter, &[("MEMO_DIR", Some(&cache))]);
-    assert_eq!(computations(&counter), 1, "the second process must hit");
+    assert_eq!(count_lines(&counter), 1, "the second process must hit");
     assert_eq!(entry_files(&cache).len(), 1);
 }
 
@@ -97,7 +91,7 @@ fn memo_disable_turns_caching_off() {
             &[("MEMO_DIR", Some(&cache)), ("MEMO_DISABLE", Some(disable))],
         );
     }
-    assert_eq!(computations(&counter), 2);
+    assert_eq!(count_lines(&counter), 2);
     assert!(!cache.exists(), "a disabled cache writes nothing");
     // `MEMO_DISABLE=0` means enabled.
     let enable = Path::new("0");
@@ -107,7 +101,7 @@ fn memo_disable_turns_caching_off() {
             &[("MEMO_DIR", Some(&cache)), ("MEMO_DISABLE", Some(enable))],
         );
     }
-    assert_eq!(computations(&counter), 3);
+    assert_eq!(count_lines(&counter), 3);
 }
 
 #[test]
@@ -129,5 +123,5 @@ fn without_memo_dir_the_user_cache_folder_is_used() {
         assert_eq!(entry_files(&expected).len(), 1);
     }
     run_child(&counter, &env);
-    assert_eq!(computations(&counter), 1);
+    assert_eq!(count_lines(&counter), 1);
 }

@@ -36,6 +36,14 @@ pub fn entry_files(dir: &Path) -> Vec<PathBuf> {
     found
 }
 
+/// The number of lines in a file (0 when it does not exist): child processes append one line
+/// per computation to such a counter file.
+pub fn count_lines(path: &Path) -> usize {
+    std::fs::read_to_string(path)
+        .map(|text| text.lines().count())
+        .unwrap_or(0)
+}
+
 /// Counts how many times a function body ran.
 pub struct Counter(AtomicUsize);
 
