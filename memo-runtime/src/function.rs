@@ -12,6 +12,7 @@ use crate::entry::{self, CorruptEntry};
 use crate::error::Error;
 use crate::flight::{Claim, Payload};
 use crate::key::{ArgsHasher, CacheKey};
+use crate::lock::Acquired;
 use crate::log;
 use crate::memory::{Counters, Memory};
 use crate::probe;
@@ -209,9 +210,31 @@ impl CachedFunction {
                     }
                 }
                 Claim::Owner(flight) => {
-                    // Another thread may have stored the value between our lookup and our claim.
-                    if mode == CallMode::Cached && absent {
+                    // This thread computes the key for the process; now for all processes.
+                    let mut may_be_stored = absent;
+                    let lock = match store.lock(&at, memory.lock_timeout_value()) {
+                        Ok(Acquired::Lock { lock, waited }) => {
+                            may_be_stored |= waited;
+                            Some(lock)
+                        }
+                        Ok(Acquired::TimedOut) => {
+                            log::warn(&format!(
+                                "`{}`: another process has been computing the same call for longer \
+                                 than the lock timeout; computing it here too",
+                                self.identity()
+                            ));
+                            may_be_stored = true;
+                            None
+                        }
+                        Err(error) => {
+                            self.write_problem(memory, error);
+                            None
+                        }
+                    };
+                    // Another thread or process may have stored the value meanwhile.
+                    if mode == CallMode::Cached && may_be_stored {
                         if let Lookup::Hit(value) = self.lookup(memory, store, &at) {
+                            drop(lock);
                             flight.finish(None);
                             return value;
                         }
@@ -221,6 +244,8 @@ impl CachedFunction {
                     let duration = started.elapsed();
                     Counters::bump(&memory.counters.misses);
                     let payload = self.save(memory, store, &at, &value, duration);
+                    // Released only now, so that a waiting process finds the entry stored.
+                    drop(lock);
                     flight.finish(payload);
                     return value;
                 }
@@ -367,6 +392,7 @@ impl CachedFunction {
                 self.def.source
             );
             store.save_source(&self.names().dir, self.def.version, &text)?;
+            memory.clean_in_background(&self.names().dir, self.def.version);
         }
         Ok(())
     }

@@ -5,11 +5,18 @@ use std::env;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, OnceLock, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::time::Duration;
 
 use crate::error::Error;
 use crate::flight::InFlight;
-use crate::store::{DirStore, Store};
+use crate::store::{Cleanup, DirStore, Store, VerifyReport};
+
+/// Temporary and lock files older than this are removed by the automatic clean-up.
+const STALE_AFTER: Duration = Duration::from_secs(3600);
+
+/// How long a process waits, by default, for another process computing the same key.
+pub const DEFAULT_LOCK_TIMEOUT: Duration = Duration::from_secs(3600);
 
 /// Environment variable naming the cache folder of [`Memory::from_env`] (and so of every
 /// `#[cached]` function without a `memory = ...` option).
@@ -38,8 +45,9 @@ pub const MEMO_DISABLE: &str = "MEMO_DISABLE";
 /// key are computed once only among the calls that share the same `Memory` value.
 pub struct Memory {
     location: Option<PathBuf>,
-    store: Option<Box<dyn Store>>,
+    store: Option<Arc<dyn Store>>,
     strict: bool,
+    lock_timeout: Option<Duration>,
     pub(crate) flights: InFlight,
     pub(crate) counters: Counters,
     /// Function versions (by the address of their static) whose source is already recorded.
@@ -93,7 +101,7 @@ impl Memory {
     /// ```
     pub fn new(location: impl Into<PathBuf>) -> Self {
         let location = location.into();
-        let store: Box<dyn Store> = Box::new(DirStore::new(location.clone()));
+        let store: Arc<dyn Store> = Arc::new(DirStore::new(location.clone()));
         Memory::build(Some(location), Some(store))
     }
 
@@ -106,11 +114,12 @@ impl Memory {
         Memory::build(None, None)
     }
 
-    fn build(location: Option<PathBuf>, store: Option<Box<dyn Store>>) -> Self {
+    fn build(location: Option<PathBuf>, store: Option<Arc<dyn Store>>) -> Self {
         Memory {
             location,
             store,
             strict: false,
+            lock_timeout: Some(DEFAULT_LOCK_TIMEOUT),
             flights: InFlight::default(),
             counters: Counters::default(),
             sources_saved: Mutex::new(HashSet::new()),
@@ -170,6 +179,41 @@ impl Memory {
         self.strict
     }
 
+    /// How long a call waits for another process that is computing the same key before it
+    /// computes the value itself; `None` waits as long as that process lives. Default: one hour
+    /// ([`DEFAULT_LOCK_TIMEOUT`]). A process that dies releases its keys at once, so the timeout
+    /// only matters for one that hangs.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let memory = memo_runtime::Memory::new("/tmp/cache").lock_timeout(Some(Duration::from_secs(60)));
+    /// assert_eq!(memory.lock_timeout_value(), Some(Duration::from_secs(60)));
+    /// ```
+    pub fn lock_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.lock_timeout = timeout;
+        self
+    }
+
+    /// The lock timeout in force; see [`Memory::lock_timeout`].
+    pub fn lock_timeout_value(&self) -> Option<Duration> {
+        self.lock_timeout
+    }
+
+    /// Checks every stored entry (header, key, checksum) without decoding it, and counts the
+    /// temporary and lock files present. A disabled cache reports nothing.
+    ///
+    /// ```
+    /// let memory = memo_runtime::Memory::new(std::env::temp_dir().join("memo-doc-verify"));
+    /// let report = memory.verify().unwrap();
+    /// assert!(report.broken.is_empty());
+    /// ```
+    pub fn verify(&self) -> Result<VerifyReport, Error> {
+        match &self.store {
+            Some(store) => store.verify(),
+            None => Ok(VerifyReport::default()),
+        }
+    }
+
     /// The cache folder, or `None` for a disabled cache.
     pub fn location(&self) -> Option<&Path> {
         self.location.as_deref()
@@ -204,6 +248,37 @@ impl Memory {
             Some(store) => store.clear(),
             None => Ok(()),
         }
+    }
+
+    /// Removes the temporary files and lock files that processes which died left behind, when
+    /// they are older than `older_than` (younger ones may belong to work in progress). memo does
+    /// this by itself, with an hour's margin, the first time a process stores a result of each
+    /// function version.
+    pub fn clean(&self, older_than: Duration) -> Result<Cleanup, Error> {
+        let mut total = Cleanup::default();
+        let Some(store) = &self.store else {
+            return Ok(total);
+        };
+        for (function, version) in store.versions() {
+            let cleanup = store.clean_version(&function, &version, older_than)?;
+            total.temporary_files += cleanup.temporary_files;
+            total.lock_files += cleanup.lock_files;
+        }
+        Ok(total)
+    }
+
+    /// Runs [`Store::clean_version`] for one function version on a thread of its own, so that no
+    /// call waits for the walk through its folders.
+    pub(crate) fn clean_in_background(&self, function: &str, version: &str) {
+        let Some(store) = self.store.clone() else {
+            return;
+        };
+        let (function, version) = (function.to_owned(), version.to_owned());
+        let spawned = std::thread::Builder::new()
+            .name("memo-clean".into())
+            .spawn(move || store.clean_version(&function, &version, STALE_AFTER));
+        // Without a thread the leftovers simply stay until the next process cleans them.
+        drop(spawned);
     }
 
     pub(crate) fn store(&self) -> Option<&dyn Store> {

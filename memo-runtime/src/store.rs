@@ -16,12 +16,17 @@
 //! Entries are immutable: each is written to a temporary file in its final folder and renamed
 //! into place, so a reader sees either no entry or a complete one.
 
-use std::fs;
-use std::io::{self, Write};
+use std::collections::HashSet;
+use std::fs::{self, File};
+use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, PoisonError};
+use std::time::{Duration, SystemTime};
 
+use crate::entry::{self, HEADER_LEN};
 use crate::error::Error;
 use crate::key::CacheKey;
+use crate::lock::{self, Acquired};
 
 /// Name of the layout folder under the root; bumped when the layout changes.
 pub const LAYOUT_DIR: &str = "v1";
@@ -31,6 +36,10 @@ pub const SOURCE_FILE: &str = "source.rs";
 /// every entry's key, so two versions that shared a folder could still never read each other.
 pub const VERSION_DIR_DIGITS: usize = 16;
 const TEMP_PREFIX: &str = ".tmp-";
+/// Suffix of the lock file of an entry being computed: `<key>.lock`.
+const LOCK_SUFFIX: &str = ".lock";
+/// Entries up to this size are read in one go; larger ones header first.
+const READ_WHOLE: u64 = 64 * 1024;
 
 /// Where one entry lives, independent of the storage backend.
 #[derive(Debug, Clone, Copy)]
@@ -56,6 +65,20 @@ pub(crate) trait Store: Send + Sync {
     fn write(&self, at: &EntryAddress<'_>, header: &[u8], payload: &[u8]) -> Result<(), Error>;
     /// Records the source text of a function version, if it is not recorded yet.
     fn save_source(&self, function: &str, version: &str, text: &str) -> Result<(), Error>;
+    /// Takes the cross-process lock of an entry, waiting at most `timeout` for another holder.
+    fn lock(&self, at: &EntryAddress<'_>, timeout: Option<Duration>) -> Result<Acquired, Error>;
+    /// Removes temporary files and abandoned lock files older than `older_than` left in the
+    /// folders of one function version by processes that died.
+    fn clean_version(
+        &self,
+        function: &str,
+        version: &str,
+        older_than: Duration,
+    ) -> Result<Cleanup, Error>;
+    /// Checks every stored entry (header, key, checksum) and counts leftover files.
+    fn verify(&self) -> Result<VerifyReport, Error>;
+    /// Every stored function version, as (function folder, version folder) names.
+    fn versions(&self) -> Vec<(String, String)>;
     /// Removes every entry of every version of a function.
     fn clear_function(&self, function: &str) -> Result<(), Error>;
     /// Removes everything memo stored.
@@ -90,12 +113,114 @@ pub fn function_dir_name(identity: &str) -> String {
 pub(crate) struct DirStore {
     root: PathBuf,
     base: PathBuf,
+    /// Folders below `base` already checked not to be symbolic links, in this process.
+    checked: Mutex<HashSet<PathBuf>>,
+}
+
+/// What [`Memory::clean`](crate::Memory::clean) removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Cleanup {
+    /// Temporary files of writes that never finished.
+    pub temporary_files: usize,
+    /// Lock files of computations whose process died.
+    pub lock_files: usize,
+}
+
+/// What [`Memory::verify`](crate::Memory::verify) found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct VerifyReport {
+    /// Entries whose header, key and checksum are right.
+    pub valid: usize,
+    /// Entries that are not, with the reason; each is a miss when read.
+    pub broken: Vec<(PathBuf, String)>,
+    /// Temporary files present (writes in progress, or of processes that died).
+    pub temporary_files: usize,
+    /// Lock files present (computations in progress, or of processes that died).
+    pub lock_files: usize,
 }
 
 impl DirStore {
     pub(crate) fn new(root: PathBuf) -> Self {
         let base = root.join(LAYOUT_DIR);
-        DirStore { root, base }
+        DirStore {
+            root,
+            base,
+            checked: Mutex::new(HashSet::new()),
+        }
+    }
+
+    /// Refuses folders below the layout folder that are symbolic links, so that nothing is read
+    /// from or written outside the cache folder through one. Each folder is checked once per
+    /// process.
+    fn check_no_links(&self, dir: &Path) -> Result<(), Error> {
+        let Ok(below) = dir.strip_prefix(&self.base) else {
+            return Ok(());
+        };
+        let mut checked = self.checked.lock().unwrap_or_else(PoisonError::into_inner);
+        if checked.contains(dir) {
+            return Ok(());
+        }
+        let mut current = self.base.clone();
+        for part in std::iter::once(None).chain(below.components().map(Some)) {
+            if let Some(part) = part {
+                current.push(part);
+            }
+            match fs::symlink_metadata(&current) {
+                Ok(meta) if meta.file_type().is_symlink() => {
+                    let error = io::Error::other(
+                        "is a symbolic link; memo does not follow links inside its cache folder",
+                    );
+                    return Err(Error::io("using cache folder", current, error));
+                }
+                // A folder that does not exist yet is created as a real folder.
+                Ok(_) | Err(_) => {}
+            }
+        }
+        if dir.is_dir() {
+            checked.insert(dir.to_path_buf());
+        }
+        Ok(())
+    }
+
+    fn lock_path(&self, at: &EntryAddress<'_>) -> PathBuf {
+        let mut path = self.entry_path(at).into_os_string();
+        path.push(LOCK_SUFFIX);
+        PathBuf::from(path)
+    }
+
+    /// The shard folders (`<kk>`) of one version folder.
+    fn shards(version_dir: &Path) -> Vec<PathBuf> {
+        let Ok(read) = fs::read_dir(version_dir) else {
+            return Vec::new();
+        };
+        read.flatten()
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+            .map(|e| e.path())
+            .collect()
+    }
+
+    /// Every version folder: `<base>/<function>/<version>`.
+    fn version_dirs(&self) -> Vec<PathBuf> {
+        let mut found = Vec::new();
+        let Ok(functions) = fs::read_dir(&self.base) else {
+            return found;
+        };
+        for function in functions.flatten() {
+            if !function.file_type().is_ok_and(|t| t.is_dir()) {
+                continue;
+            }
+            if let Ok(versions) = fs::read_dir(function.path()) {
+                found.extend(
+                    versions
+                        .flatten()
+                        .filter(|v| v.file_type().is_ok_and(|t| t.is_dir()))
+                        .map(|v| v.path()),
+                );
+            }
+        }
+        found
     }
 
     fn version_dir(&self, function: &str, version: &str) -> PathBuf {
@@ -134,6 +259,7 @@ impl DirStore {
 
     /// Writes `parts` to a temporary file in `dir` and renames it to `path`.
     fn write_atomic(&self, dir: &Path, path: &Path, parts: &[&[u8]]) -> Result<(), Error> {
+        self.check_no_links(dir)?;
         let mut file = match tempfile::Builder::new()
             .prefix(TEMP_PREFIX)
             .tempfile_in(dir)
@@ -141,6 +267,7 @@ impl DirStore {
             Ok(file) => file,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 self.create_dir(dir)?;
+                self.check_no_links(dir)?;
                 tempfile::Builder::new()
                     .prefix(TEMP_PREFIX)
                     .tempfile_in(dir)
@@ -192,6 +319,83 @@ fn remove_dir(dir: &Path) -> Result<(), Error> {
     }
 }
 
+/// A missing file, or a missing folder on the way (or a file where the folder should be).
+fn is_absent(error: &io::Error) -> bool {
+    matches!(
+        error.kind(),
+        io::ErrorKind::NotFound | io::ErrorKind::NotADirectory
+    )
+}
+
+/// Opens an entry without following a symbolic link in its last component.
+fn open_entry(path: &Path) -> io::Result<File> {
+    let mut options = fs::OpenOptions::new();
+    options.read(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::custom_flags(&mut options, libc::O_NOFOLLOW);
+    options.open(path).map_err(|e| {
+        #[cfg(unix)]
+        if e.raw_os_error() == Some(libc::ELOOP) {
+            return io::Error::other("is a symbolic link; memo does not follow links");
+        }
+        e
+    })
+}
+
+/// Reads an entry file. Small files are read whole; a larger one only when its header claims
+/// exactly the length it has, and then into an allocation made fallibly: a damaged or hostile
+/// header never causes a huge allocation. A file whose header does not fit its length is returned
+/// cut to its first 64 KiB, for the decoder to say what is wrong.
+fn read_entry_file(path: &Path) -> io::Result<Vec<u8>> {
+    let mut file = open_entry(path)?;
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        return Err(io::Error::other("not a regular file"));
+    }
+    let len = meta.len();
+    let whole = if len <= READ_WHOLE {
+        len
+    } else {
+        let mut header = [0u8; HEADER_LEN];
+        file.read_exact(&mut header)?;
+        let claimed = entry::decode_header(&header).map(|h| h.payload_len);
+        let fits = claimed.is_ok_and(|n| n.checked_add(HEADER_LEN as u64) == Some(len));
+        let keep = if fits { len } else { READ_WHOLE };
+        let mut bytes = Vec::new();
+        bytes
+            .try_reserve_exact(keep as usize)
+            .map_err(|_| io::Error::new(io::ErrorKind::OutOfMemory, "entry too large to load"))?;
+        bytes.extend_from_slice(&header);
+        (&mut file)
+            .take(keep - HEADER_LEN as u64)
+            .read_to_end(&mut bytes)?;
+        return Ok(bytes);
+    };
+    let mut bytes = Vec::with_capacity(whole as usize);
+    file.take(whole).read_to_end(&mut bytes)?;
+    Ok(bytes)
+}
+
+/// Checks an entry file against the key its name gives.
+fn verify_entry(path: &Path, name: &str) -> Result<(), String> {
+    let key = decode_hex_key(name).ok_or_else(|| "not an entry file name".to_owned())?;
+    let bytes = read_entry_file(path).map_err(|e| e.to_string())?;
+    entry::decode(&bytes, &key)
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+fn decode_hex_key(name: &str) -> Option<CacheKey> {
+    if name.len() != 64 {
+        return None;
+    }
+    let mut key = [0u8; 32];
+    for (i, byte) in key.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(name.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(CacheKey::from_bytes(key))
+}
+
 impl Store for DirStore {
     fn describe(&self, at: &EntryAddress<'_>) -> PathBuf {
         self.entry_path(at)
@@ -203,19 +407,102 @@ impl Store for DirStore {
 
     fn read(&self, at: &EntryAddress<'_>) -> Result<Option<Vec<u8>>, Error> {
         let path = self.entry_path(at);
-        match fs::read(&path) {
+        if let Some(dir) = path.parent() {
+            self.check_no_links(dir)?;
+        }
+        match read_entry_file(&path) {
             Ok(bytes) => Ok(Some(bytes)),
-            // A missing folder on the way (or a file where the folder should be): no entry.
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::NotFound | io::ErrorKind::NotADirectory
-                ) =>
-            {
-                Ok(None)
-            }
+            Err(e) if is_absent(&e) => Ok(None),
             Err(e) => Err(Error::io("reading cache entry", path, e)),
         }
+    }
+
+    fn lock(&self, at: &EntryAddress<'_>, timeout: Option<Duration>) -> Result<Acquired, Error> {
+        let path = self.lock_path(at);
+        let dir = path.parent().unwrap_or(&self.base).to_path_buf();
+        self.check_no_links(&dir)?;
+        let fail = |e| Error::io("locking cache entry", &path, e);
+        match lock::acquire(&path, timeout) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                self.create_dir(&dir)?;
+                self.check_no_links(&dir)?;
+                lock::acquire(&path, timeout).map_err(fail)
+            }
+            other => other.map_err(fail),
+        }
+    }
+
+    fn clean_version(
+        &self,
+        function: &str,
+        version: &str,
+        older_than: Duration,
+    ) -> Result<Cleanup, Error> {
+        let mut cleanup = Cleanup::default();
+        let now = SystemTime::now();
+        for shard in Self::shards(&self.version_dir(function, version)) {
+            let Ok(read) = fs::read_dir(&shard) else {
+                continue;
+            };
+            for item in read.flatten() {
+                let name = item.file_name();
+                let name = name.to_string_lossy();
+                let old = item
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .is_ok_and(|t| now.duration_since(t).unwrap_or_default() >= older_than);
+                if !old {
+                    continue;
+                }
+                let path = item.path();
+                if name.starts_with(TEMP_PREFIX) {
+                    if fs::remove_file(&path).is_ok() {
+                        cleanup.temporary_files += 1;
+                    }
+                } else if name.ends_with(LOCK_SUFFIX)
+                    && lock::remove_if_abandoned(&path).unwrap_or(false)
+                {
+                    cleanup.lock_files += 1;
+                }
+            }
+        }
+        Ok(cleanup)
+    }
+
+    fn versions(&self) -> Vec<(String, String)> {
+        self.version_dirs()
+            .into_iter()
+            .filter_map(|dir| {
+                let version = dir.file_name()?.to_string_lossy().into_owned();
+                let function = dir.parent()?.file_name()?.to_string_lossy().into_owned();
+                Some((function, version))
+            })
+            .collect()
+    }
+
+    fn verify(&self) -> Result<VerifyReport, Error> {
+        let mut report = VerifyReport::default();
+        for version_dir in self.version_dirs() {
+            for shard in Self::shards(&version_dir) {
+                let read = fs::read_dir(&shard)
+                    .map_err(|e| Error::io("listing cache folder", &shard, e))?;
+                for item in read.flatten() {
+                    let name = item.file_name().to_string_lossy().into_owned();
+                    let path = item.path();
+                    if name.starts_with(TEMP_PREFIX) {
+                        report.temporary_files += 1;
+                    } else if name.ends_with(LOCK_SUFFIX) {
+                        report.lock_files += 1;
+                    } else {
+                        match verify_entry(&path, &name) {
+                            Ok(()) => report.valid += 1,
+                            Err(reason) => report.broken.push((path, reason)),
+                        }
+                    }
+                }
+            }
+        }
+        Ok(report)
     }
 
     fn write(&self, at: &EntryAddress<'_>, header: &[u8], payload: &[u8]) -> Result<(), Error> {
