@@ -253,4 +253,62 @@ mod tests {
             Err(CorruptEntry::OtherVersion { found: 2 })
         );
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn entry(key: [u8; 32], payload: &[u8], nanos: u64) -> Vec<u8> {
+            let key = CacheKey::from_bytes(key);
+            let created = UNIX_EPOCH + Duration::from_nanos(nanos);
+            let mut bytes =
+                encode_header(&key, created, Duration::from_nanos(nanos / 3), payload).to_vec();
+            bytes.extend_from_slice(payload);
+            bytes
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 10_000, ..ProptestConfig::default() })]
+
+            /// Arbitrary bytes never panic the decoder, and never decode for a key they do not name.
+            #[test]
+            fn arbitrary_bytes_are_rejected_without_panicking(
+                bytes in proptest::collection::vec(any::<u8>(), 0..600),
+                key in any::<[u8; 32]>(),
+            ) {
+                let key = CacheKey::from_bytes(key);
+                if let Ok((header, payload)) = decode(&bytes, &key) {
+                    prop_assert_eq!(header.key, key);
+                    prop_assert_eq!(payload.len() as u64, header.payload_len);
+                }
+                let _ = decode_header(&bytes);
+            }
+
+            /// A valid entry with one byte changed, cut short or lengthened is rejected: the
+            /// decoder returns the original payload or an error, never other bytes.
+            #[test]
+            fn damaged_entries_are_rejected(
+                key in any::<[u8; 32]>(),
+                payload in proptest::collection::vec(any::<u8>(), 0..2_000),
+                nanos in any::<u64>(),
+                at in any::<prop::sample::Index>(),
+                flip in 1u8..=255,
+                damage in 0u8..3,
+            ) {
+                let original = entry(key, &payload, nanos);
+                let mut bytes = original.clone();
+                let at = at.index(bytes.len());
+                match damage {
+                    0 => bytes[at] ^= flip,
+                    1 => bytes.truncate(at),
+                    _ => bytes.insert(at, flip),
+                }
+                let key = CacheKey::from_bytes(key);
+                if let Ok((_, decoded)) = decode(&bytes, &key) {
+                    prop_assert!(bytes == original && decoded == &payload[..]);
+                }
+                prop_assert!(decode(&original, &key).is_ok());
+            }
+        }
+    }
 }
