@@ -245,7 +245,11 @@ fn writers_killed_at_random_points_leave_only_valid_entries() {
         "broken entries: {:?}",
         report.broken
     );
-    assert!(report.valid >= 10, "the writers stored entries ({})", report.valid);
+    assert!(
+        report.valid >= 10,
+        "the writers stored entries ({})",
+        report.valid
+    );
 
     // Every stored entry reads back as the right value, and nothing stored is recomputed.
     let stdout = finish(
