@@ -36,7 +36,7 @@ fn record(line: &str) {
         .append(true)
         .open(env_path("MEMO_TEST_COUNTER"))
         .unwrap();
-    writeln!(file, "{line}").unwrap();
+    file.write_all(format!("{line}\n").as_bytes()).unwrap(); // one write: lines never interleave
 }
 
 #[cached(memory = CHILD_MEMORY)]

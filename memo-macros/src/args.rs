@@ -1,12 +1,18 @@
 //! The attribute's options, parsed into a typed model.
 
 use proc_macro2::Span;
+use quote::ToTokens;
 use syn::parse::{Parse, ParseStream};
-use syn::{Expr, Lit, Path, Token};
+use syn::punctuated::Punctuated;
+use syn::{Expr, Ident, Lit, Path, Token};
 
 mod kw {
     syn::custom_keyword!(version);
     syn::custom_keyword!(memory);
+    syn::custom_keyword!(ignore);
+    syn::custom_keyword!(key);
+    syn::custom_keyword!(store_errors);
+    syn::custom_keyword!(skip_none);
 }
 
 /// What `#[cached(...)]` was given.
@@ -18,9 +24,39 @@ pub(crate) struct Args {
     pub memory: Option<Expr>,
     /// `crate = path`: where memo is, for crates that rename or re-export it.
     pub krate: Option<Path>,
+    /// `ignore(a, b)`: parameters left out of the key; the span of `ignore`.
+    pub ignore: Option<(Span, Vec<Ident>)>,
+    /// `key = EXPR`: the key is this expression instead of the arguments.
+    pub key: Option<Expr>,
+    /// `store_errors`: a `Result`'s `Err` is stored too.
+    pub store_errors: Option<Span>,
+    /// `skip_none`: an `Option`'s `None` is not stored.
+    pub skip_none: Option<Span>,
 }
 
-const OPTIONS: &str = "`version = \"...\"`, `memory = EXPR` and `crate = path`";
+impl Args {
+    /// The options that change what is stored or how it is keyed, as text for the version hash.
+    pub fn keying(&self) -> String {
+        let mut text = String::new();
+        if let Some((_, names)) = &self.ignore {
+            let names: Vec<String> = names.iter().map(ToString::to_string).collect();
+            text.push_str(&format!("ignore({}) ", names.join(",")));
+        }
+        if let Some(key) = &self.key {
+            text.push_str(&format!("key = {} ", key.to_token_stream()));
+        }
+        if self.store_errors.is_some() {
+            text.push_str("store_errors ");
+        }
+        if self.skip_none.is_some() {
+            text.push_str("skip_none ");
+        }
+        text
+    }
+}
+
+const OPTIONS: &str = "`version = \"...\"`, `memory = EXPR`, `crate = path`, `ignore(arg, ...)`, \
+                       `key = EXPR`, `store_errors` and `skip_none`";
 
 /// Consumes the `=` after an option's name, or says at the name what the option needs.
 fn equals(input: ParseStream<'_>, span: Span, form: &str) -> syn::Result<()> {
@@ -77,6 +113,30 @@ impl Parse for Args {
                 equals(input, key.span, "crate = path::to::memo")?;
                 let value = Path::parse_mod_style(input)?;
                 set_once(&mut args.krate, value, key.span, "crate")
+            } else if lookahead.peek(kw::ignore) {
+                let name: kw::ignore = input.parse()?;
+                let content;
+                syn::parenthesized!(content in input);
+                let names = Punctuated::<Ident, Token![,]>::parse_terminated(&content)?;
+                let names: Vec<Ident> = names.into_iter().collect();
+                if names.is_empty() {
+                    return Err(syn::Error::new(
+                        name.span,
+                        "`ignore(...)` needs the names of the arguments to leave out of the key",
+                    ));
+                }
+                set_once(&mut args.ignore, (name.span, names), name.span, "ignore")
+            } else if lookahead.peek(kw::key) {
+                let name: kw::key = input.parse()?;
+                equals(input, name.span, "key = EXPR")?;
+                let value: Expr = input.parse()?;
+                set_once(&mut args.key, value, name.span, "key")
+            } else if lookahead.peek(kw::store_errors) {
+                let name: kw::store_errors = input.parse()?;
+                set_once(&mut args.store_errors, name.span, name.span, "store_errors")
+            } else if lookahead.peek(kw::skip_none) {
+                let name: kw::skip_none = input.parse()?;
+                set_once(&mut args.skip_none, name.span, name.span, "skip_none")
             } else if input.peek(syn::Ident) {
                 let unknown: syn::Ident = input.parse()?;
                 return Err(syn::Error::new(

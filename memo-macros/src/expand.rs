@@ -17,7 +17,7 @@ use syn::spanned::Spanned;
 use syn::{Attribute, ItemFn, ReturnType, Type};
 
 use crate::args::Args;
-use crate::validate::{validate, CachedFn, Param};
+use crate::validate::{result_ok_type, validate, CachedFn, Param};
 use crate::version::{source_text, version_hash};
 
 /// The attribute's entry point: any error becomes `compile_error!` next to the user's function,
@@ -38,7 +38,7 @@ pub(crate) fn cached(args: TokenStream, item: TokenStream) -> TokenStream {
         Ok(args) => args,
         Err(error) => return with_error(error, item.into_token_stream()),
     };
-    match validate(&item) {
+    match validate(&item, &args) {
         Ok(params) => expand(&CachedFn { item, args, params }),
         Err(error) => with_error(error, item.into_token_stream()),
     }
@@ -112,10 +112,43 @@ fn call_body(names: &Names<'_>, mode: &str) -> TokenStream {
     let name = &names.model.item.sig.ident;
     let mode = syn::Ident::new(mode, Span::call_site());
     let args = bindings(&names.model.params);
-    let call = quote!(#name::__memo_call(#private::CallMode::#mode, #(#args),*));
+    let turbofish = turbofish(&names.model.item.sig.generics);
+    let call = quote!(#name::__memo_call #turbofish (#private::CallMode::#mode, #(#args),*));
     match names.model.item.sig.unsafety {
         Some(_) => quote!(unsafe { #call }),
         None => call,
+    }
+}
+
+/// `::<T, N>` naming the type and const parameters (lifetimes are inferred), or nothing.
+fn turbofish(generics: &syn::Generics) -> TokenStream {
+    let params: Vec<&syn::Ident> = generics
+        .params
+        .iter()
+        .filter_map(|param| match param {
+            syn::GenericParam::Type(ty) => Some(&ty.ident),
+            syn::GenericParam::Const(c) => Some(&c.ident),
+            syn::GenericParam::Lifetime(_) => None,
+        })
+        .collect();
+    if params.is_empty() {
+        TokenStream::new()
+    } else {
+        quote!(::<#(#params),*>)
+    }
+}
+
+/// How the result is stored: `Plain`, `OkOnly` for a `Result` (unless `store_errors`), or
+/// `SomeOnly` with `skip_none`.
+fn policy(names: &Names<'_>) -> TokenStream {
+    let private = &names.private;
+    let args = &names.model.args;
+    if args.skip_none.is_some() {
+        quote!(#private::SomeOnly)
+    } else if args.store_errors.is_none() && result_ok_type(&names.output).is_some() {
+        quote!(#private::OkOnly)
+    } else {
+        quote!(#private::Plain)
     }
 }
 
@@ -149,16 +182,42 @@ fn memory(names: &Names<'_>) -> TokenStream {
     }
 }
 
-/// Statements binding `__memo_key` to the call's key (or `None`), hashing each parameter.
+/// Statements binding `__memo_key` to the call's key (or `None`): the `key = ...` expression, or
+/// every parameter not ignored; and the concrete type and const parameters of a generic function.
 fn key(names: &Names<'_>, mode: TokenStream) -> TokenStream {
     let private = &names.private;
-    let hash_args = names.model.params.iter().map(|Param { binding, ty, .. }| {
-        // Spanned at the type, so a type that is not `Serialize` is reported there.
-        quote_spanned!(ty.span()=> #private::hash_arg(__memo_hasher, &#binding);)
-    });
+    let hash = |value: TokenStream, span: Span| {
+        // Spanned at the user's code, so a value that is not `Serialize` is reported there.
+        quote_spanned!(span=> #private::hash_arg(__memo_hasher, #value);)
+    };
+    let mut parts: Vec<TokenStream> = Vec::new();
+    for param in &names.model.item.sig.generics.params {
+        match param {
+            syn::GenericParam::Type(ty) => {
+                let ident = &ty.ident;
+                parts.push(hash(
+                    quote!(::core::any::type_name::<#ident>()),
+                    ident.span(),
+                ));
+            }
+            syn::GenericParam::Const(c) => {
+                let ident = &c.ident;
+                parts.push(hash(quote!(&#ident), ident.span()));
+            }
+            syn::GenericParam::Lifetime(_) => {}
+        }
+    }
+    match &names.model.args.key {
+        Some(expr) => parts.push(hash(quote!(&(#expr)), expr.span())),
+        None => {
+            for Param { binding, ty, .. } in names.model.params.iter().filter(|p| !p.ignored) {
+                parts.push(hash(quote!(&#binding), ty.span()));
+            }
+        }
+    }
     quote! {
         let __memo_key = __memo_function.key(__memo_memory, #mode, |__memo_hasher| {
-            #(#hash_args)*
+            #(#parts)*
         });
     }
 }
@@ -218,8 +277,9 @@ fn hidden_call(names: &Names<'_>) -> TokenStream {
     let memory = memory(names);
     let key = key(names, quote!(__memo_mode));
     let body = &item.block.stmts;
+    let policy = policy(names);
     let call = quote_spanned! {output.span()=>
-        #private::CachedFunction::call::<#output, _>(
+        #private::CachedFunction::call::<#output, #policy, _>(
             __memo_function,
             __memo_memory,
             __memo_mode,
@@ -252,7 +312,8 @@ fn function_static(names: &Names<'_>) -> TokenStream {
     let private = &names.private;
     let vis = &item.vis;
     let name = item.sig.ident.to_string();
-    let version = version_hash(item, names.model.args.version.as_deref());
+    let args = &names.model.args;
+    let version = version_hash(item, args.version.as_deref(), &args.keying());
     let source = source_text(item);
     quote! {
         #[doc(hidden)]
@@ -281,6 +342,7 @@ fn handle_methods(names: &Names<'_>) -> TokenStream {
     let where_clause = &generics.where_clause;
     let output = &names.output;
     let params = plain_params(&model.params);
+    let all_bindings = bindings(&model.params);
     let memory = memory(names);
     let key = key(names, quote!(#private::CallMode::Cached));
     let uncached = call_body(names, "Uncached");
@@ -315,6 +377,8 @@ fn handle_methods(names: &Names<'_>) -> TokenStream {
 
         #is_cached_doc
         #vis fn is_cached #generics (#(#params),*) -> bool #where_clause {
+            // Ignored arguments, or all of them with `key = ...`, take no part here.
+            #(let _ = &#all_bindings;)*
             #memory
             let __memo_function = Self::__memo_function();
             #key

@@ -5,7 +5,7 @@ use proc_macro2::Span;
 use quote::format_ident;
 use syn::spanned::Spanned;
 use syn::visit::Visit;
-use syn::{FnArg, GenericParam, Ident, ItemFn, Pat, ReturnType, Type};
+use syn::{FnArg, Ident, ItemFn, Pat, ReturnType, Type};
 
 use crate::args::Args;
 
@@ -26,6 +26,8 @@ pub(crate) struct Param {
     /// The user's pattern, when it is not a plain name: destructured inside the body.
     pub pattern: Option<Pat>,
     pub ty: Type,
+    /// Named in `ignore(...)`: left out of the key.
+    pub ignored: bool,
 }
 
 /// Collects errors so that they can be reported together.
@@ -80,8 +82,33 @@ impl<'ast> Visit<'ast> for TypeCheck<'_> {
     }
 }
 
-/// Checks the function against what `#[cached]` supports; its parameters, or every problem.
-pub(crate) fn validate(item: &ItemFn) -> Result<Vec<Param>, syn::Error> {
+/// The type argument `T` of a return type written `Result<T, ..>` (any path ending in `Result`,
+/// such as `io::Result<T>` or `anyhow::Result<T>`).
+pub(crate) fn result_ok_type(ty: &Type) -> Option<&Type> {
+    let Type::Path(path) = ty else {
+        return None;
+    };
+    let last = path.path.segments.last()?;
+    if last.ident != "Result" {
+        return None;
+    }
+    let syn::PathArguments::AngleBracketed(args) = &last.arguments else {
+        return None;
+    };
+    match args.args.first()? {
+        syn::GenericArgument::Type(ok) => Some(ok),
+        _ => None,
+    }
+}
+
+/// Whether a return type is written `Option<T>` (a path ending in `Option`).
+fn is_option(ty: &Type) -> bool {
+    matches!(ty, Type::Path(path) if path.path.segments.last().is_some_and(|s| s.ident == "Option"))
+}
+
+/// Checks the function and its options against what `#[cached]` supports; its parameters, or
+/// every problem.
+pub(crate) fn validate(item: &ItemFn, args: &Args) -> Result<Vec<Param>, syn::Error> {
     let mut errors = Errors::default();
     let sig = &item.sig;
     if let Some(token) = &sig.constness {
@@ -96,19 +123,34 @@ pub(crate) fn validate(item: &ItemFn) -> Result<Vec<Param>, syn::Error> {
     if let Some(variadic) = &sig.variadic {
         errors.push(variadic.span(), "variadic functions cannot be #[cached]");
     }
-    for param in &sig.generics.params {
-        match param {
-            GenericParam::Lifetime(_) => {}
-            GenericParam::Type(ty) => errors.push(
-                ty.ident.span(),
-                "#[cached] does not support generic type parameters yet: write a non-generic \
-                 #[cached] function per type",
-            ),
-            GenericParam::Const(c) => errors.push(
-                c.ident.span(),
-                "#[cached] does not support const generic parameters yet",
-            ),
+    let output = match &sig.output {
+        ReturnType::Type(_, ty) => Some(&**ty),
+        ReturnType::Default => None,
+    };
+    if let Some(span) = args.store_errors {
+        if output.and_then(result_ok_type).is_none() {
+            errors.push(
+                span,
+                "`store_errors` applies to functions that return a `Result`: it stores `Err` \
+                 values too (by default only `Ok` values are stored)",
+            );
         }
+    }
+    if let Some(span) = args.skip_none {
+        if !output.is_some_and(is_option) {
+            errors.push(
+                span,
+                "`skip_none` applies to functions that return an `Option`: it leaves `None` \
+                 values out of the cache",
+            );
+        }
+    }
+    if let (Some((span, _)), Some(_)) = (&args.ignore, &args.key) {
+        errors.push(
+            *span,
+            "`ignore(...)` has no effect with `key = ...`: the key is made from that expression \
+             alone; remove one of them",
+        );
     }
     if let ReturnType::Type(_, ty) = &sig.output {
         if contains_impl_trait(ty) {
@@ -136,6 +178,41 @@ pub(crate) fn validate(item: &ItemFn) -> Result<Vec<Param>, syn::Error> {
             }
         }
     }
+    if let Some((_, names)) = &args.ignore {
+        let mut seen: Vec<&Ident> = Vec::new();
+        for name in names {
+            if seen.contains(&name) {
+                errors.push(name.span(), format!("`{name}` is already ignored"));
+                continue;
+            }
+            seen.push(name);
+            match params
+                .iter_mut()
+                .find(|p| p.pattern.is_none() && p.binding == *name)
+            {
+                Some(param) => param.ignored = true,
+                None => {
+                    let known: Vec<String> = params
+                        .iter()
+                        .filter(|p| p.pattern.is_none())
+                        .map(|p| format!("`{}`", p.binding))
+                        .collect();
+                    errors.push(
+                        name.span(),
+                        format!(
+                            "`{name}` is not an argument of this function; `ignore(...)` takes \
+                             argument names: {}",
+                            if known.is_empty() {
+                                "none here".to_owned()
+                            } else {
+                                known.join(", ")
+                            }
+                        ),
+                    );
+                }
+            }
+        }
+    }
     match errors.0 {
         Some(error) => Err(error),
         None => Ok(params),
@@ -149,12 +226,14 @@ fn param(index: usize, pat: &Pat, ty: &Type) -> Param {
             mutable: ident.mutability.is_some(),
             pattern: None,
             ty: ty.clone(),
+            ignored: false,
         },
         _ => Param {
             binding: format_ident!("__memo_arg{}", index),
             mutable: false,
             pattern: Some(pat.clone()),
             ty: ty.clone(),
+            ignored: false,
         },
     }
 }

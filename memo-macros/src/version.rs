@@ -9,8 +9,9 @@ use proc_macro2::{Delimiter, TokenStream, TokenTree};
 use quote::ToTokens;
 use syn::ItemFn;
 
-/// 64 hex digits of BLAKE3 over the normalized tokens and the explicit `version` option.
-pub(crate) fn version_hash(item: &ItemFn, explicit: Option<&str>) -> String {
+/// 64 hex digits of BLAKE3 over the normalized tokens, the explicit `version` option and the
+/// options that change what is keyed or stored (`options`, e.g. `ignore(verbose)`).
+pub(crate) fn version_hash(item: &ItemFn, explicit: Option<&str>, options: &str) -> String {
     let mut text = String::new();
     normalize(item.sig.to_token_stream(), &mut text);
     text.push('\n');
@@ -18,6 +19,10 @@ pub(crate) fn version_hash(item: &ItemFn, explicit: Option<&str>) -> String {
     if let Some(version) = explicit {
         text.push_str("\nversion = ");
         text.push_str(version);
+    }
+    if !options.is_empty() {
+        text.push_str("\noptions: ");
+        text.push_str(options);
     }
     blake3::hash(text.as_bytes()).to_hex().to_string()
 }
@@ -102,7 +107,7 @@ mod tests {
     use super::*;
 
     fn hash(source: &str) -> String {
-        version_hash(&syn::parse_str(source).unwrap(), None)
+        version_hash(&syn::parse_str(source).unwrap(), None, "")
     }
 
     #[test]
@@ -133,10 +138,11 @@ mod tests {
         // ...but a macro's input is kept verbatim, and a macro can tell `<<` from `< <`.
         assert_ne!(hash("fn f() { m!(<<); }"), hash("fn f() { m!(< <); }"));
         let item: ItemFn = syn::parse_str("fn f(x: u64) -> u64 { x * x }").unwrap();
-        assert_ne!(base, version_hash(&item, Some("2")));
+        assert_ne!(base, version_hash(&item, Some("2"), ""));
+        assert_ne!(base, version_hash(&item, None, "ignore(x) "));
         assert_eq!(
-            version_hash(&item, Some("2")),
-            version_hash(&item, Some("2"))
+            version_hash(&item, Some("2"), ""),
+            version_hash(&item, Some("2"), "")
         );
     }
 

@@ -52,6 +52,63 @@ pub trait CacheArg: Serialize {}
 
 impl<T: Serialize + ?Sized> CacheArg for T {}
 
+/// What of a function's result is stored, and how a stored value becomes a result again.
+#[diagnostic::on_unimplemented(
+    message = "this #[cached] option does not fit the return type `{R}`",
+    label = "`store_errors` needs a `Result`, `skip_none` an `Option`"
+)]
+pub trait StorePolicy<R> {
+    /// The stored type.
+    type Stored: CacheValue;
+    /// The part of a result to store, or `None` to store nothing.
+    fn stored(result: &R) -> Option<&Self::Stored>;
+    /// The result a stored value stands for.
+    fn rebuild(stored: Self::Stored) -> R;
+}
+
+/// Stores every result as it is.
+#[derive(Debug)]
+pub enum Plain {}
+
+impl<R: CacheValue> StorePolicy<R> for Plain {
+    type Stored = R;
+    fn stored(result: &R) -> Option<&R> {
+        Some(result)
+    }
+    fn rebuild(stored: R) -> R {
+        stored
+    }
+}
+
+/// Stores the `Ok` values of a `Result` only: errors are usually transient, and their type need
+/// not be serializable.
+#[derive(Debug)]
+pub enum OkOnly {}
+
+impl<T: CacheValue, E> StorePolicy<Result<T, E>> for OkOnly {
+    type Stored = T;
+    fn stored(result: &Result<T, E>) -> Option<&T> {
+        result.as_ref().ok()
+    }
+    fn rebuild(stored: T) -> Result<T, E> {
+        Ok(stored)
+    }
+}
+
+/// Stores the `Some` values of an `Option` only.
+#[derive(Debug)]
+pub enum SomeOnly {}
+
+impl<T: CacheValue> StorePolicy<Option<T>> for SomeOnly {
+    type Stored = T;
+    fn stored(result: &Option<T>) -> Option<&T> {
+        result.as_ref()
+    }
+    fn rebuild(stored: T) -> Option<T> {
+        Some(stored)
+    }
+}
+
 /// Adds one argument to a call's key.
 pub fn hash_arg<T: CacheArg + ?Sized>(hasher: &mut ArgsHasher, value: &T) {
     hasher.arg(value);
@@ -153,7 +210,7 @@ impl CachedFunction {
 
     /// Runs one call: serves the stored value for `key`, or runs `compute`, stores its value
     /// and returns it. Simultaneous misses on one key in this process compute once.
-    pub fn call<R, F>(
+    pub fn call<R, P, F>(
         &self,
         memory: &Memory,
         mode: CallMode,
@@ -161,7 +218,7 @@ impl CachedFunction {
         compute: F,
     ) -> R
     where
-        R: CacheValue,
+        P: StorePolicy<R>,
         F: FnOnce() -> R,
     {
         let probing = probe::probing();
@@ -177,8 +234,8 @@ impl CachedFunction {
         // there (a broken entry is not rewritten by anyone but its next computer).
         let mut absent = true;
         if mode == CallMode::Cached {
-            match self.lookup(memory, store, &at) {
-                Lookup::Hit(value) => return value,
+            match self.lookup::<P::Stored>(memory, store, &at) {
+                Lookup::Hit(value) => return P::rebuild(value),
                 Lookup::Absent => {}
                 Lookup::Broken => absent = false,
             }
@@ -196,7 +253,7 @@ impl CachedFunction {
                     if let Some(value) = self.decode_payload(memory, store, &at, &payload) {
                         Counters::bump(&memory.counters.hits);
                         probe::record_hit(std::time::Duration::ZERO);
-                        return value;
+                        return P::rebuild(value);
                     }
                 }
                 Claim::Waited(None) => {
@@ -205,7 +262,7 @@ impl CachedFunction {
                     absent = false;
                     if mode == CallMode::Cached {
                         if let Lookup::Hit(value) = self.lookup(memory, store, &at) {
-                            return value;
+                            return P::rebuild(value);
                         }
                     }
                 }
@@ -236,14 +293,17 @@ impl CachedFunction {
                         if let Lookup::Hit(value) = self.lookup(memory, store, &at) {
                             drop(lock);
                             flight.finish(None);
-                            return value;
+                            return P::rebuild(value);
                         }
                     }
                     let started = Instant::now();
                     let value = compute();
                     let duration = started.elapsed();
                     Counters::bump(&memory.counters.misses);
-                    let payload = self.save(memory, store, &at, &value, duration);
+                    let payload = match P::stored(&value) {
+                        Some(stored) => self.save(memory, store, &at, stored, duration),
+                        None => None,
+                    };
                     // Released only now, so that a waiting process finds the entry stored.
                     drop(lock);
                     flight.finish(payload);

@@ -42,10 +42,9 @@ pub use store::{Cleanup, VerifyReport};
 pub mod __private {
     pub use crate::error::Error;
     pub use crate::function::{
-        hash_arg, CacheArg, CacheValue, CachedFunction, CallMode, FunctionDef,
+        hash_arg, CacheArg, CacheValue, CachedFunction, CallMode, FunctionDef, OkOnly, Plain,
+        SomeOnly, StorePolicy,
     };
     pub use crate::key::{ArgsHasher, CacheKey};
     pub use crate::memory::{AsMemory, Memory};
-    pub use serde::de::DeserializeOwned;
-    pub use serde::Serialize;
 }

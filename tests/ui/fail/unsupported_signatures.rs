@@ -11,7 +11,7 @@ const fn constant(x: u64) -> u64 {
 }
 
 #[cached]
-fn generic<T: serde::Serialize>(x: T) -> u64 {
+fn unbounded<T>(x: T) -> u64 {
     let _ = x;
     1
 }
