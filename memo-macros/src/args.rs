@@ -13,6 +13,7 @@ mod kw {
     syn::custom_keyword!(key);
     syn::custom_keyword!(store_errors);
     syn::custom_keyword!(skip_none);
+    syn::custom_keyword!(associated);
 }
 
 /// What `#[cached(...)]` was given.
@@ -32,6 +33,9 @@ pub(crate) struct Args {
     pub store_errors: Option<Span>,
     /// `skip_none`: an `Option`'s `None` is not stored.
     pub skip_none: Option<Span>,
+    /// `associated`: the function is in an `impl` block though it mentions neither `self` nor
+    /// `Self`.
+    pub associated: Option<Span>,
 }
 
 impl Args {
@@ -56,7 +60,7 @@ impl Args {
 }
 
 const OPTIONS: &str = "`version = \"...\"`, `memory = EXPR`, `crate = path`, `ignore(arg, ...)`, \
-                       `key = EXPR`, `store_errors` and `skip_none`";
+                       `key = EXPR`, `store_errors`, `skip_none` and `associated`";
 
 /// Consumes the `=` after an option's name, or says at the name what the option needs.
 fn equals(input: ParseStream<'_>, span: Span, form: &str) -> syn::Result<()> {
@@ -117,7 +121,11 @@ impl Parse for Args {
                 let name: kw::ignore = input.parse()?;
                 let content;
                 syn::parenthesized!(content in input);
-                let names = Punctuated::<Ident, Token![,]>::parse_terminated(&content)?;
+                // `Ident::parse_any` also takes `self`, for `ignore(self)` in methods.
+                let names = Punctuated::<Ident, Token![,]>::parse_terminated_with(
+                    &content,
+                    syn::ext::IdentExt::parse_any,
+                )?;
                 let names: Vec<Ident> = names.into_iter().collect();
                 if names.is_empty() {
                     return Err(syn::Error::new(
@@ -134,6 +142,9 @@ impl Parse for Args {
             } else if lookahead.peek(kw::store_errors) {
                 let name: kw::store_errors = input.parse()?;
                 set_once(&mut args.store_errors, name.span, name.span, "store_errors")
+            } else if lookahead.peek(kw::associated) {
+                let name: kw::associated = input.parse()?;
+                set_once(&mut args.associated, name.span, name.span, "associated")
             } else if lookahead.peek(kw::skip_none) {
                 let name: kw::skip_none = input.parse()?;
                 set_once(&mut args.skip_none, name.span, name.span, "skip_none")

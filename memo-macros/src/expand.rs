@@ -39,7 +39,11 @@ pub(crate) fn cached(args: TokenStream, item: TokenStream) -> TokenStream {
         Err(error) => return with_error(error, item.into_token_stream()),
     };
     match validate(&item, &args) {
-        Ok(params) => expand(&CachedFn { item, args, params }),
+        Ok(signature) => expand(&CachedFn {
+            item,
+            args,
+            signature,
+        }),
         Err(error) => with_error(error, item.into_token_stream()),
     }
 }
@@ -72,9 +76,45 @@ fn expand(model: &CachedFn) -> TokenStream {
         private: quote!(#krate::__private),
         output,
     };
+    if model.signature.associated {
+        return associated_fn(&names);
+    }
     let function = public_fn(&names);
     let handle = handle(&names);
     quote!(#function #handle)
+}
+
+/// A function in an `impl` block (inherent or trait): no item can be added beside it, so the
+/// run-time state is a `static` in its body, the key includes `Self` (and the receiver, unless
+/// ignored), and the body runs in a closure as for free functions. There is no handle.
+fn associated_fn(names: &Names<'_>) -> TokenStream {
+    let model = names.model;
+    let item = &model.item;
+    let private = &names.private;
+    let attrs = &item.attrs;
+    let vis = &item.vis;
+    let mut sig = item.sig.clone();
+    let receiver = sig.inputs.iter().find_map(|input| match input {
+        syn::FnArg::Receiver(receiver) => Some(receiver.clone()),
+        syn::FnArg::Typed(_) => None,
+    });
+    let inputs = bound_params(&model.signature.params);
+    let receiver_input = receiver.as_ref().map(|r| quote!(#r,));
+    sig.inputs = syn::parse_quote!(#receiver_input #(#inputs),*);
+    let memory = memory(names);
+    let key = key(names, quote!(#private::CallMode::Cached));
+    let state = function_state(names);
+    let call = compute_call(names, quote!(#private::CallMode::Cached));
+    quote! {
+        #(#attrs)*
+        #vis #sig {
+            #state
+            let __memo_function: &'static #private::CachedFunction = &__MEMO_FUNCTION;
+            #memory
+            #key
+            #call
+        }
+    }
 }
 
 /// Attributes that must also govern the generated items: conditional compilation and lints.
@@ -101,6 +141,18 @@ fn plain_params(params: &[Param]) -> Vec<TokenStream> {
         .collect()
 }
 
+/// `mut name: Type` for each parameter, as the body binds them.
+fn bound_params(params: &[Param]) -> Vec<TokenStream> {
+    params
+        .iter()
+        .map(|param| {
+            let Param { binding, ty, .. } = param;
+            let mutability = param.mutable.then(|| quote!(mut));
+            quote!(#mutability #binding: #ty)
+        })
+        .collect()
+}
+
 fn bindings(params: &[Param]) -> Vec<&syn::Ident> {
     params.iter().map(|param| &param.binding).collect()
 }
@@ -111,7 +163,7 @@ fn call_body(names: &Names<'_>, mode: &str) -> TokenStream {
     let private = &names.private;
     let name = &names.model.item.sig.ident;
     let mode = syn::Ident::new(mode, Span::call_site());
-    let args = bindings(&names.model.params);
+    let args = bindings(&names.model.signature.params);
     let turbofish = turbofish(&names.model.item.sig.generics);
     let call = quote!(#name::__memo_call #turbofish (#private::CallMode::#mode, #(#args),*));
     match names.model.item.sig.unsafety {
@@ -158,7 +210,7 @@ fn public_fn(names: &Names<'_>) -> TokenStream {
     let attrs = &item.attrs;
     let vis = &item.vis;
     let mut sig = item.sig.clone();
-    let params = plain_params(&names.model.params);
+    let params = plain_params(&names.model.signature.params);
     sig.inputs = syn::parse_quote!(#(#params),*);
     let body = call_body(names, "Cached");
     quote! {
@@ -207,11 +259,32 @@ fn key(names: &Names<'_>, mode: TokenStream) -> TokenStream {
             syn::GenericParam::Lifetime(_) => {}
         }
     }
+    if names.model.signature.associated {
+        // `A::new` and `B::new` of one module share a name: the type tells them apart.
+        parts.push(hash(
+            quote!(::core::any::type_name::<Self>()),
+            names.model.item.sig.ident.span(),
+        ));
+    }
+    if let Some(receiver) = &names.model.signature.receiver {
+        if !receiver.ignored && names.model.args.key.is_none() {
+            let span = names
+                .model
+                .item
+                .sig
+                .inputs
+                .first()
+                .map_or_else(Span::call_site, |input| input.span());
+            parts.push(hash(quote_spanned!(span=> &self), span));
+        }
+    }
     match &names.model.args.key {
         Some(expr) => parts.push(hash(quote!(&(#expr)), expr.span())),
         None => {
-            for Param { binding, ty, .. } in names.model.params.iter().filter(|p| !p.ignored) {
-                parts.push(hash(quote!(&#binding), ty.span()));
+            for Param { binding, ty, .. } in
+                names.model.signature.params.iter().filter(|p| !p.ignored)
+            {
+                parts.push(hash(quote_spanned!(ty.span()=> &#binding), ty.span()));
             }
         }
     }
@@ -253,6 +326,32 @@ fn handle(names: &Names<'_>) -> TokenStream {
     }
 }
 
+/// Runs the body (in a closure) through the cache, with `__memo_function`, `__memo_memory` and
+/// `__memo_key` in scope.
+fn compute_call(names: &Names<'_>, mode: TokenStream) -> TokenStream {
+    let private = &names.private;
+    let output = &names.output;
+    let destructure = names.model.signature.params.iter().filter_map(|param| {
+        let pattern = param.pattern.as_ref()?;
+        let binding = &param.binding;
+        Some(quote!(let #pattern = #binding;))
+    });
+    let body = &names.model.item.block.stmts;
+    let policy = policy(names);
+    quote_spanned! {output.span()=>
+        #private::CachedFunction::call::<#output, #policy, _>(
+            __memo_function,
+            __memo_memory,
+            #mode,
+            __memo_key,
+            move || -> #output {
+                #(#destructure)*
+                #(#body)*
+            },
+        )
+    }
+}
+
 /// `__memo_call`: keys the call and runs the body (in a closure) through the cache.
 fn hidden_call(names: &Names<'_>) -> TokenStream {
     let model = names.model;
@@ -264,32 +363,10 @@ fn hidden_call(names: &Names<'_>) -> TokenStream {
     let where_clause = &generics.where_clause;
     let output = &names.output;
     let lints = shared_attrs(&item.attrs, true);
-    let inputs = model.params.iter().map(|param| {
-        let Param { binding, ty, .. } = param;
-        let mutability = param.mutable.then(|| quote!(mut));
-        quote!(#mutability #binding: #ty)
-    });
-    let destructure = model.params.iter().filter_map(|param| {
-        let pattern = param.pattern.as_ref()?;
-        let binding = &param.binding;
-        Some(quote!(let #pattern = #binding;))
-    });
+    let inputs = bound_params(&model.signature.params);
     let memory = memory(names);
     let key = key(names, quote!(__memo_mode));
-    let body = &item.block.stmts;
-    let policy = policy(names);
-    let call = quote_spanned! {output.span()=>
-        #private::CachedFunction::call::<#output, #policy, _>(
-            __memo_function,
-            __memo_memory,
-            __memo_mode,
-            __memo_key,
-            move || -> #output {
-                #(#destructure)*
-                #(#body)*
-            },
-        )
-    };
+    let call = compute_call(names, quote!(__memo_mode));
     quote! {
         #[doc(hidden)]
         #[inline]
@@ -306,25 +383,34 @@ fn hidden_call(names: &Names<'_>) -> TokenStream {
     }
 }
 
-/// `__memo_function`: the function's run-time state, a `static` built from compile-time facts.
-fn function_static(names: &Names<'_>) -> TokenStream {
+/// The `static __MEMO_FUNCTION`: the function's run-time state, built from compile-time facts.
+fn function_state(names: &Names<'_>) -> TokenStream {
     let item = &names.model.item;
     let private = &names.private;
-    let vis = &item.vis;
     let name = item.sig.ident.to_string();
     let args = &names.model.args;
     let version = version_hash(item, args.version.as_deref(), &args.keying());
     let source = source_text(item);
     quote! {
+        static __MEMO_FUNCTION: #private::CachedFunction =
+            #private::CachedFunction::new(#private::FunctionDef {
+                module_path: ::core::module_path!(),
+                name: #name,
+                version: #version,
+                source: #source,
+            });
+    }
+}
+
+/// `__memo_function`: returns the function's run-time state.
+fn function_static(names: &Names<'_>) -> TokenStream {
+    let vis = &names.model.item.vis;
+    let private = &names.private;
+    let state = function_state(names);
+    quote! {
         #[doc(hidden)]
         #vis fn __memo_function() -> &'static #private::CachedFunction {
-            static __MEMO_FUNCTION: #private::CachedFunction =
-                #private::CachedFunction::new(#private::FunctionDef {
-                    module_path: ::core::module_path!(),
-                    name: #name,
-                    version: #version,
-                    source: #source,
-                });
+            #state
             &__MEMO_FUNCTION
         }
     }
@@ -341,8 +427,8 @@ fn handle_methods(names: &Names<'_>) -> TokenStream {
     let generics = &item.sig.generics;
     let where_clause = &generics.where_clause;
     let output = &names.output;
-    let params = plain_params(&model.params);
-    let all_bindings = bindings(&model.params);
+    let params = plain_params(&model.signature.params);
+    let all_bindings = bindings(&model.signature.params);
     let memory = memory(names);
     let key = key(names, quote!(#private::CallMode::Cached));
     let uncached = call_body(names, "Uncached");

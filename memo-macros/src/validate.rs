@@ -13,7 +13,31 @@ use crate::args::Args;
 pub(crate) struct CachedFn {
     pub item: ItemFn,
     pub args: Args,
+    pub signature: Checked,
+}
+
+/// What validation learned about a function's signature.
+pub(crate) struct Checked {
     pub params: Vec<Param>,
+    /// `&self` or `self`, and whether it is ignored.
+    pub receiver: Option<ReceiverUse>,
+    /// In an `impl` block (a receiver, `Self` in the code, or the `associated` option): the
+    /// whole expansion goes inside the function body.
+    pub associated: bool,
+}
+
+/// How a method takes its receiver.
+pub(crate) struct ReceiverUse {
+    pub ignored: bool,
+}
+
+/// Whether the tokens mention `Self`.
+fn mentions_self(tokens: proc_macro2::TokenStream) -> bool {
+    tokens.into_iter().any(|token| match token {
+        proc_macro2::TokenTree::Ident(ident) => ident == "Self",
+        proc_macro2::TokenTree::Group(group) => mentions_self(group.stream()),
+        _ => false,
+    })
 }
 
 /// One parameter of the function.
@@ -108,9 +132,10 @@ fn is_option(ty: &Type) -> bool {
 
 /// Checks the function and its options against what `#[cached]` supports; its parameters, or
 /// every problem.
-pub(crate) fn validate(item: &ItemFn, args: &Args) -> Result<Vec<Param>, syn::Error> {
+pub(crate) fn validate(item: &ItemFn, args: &Args) -> Result<Checked, syn::Error> {
     let mut errors = Errors::default();
     let sig = &item.sig;
+    let item_block = &item.block;
     if let Some(token) = &sig.constness {
         errors.push(
             token.span,
@@ -161,14 +186,34 @@ pub(crate) fn validate(item: &ItemFn, args: &Args) -> Result<Vec<Param>, syn::Er
             );
         }
     }
+    let ignores = |name: &str| {
+        args.ignore
+            .as_ref()
+            .is_some_and(|(_, names)| names.iter().any(|n| n == name))
+    };
     let mut params = Vec::new();
+    let mut receiver_use = None;
     for (index, input) in sig.inputs.iter().enumerate() {
         match input {
-            FnArg::Receiver(receiver) => errors.push(
-                receiver.self_token.span,
-                "#[cached] does not support methods (`self` receivers) yet: make it a free \
-                 function that takes the value as an argument",
+            FnArg::Receiver(receiver)
+                if receiver.mutability.is_some() && receiver.reference.is_some() =>
+            {
+                errors.push_spanned(
+                    receiver,
+                    "#[cached] methods cannot take `&mut self`: a cache hit would skip the \
+                     mutation. Take `&self`, or make it a function that returns the new state",
+                )
+            }
+            FnArg::Receiver(receiver) if receiver.colon_token.is_some() => errors.push_spanned(
+                receiver,
+                "#[cached] methods take `&self` or `self`; a receiver of another type \
+                 (`self: Box<Self>`, ...) is not supported",
             ),
+            FnArg::Receiver(_) => {
+                receiver_use = Some(ReceiverUse {
+                    ignored: ignores("self"),
+                });
+            }
             FnArg::Typed(typed) => {
                 TypeCheck {
                     errors: &mut errors,
@@ -186,6 +231,12 @@ pub(crate) fn validate(item: &ItemFn, args: &Args) -> Result<Vec<Param>, syn::Er
                 continue;
             }
             seen.push(name);
+            if name == "self" {
+                if receiver_use.is_none() {
+                    errors.push(name.span(), "`self` can be ignored only in a method");
+                }
+                continue;
+            }
             match params
                 .iter_mut()
                 .find(|p| p.pattern.is_none() && p.binding == *name)
@@ -213,9 +264,16 @@ pub(crate) fn validate(item: &ItemFn, args: &Args) -> Result<Vec<Param>, syn::Er
             }
         }
     }
+    let associated = receiver_use.is_some()
+        || args.associated.is_some()
+        || mentions_self(quote::quote!(#sig #item_block));
     match errors.0 {
         Some(error) => Err(error),
-        None => Ok(params),
+        None => Ok(Checked {
+            params,
+            receiver: receiver_use,
+            associated,
+        }),
     }
 }
 
