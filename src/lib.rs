@@ -33,6 +33,32 @@
 /// version, and where the cache lives.
 pub use memo_macros::cached;
 
+/// Records a helper function's version, so that `#[cached(deps(helper))]` functions see its
+/// changes: when the helper's tokens change, every cached function that names it in `deps(...)`
+/// (directly or through other tracked helpers) gets a new version. Nothing is cached.
+///
+/// ```
+/// use memo::prelude::*;
+///
+/// #[memo::track]
+/// fn normalize(x: f64) -> f64 {
+///     x / 100.0
+/// }
+///
+/// #[cached(deps(normalize))]
+/// fn score(x: f64) -> f64 {
+///     normalize(x) * 2.0
+/// }
+///
+/// # std::env::set_var("MEMO_DIR", std::env::temp_dir().join("memo-doctest-track"));
+/// assert_eq!(score(50.0), 1.0);
+/// ```
+///
+/// Options: `deps(other, ...)` for the helpers it calls in turn, `version = "..."`, and
+/// `crate = path`. It applies to free functions; a helper that is not tracked is a compile error
+/// where `deps(...)` names it.
+pub use memo_macros::track;
+
 pub use memo_runtime::{AsMemory, CacheKey, Error, Memory, Stats, MEMO_DIR, MEMO_DISABLE};
 
 /// The parallel cached map: `.par_cached_map(f)` on iterators and slices.
@@ -55,6 +81,7 @@ pub mod format {
 pub mod prelude {
     pub use crate::cached;
     pub use crate::par_map::{ParCachedMap, ParCachedMapSlice};
+    pub use crate::track;
     pub use crate::Memory;
 }
 

@@ -67,6 +67,8 @@ fn compute(x: u64) -> u64 {
 }";
 
 struct Fixture {
+    /// The package name: one per test, so that tests building at once never share a binary.
+    name: &'static str,
     dir: PathBuf,
     cache: PathBuf,
     counter: PathBuf,
@@ -74,14 +76,15 @@ struct Fixture {
 }
 
 impl Fixture {
-    fn new() -> Self {
+    fn new(name: &'static str) -> Self {
         let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-        let work = fresh_dir("invalidation");
+        let work = fresh_dir(name);
         let dir = work.join("crate");
         std::fs::create_dir_all(dir.join("src")).unwrap();
         let manifest =
             std::fs::read_to_string(root.join("tests/fixtures/invalidation/Cargo.toml.in"))
                 .unwrap()
+                .replace("@NAME@", name)
                 .replace(
                     "@MEMO_PATH@",
                     &root.display().to_string().replace('\\', "/"),
@@ -90,6 +93,7 @@ impl Fixture {
         // The workspace's lock file: the same dependency versions, nothing to resolve.
         std::fs::copy(root.join("Cargo.lock"), dir.join("Cargo.lock")).unwrap();
         Fixture {
+            name,
             dir,
             cache: work.join("cache"),
             counter: work.join("counter"),
@@ -118,7 +122,8 @@ impl Fixture {
             String::from_utf8_lossy(&build.stderr)
         );
         let binary = self.target.join("debug").join(format!(
-            "memo-fixture-invalidation{}",
+            "{}{}",
+            self.name,
             std::env::consts::EXE_SUFFIX
         ));
         let run = Command::new(binary)
@@ -142,10 +147,8 @@ impl Fixture {
 
     /// The version folders of the fixture's function, with their `source.rs`.
     fn versions(&self) -> Vec<(String, String)> {
-        let function = self
-            .cache
-            .join("v1")
-            .join("memo_fixture_invalidation.compute");
+        let crate_name = self.name.replace('-', "_");
+        let function = self.cache.join("v1").join(format!("{crate_name}.compute"));
         let mut versions: Vec<(String, String)> = std::fs::read_dir(&function)
             .unwrap()
             .flatten()
@@ -161,7 +164,7 @@ impl Fixture {
 
 #[test]
 fn only_token_changes_make_a_new_version_and_old_versions_come_back() {
-    let fixture = Fixture::new();
+    let fixture = Fixture::new("memo-fixture-invalidation");
 
     assert_eq!(fixture.run(V1), 49);
     assert_eq!(fixture.computations(), 1, "first build computes");
@@ -206,4 +209,63 @@ fn only_token_changes_make_a_new_version_and_old_versions_come_back() {
     assert!(versions
         .iter()
         .all(|(name, s)| name.len() == 16 && s.contains("fn compute(x: u64) -> u64")));
+}
+
+/// A cached function that depends on a tracked helper, which depends on another.
+fn with_helpers(helper_body: &str, inner_body: &str) -> String {
+    format!(
+        "#[memo::track]
+fn inner(x: u64) -> u64 {{
+    {inner_body}
+}}
+
+#[memo::track(deps(inner))]
+fn helper(x: u64) -> u64 {{
+    {helper_body}
+}}
+
+#[cached(deps(helper))]
+fn compute(x: u64) -> u64 {{
+    count();
+    helper(x) * x
+}}"
+    )
+}
+
+#[test]
+fn a_changed_dependency_makes_a_new_version() {
+    let fixture = Fixture::new("memo-fixture-dependencies");
+    let d1 = with_helpers("inner(x) + 1", "x");
+    assert_eq!(fixture.run(&d1), 56);
+    assert_eq!(fixture.run(&d1), 56);
+    assert_eq!(fixture.computations(), 1);
+
+    let cosmetic = with_helpers("// one more\n    inner( x )+1", "x");
+    assert_eq!(fixture.run(&cosmetic), 56);
+    assert_eq!(
+        fixture.computations(),
+        1,
+        "a comment in a helper changes nothing"
+    );
+
+    assert_eq!(fixture.run(&with_helpers("inner(x) + 2", "x")), 63);
+    assert_eq!(
+        fixture.computations(),
+        2,
+        "a changed helper makes a new version"
+    );
+
+    assert_eq!(fixture.run(&with_helpers("inner(x) + 1", "x * 1")), 56);
+    assert_eq!(
+        fixture.computations(),
+        3,
+        "a changed helper of a helper does too (transitively)"
+    );
+
+    assert_eq!(fixture.run(&d1), 56);
+    assert_eq!(
+        fixture.computations(),
+        3,
+        "switching back serves the first version"
+    );
 }

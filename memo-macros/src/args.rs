@@ -14,6 +14,7 @@ mod kw {
     syn::custom_keyword!(store_errors);
     syn::custom_keyword!(skip_none);
     syn::custom_keyword!(associated);
+    syn::custom_keyword!(deps);
 }
 
 /// What `#[cached(...)]` was given.
@@ -36,6 +37,8 @@ pub(crate) struct Args {
     /// `associated`: the function is in an `impl` block though it mentions neither `self` nor
     /// `Self`.
     pub associated: Option<Span>,
+    /// `deps(a, m::b)`: tracked functions whose versions are folded into this one's.
+    pub deps: Option<(Span, Vec<Path>)>,
 }
 
 impl Args {
@@ -60,7 +63,8 @@ impl Args {
 }
 
 const OPTIONS: &str = "`version = \"...\"`, `memory = EXPR`, `crate = path`, `ignore(arg, ...)`, \
-                       `key = EXPR`, `store_errors`, `skip_none` and `associated`";
+                       `key = EXPR`, `deps(function, ...)`, `store_errors`, `skip_none` and \
+                       `associated`";
 
 /// Consumes the `=` after an option's name, or says at the name what the option needs.
 fn equals(input: ParseStream<'_>, span: Span, form: &str) -> syn::Result<()> {
@@ -142,6 +146,16 @@ impl Parse for Args {
             } else if lookahead.peek(kw::store_errors) {
                 let name: kw::store_errors = input.parse()?;
                 set_once(&mut args.store_errors, name.span, name.span, "store_errors")
+            } else if lookahead.peek(kw::deps) {
+                let name: kw::deps = input.parse()?;
+                let content;
+                syn::parenthesized!(content in input);
+                let paths = Punctuated::<Path, Token![,]>::parse_terminated_with(
+                    &content,
+                    Path::parse_mod_style,
+                )?;
+                let paths: Vec<Path> = paths.into_iter().collect();
+                set_once(&mut args.deps, (name.span, paths), name.span, "deps")
             } else if lookahead.peek(kw::associated) {
                 let name: kw::associated = input.parse()?;
                 set_once(&mut args.associated, name.span, name.span, "associated")

@@ -81,7 +81,10 @@ fn expand(model: &CachedFn) -> TokenStream {
     }
     let function = public_fn(&names);
     let handle = handle(&names);
-    quote!(#function #handle)
+    let args = &model.args;
+    let own = version_hash(&model.item, args.version.as_deref(), &args.keying());
+    let node = node_fn(&names.private, &model.item, &own, args.deps.as_ref());
+    quote!(#function #handle #node)
 }
 
 /// A function in an `impl` block (inherent or trait): no item can be added beside it, so the
@@ -118,7 +121,7 @@ fn associated_fn(names: &Names<'_>) -> TokenStream {
 }
 
 /// Attributes that must also govern the generated items: conditional compilation and lints.
-fn shared_attrs(attrs: &[Attribute], lints: bool) -> Vec<&Attribute> {
+pub(crate) fn shared_attrs(attrs: &[Attribute], lints: bool) -> Vec<&Attribute> {
     attrs
         .iter()
         .filter(|attr| {
@@ -391,6 +394,7 @@ fn function_state(names: &Names<'_>) -> TokenStream {
     let args = &names.model.args;
     let version = version_hash(item, args.version.as_deref(), &args.keying());
     let source = source_text(item);
+    let deps = dep_nodes(private, args.deps.as_ref());
     quote! {
         static __MEMO_FUNCTION: #private::CachedFunction =
             #private::CachedFunction::new(#private::FunctionDef {
@@ -398,7 +402,51 @@ fn function_state(names: &Names<'_>) -> TokenStream {
                 name: #name,
                 version: #version,
                 source: #source,
+                deps: #deps,
             });
+    }
+}
+
+/// The `deps(...)` functions as a static slice of their node functions: `m::helper` becomes
+/// `m::__memo_node_helper`, spanned at the user's name so that an untracked dependency is
+/// reported there.
+fn dep_nodes(private: &TokenStream, deps: Option<&(Span, Vec<syn::Path>)>) -> TokenStream {
+    let nodes = deps.into_iter().flat_map(|(_, paths)| paths).map(|path| {
+        let mut node = path.clone();
+        if let Some(last) = node.segments.last_mut() {
+            last.ident =
+                quote::format_ident!("__memo_node_{}", last.ident, span = last.ident.span());
+        }
+        quote_spanned!(path.span()=> #node as fn() -> &'static #private::DepNode)
+    });
+    quote!(&[#(#nodes),*])
+}
+
+/// `__memo_node_<name>`: the function's node for the functions that name it in `deps(...)`.
+pub(crate) fn node_fn(
+    private: &TokenStream,
+    item: &ItemFn,
+    own: &str,
+    deps: Option<&(Span, Vec<syn::Path>)>,
+) -> TokenStream {
+    let vis = &item.vis;
+    let name = &item.sig.ident;
+    let node = quote::format_ident!("__memo_node_{}", name);
+    let label = name.to_string();
+    let deps = dep_nodes(private, deps);
+    let cfgs = shared_attrs(&item.attrs, false);
+    quote! {
+        #(#cfgs)*
+        #[doc(hidden)]
+        #[allow(non_snake_case, dead_code)]
+        #vis fn #node() -> &'static #private::DepNode {
+            static __MEMO_NODE: #private::DepNode = #private::DepNode {
+                name: ::core::concat!(::core::module_path!(), "::", #label),
+                own: #own,
+                deps: #deps,
+            };
+            &__MEMO_NODE
+        }
     }
 }
 
@@ -452,7 +500,8 @@ fn handle_methods(names: &Names<'_>) -> TokenStream {
          `None` when its cache is disabled."
     ));
     let version_doc = doc(format!(
-        "The version hash of [`{name}`](fn@{name}): BLAKE3 of its tokens, 64 hex digits."
+        "The version hash of [`{name}`](fn@{name}): BLAKE3 of its tokens and of its \
+         dependencies' versions, 64 hex digits."
     ));
     quote! {
         #clear_doc
@@ -489,7 +538,7 @@ fn handle_methods(names: &Names<'_>) -> TokenStream {
 
         #version_doc
         #vis fn version() -> &'static str {
-            Self::__memo_function().def().version
+            Self::__memo_function().version()
         }
     }
 }

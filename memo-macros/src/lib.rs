@@ -7,6 +7,7 @@
 
 mod args;
 mod expand;
+mod track;
 mod validate;
 mod version;
 
@@ -16,4 +17,10 @@ use proc_macro::TokenStream;
 #[proc_macro_attribute]
 pub fn cached(args: TokenStream, item: TokenStream) -> TokenStream {
     expand::cached(args.into(), item.into()).into()
+}
+
+/// Records a helper's version for `#[cached(deps(helper))]`; see the `memo` crate.
+#[proc_macro_attribute]
+pub fn track(args: TokenStream, item: TokenStream) -> TokenStream {
+    track::track(args.into(), item.into()).into()
 }

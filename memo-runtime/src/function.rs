@@ -8,6 +8,7 @@ use std::time::{Instant, SystemTime};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use crate::deps::{combined_version, DepNode};
 use crate::entry::{self, CorruptEntry};
 use crate::error::Error;
 use crate::flight::{Claim, Payload};
@@ -30,6 +31,8 @@ pub struct FunctionDef {
     pub version: &'static str,
     /// The function's source as compiled (formatted, without comments and doc comments).
     pub source: &'static str,
+    /// The functions it declares with `deps(...)`; their versions are folded into its own.
+    pub deps: &'static [fn() -> &'static DepNode],
 }
 
 /// What a `#[cached]` function may return: serializable both ways.
@@ -140,6 +143,7 @@ pub enum CallMode {
 pub struct CachedFunction {
     def: FunctionDef,
     names: OnceLock<Names>,
+    version: OnceLock<String>,
     write_warned: AtomicBool,
 }
 
@@ -155,6 +159,7 @@ impl CachedFunction {
         CachedFunction {
             def,
             names: OnceLock::new(),
+            version: OnceLock::new(),
             write_warned: AtomicBool::new(false),
         }
     }
@@ -172,6 +177,12 @@ impl CachedFunction {
         })
     }
 
+    /// The function's version: its own hash, with its dependencies' folded in (64 hex digits).
+    pub fn version(&self) -> &str {
+        self.version
+            .get_or_init(|| combined_version(self.def.version, self.def.deps))
+    }
+
     /// The function's path, e.g. `my_crate::physics::simulate`.
     pub fn identity(&self) -> &str {
         &self.names().identity
@@ -181,7 +192,7 @@ impl CachedFunction {
     pub fn location(&self, memory: &Memory) -> Option<PathBuf> {
         memory
             .store()
-            .map(|store| store.version_location(&self.names().dir, self.def.version))
+            .map(|store| store.version_location(&self.names().dir, self.version()))
     }
 
     /// Hashes a call's arguments into its key. `None` when the cache is not used for this call:
@@ -196,7 +207,7 @@ impl CachedFunction {
         if mode == CallMode::Uncached || memory.store().is_none() {
             return None;
         }
-        let mut hasher = ArgsHasher::new(self.identity(), self.def.version);
+        let mut hasher = ArgsHasher::new(self.identity(), self.version());
         args(&mut hasher);
         match hasher.finish() {
             Ok(key) => Some(key),
@@ -336,7 +347,7 @@ impl CachedFunction {
     fn address<'a>(&'a self, key: &'a CacheKey) -> EntryAddress<'a> {
         EntryAddress {
             function: &self.names().dir,
-            version: self.def.version,
+            version: self.version(),
             key,
         }
     }
@@ -448,11 +459,11 @@ impl CachedFunction {
             let text = format!(
                 "// memo: source of `{}`, version {}\n{}",
                 self.identity(),
-                self.def.version,
+                self.version(),
                 self.def.source
             );
-            store.save_source(&self.names().dir, self.def.version, &text)?;
-            memory.clean_in_background(&self.names().dir, self.def.version);
+            store.save_source(&self.names().dir, self.version(), &text)?;
+            memory.clean_in_background(&self.names().dir, self.version());
         }
         Ok(())
     }
