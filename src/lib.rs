@@ -24,10 +24,19 @@
 /// - `memory = EXPR`: the [`Memory`] to use instead of [`Memory::global`]; `EXPR` is evaluated
 ///   at each call in the function's scope (typically a `static` `LazyLock<Memory>`).
 /// - `crate = path`: where memo is, for crates that rename or re-export it (default `::memo`).
+/// - `ignore(a, b)`: arguments left out of the key (they need not be `Serialize`); `ignore(self)`
+///   in methods.
+/// - `key = EXPR`: the key is this expression over the arguments instead of the arguments.
+/// - `deps(f, m::g)`: functions marked [`track`] (or `#[cached]`) whose changes make a new version.
+/// - `store_errors`: for a function returning `Result`, store `Err` values too (by default only
+///   `Ok` values are stored). `skip_none`: for one returning `Option`, do not store `None`.
+/// - `associated`: the function is in an `impl` block though it mentions neither `self` nor
+///   `Self` (functions with a receiver or `Self` are recognised by themselves).
 ///
 /// The attribute also defines a struct with the function's name whose associated functions
 /// control its cache: `f::clear()`, `f::is_cached(args)`, `f::call_uncached(args)`,
 /// `f::recompute(args)`, `f::location()` and `f::version()`.
+/// (Not for functions in `impl` blocks, where no item can be added beside them.)
 ///
 /// See the [crate documentation](crate) for the rules: what is part of a key, what makes a new
 /// version, and where the cache lives.
