@@ -169,8 +169,12 @@ fn call_body(names: &Names<'_>, mode: &str) -> TokenStream {
     let args = bindings(&names.model.signature.params);
     let turbofish = turbofish(&names.model.item.sig.generics);
     let call = quote!(#name::__memo_call #turbofish (#private::CallMode::#mode, #(#args),*));
-    match names.model.item.sig.unsafety {
+    let call = match names.model.item.sig.unsafety {
         Some(_) => quote!(unsafe { #call }),
+        None => call,
+    };
+    match names.model.item.sig.asyncness {
+        Some(_) => quote!(#call.await),
         None => call,
     }
 }
@@ -341,6 +345,21 @@ fn compute_call(names: &Names<'_>, mode: TokenStream) -> TokenStream {
     });
     let body = &names.model.item.block.stmts;
     let policy = policy(names);
+    if names.model.item.sig.asyncness.is_some() {
+        return quote_spanned! {output.span()=>
+            #private::CachedFunction::call_async::<#output, #policy, _>(
+                __memo_function,
+                __memo_memory,
+                #mode,
+                __memo_key,
+                async move {
+                    #(#destructure)*
+                    #(#body)*
+                },
+            )
+            .await
+        };
+    }
     quote_spanned! {output.span()=>
         #private::CachedFunction::call::<#output, #policy, _>(
             __memo_function,
@@ -362,6 +381,7 @@ fn hidden_call(names: &Names<'_>) -> TokenStream {
     let private = &names.private;
     let vis = &item.vis;
     let unsafety = &item.sig.unsafety;
+    let asyncness = &item.sig.asyncness;
     let generics = &item.sig.generics;
     let where_clause = &generics.where_clause;
     let output = &names.output;
@@ -374,7 +394,7 @@ fn hidden_call(names: &Names<'_>) -> TokenStream {
         #[doc(hidden)]
         #[inline]
         #(#lints)*
-        #vis #unsafety fn __memo_call #generics (
+        #vis #unsafety #asyncness fn __memo_call #generics (
             __memo_mode: #private::CallMode,
             #(#inputs),*
         ) -> #output #where_clause {
@@ -472,6 +492,7 @@ fn handle_methods(names: &Names<'_>) -> TokenStream {
     let vis = &item.vis;
     let name = &item.sig.ident;
     let unsafety = &item.sig.unsafety;
+    let asyncness = &item.sig.asyncness;
     let generics = &item.sig.generics;
     let where_clause = &generics.where_clause;
     let output = &names.output;
@@ -521,12 +542,12 @@ fn handle_methods(names: &Names<'_>) -> TokenStream {
         }
 
         #uncached_doc
-        #vis #unsafety fn call_uncached #generics (#(#params),*) -> #output #where_clause {
+        #vis #unsafety #asyncness fn call_uncached #generics (#(#params),*) -> #output #where_clause {
             #uncached
         }
 
         #refresh_doc
-        #vis #unsafety fn recompute #generics (#(#params),*) -> #output #where_clause {
+        #vis #unsafety #asyncness fn recompute #generics (#(#params),*) -> #output #where_clause {
             #refresh
         }
 

@@ -142,9 +142,6 @@ pub(crate) fn validate(item: &ItemFn, args: &Args) -> Result<Checked, syn::Error
             "a `const fn` cannot be #[cached]: remove `const`",
         );
     }
-    if let Some(token) = &sig.asyncness {
-        errors.push(token.span, "#[cached] does not support `async fn` yet");
-    }
     if let Some(variadic) = &sig.variadic {
         errors.push(variadic.span(), "variadic functions cannot be #[cached]");
     }

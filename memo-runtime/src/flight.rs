@@ -2,7 +2,10 @@
 //! others wait for its result instead of computing it again.
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::task::{Context, Poll, Waker};
 use std::thread::{self, ThreadId};
 
 use crate::key::CacheKey;
@@ -22,6 +25,8 @@ struct Flight {
     owner: ThreadId,
     state: Mutex<State>,
     finished: Condvar,
+    /// Tasks of `async` callers waiting for it; registered while holding `state`.
+    wakers: Mutex<Vec<Waker>>,
 }
 
 /// The keys being computed in this process right now.
@@ -60,6 +65,7 @@ impl InFlight {
                         owner: me,
                         state: Mutex::new(State::Running),
                         finished: Condvar::new(),
+                        wakers: Mutex::new(Vec::new()),
                     });
                     flights.insert(key, Arc::clone(&flight));
                     return Claim::Owner(FlightGuard {
@@ -87,6 +93,63 @@ impl InFlight {
     }
 }
 
+/// The outcome of [`InFlight::claim_async`].
+pub(crate) enum AsyncClaim<'a> {
+    /// This task computes the key; it must call [`FlightGuard::finish`].
+    Owner(FlightGuard<'a>),
+    /// Another caller computes it: await its payload (`None`: look again, then compute).
+    Wait(FlightWait),
+}
+
+impl InFlight {
+    /// [`InFlight::claim`] for `async` callers: waiting is a future, never a blocked thread. A
+    /// task has no thread of its own, so there is no re-entrance check.
+    pub(crate) fn claim_async(&self, key: CacheKey) -> AsyncClaim<'_> {
+        let mut flights = lock(&self.flights);
+        if let Some(flight) = flights.get(&key) {
+            return AsyncClaim::Wait(FlightWait {
+                flight: Arc::clone(flight),
+            });
+        }
+        let flight = Arc::new(Flight {
+            owner: thread::current().id(),
+            state: Mutex::new(State::Running),
+            finished: Condvar::new(),
+            wakers: Mutex::new(Vec::new()),
+        });
+        flights.insert(key, Arc::clone(&flight));
+        AsyncClaim::Owner(FlightGuard {
+            set: self,
+            key,
+            flight,
+            finished: false,
+        })
+    }
+}
+
+/// Resolves when a flight finishes, with its payload.
+pub(crate) struct FlightWait {
+    flight: Arc<Flight>,
+}
+
+impl Future for FlightWait {
+    type Output = Option<Payload>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Payload>> {
+        let state = lock(&self.flight.state);
+        match &*state {
+            // Registered while `state` is held: `settle` sets the state first, then wakes, so the
+            // wake-up cannot be missed.
+            State::Running => {
+                lock(&self.flight.wakers).push(cx.waker().clone());
+                Poll::Pending
+            }
+            State::Done(payload) => Poll::Ready(payload.clone()),
+            State::Abandoned => Poll::Ready(None),
+        }
+    }
+}
+
 /// Held by the thread computing a key; wakes the waiters when finished or dropped (a panic).
 pub(crate) struct FlightGuard<'a> {
     set: &'a InFlight,
@@ -105,6 +168,10 @@ impl FlightGuard<'_> {
         lock(&self.set.flights).remove(&self.key);
         *lock(&self.flight.state) = outcome;
         self.flight.finished.notify_all();
+        let wakers = std::mem::take(&mut *lock(&self.flight.wakers));
+        for waker in wakers {
+            waker.wake();
+        }
     }
 }
 

@@ -1,9 +1,10 @@
 //! One cached function at run time: keying a call, looking it up, computing and storing it.
 
+use std::future::Future;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -11,9 +12,9 @@ use serde::Serialize;
 use crate::deps::{combined_version, DepNode};
 use crate::entry::{self, CorruptEntry};
 use crate::error::Error;
-use crate::flight::{Claim, Payload};
+use crate::flight::{AsyncClaim, Claim, Payload};
 use crate::key::{ArgsHasher, CacheKey};
-use crate::lock::Acquired;
+use crate::lock::{Acquired, KeyLock};
 use crate::log;
 use crate::memory::{Counters, Memory};
 use crate::probe;
@@ -115,6 +116,52 @@ impl<T: CacheValue> StorePolicy<Option<T>> for SomeOnly {
 /// Adds one argument to a call's key.
 pub fn hash_arg<T: CacheArg + ?Sized>(hasher: &mut ArgsHasher, value: &T) {
     hasher.arg(value);
+}
+
+/// Writes a version's source file (when given) and an entry.
+fn write_entry(
+    store: &dyn Store,
+    at: &EntryAddress<'_>,
+    source: Option<&str>,
+    header: &[u8],
+    payload: &[u8],
+) -> Result<(), Error> {
+    if let Some(text) = source {
+        store.save_source(at.function, at.version, text)?;
+    }
+    store.write(at, header, payload)
+}
+
+/// What [`read_stored`] found.
+enum Stored<R> {
+    Hit(R, Duration),
+    Absent,
+    OtherVersion(u16),
+    Broken(Error),
+}
+
+/// Reads, verifies and decodes one entry; reports nothing, so it can run on any thread.
+fn read_stored<R: DeserializeOwned>(store: &dyn Store, at: &EntryAddress<'_>) -> Stored<R> {
+    let bytes = match store.read(at) {
+        Ok(Some(bytes)) => bytes,
+        Ok(None) => return Stored::Absent,
+        Err(error) => return Stored::Broken(error),
+    };
+    match entry::decode(&bytes, at.key) {
+        Ok((header, payload)) => match rmp_serde::from_slice(payload) {
+            Ok(value) => Stored::Hit(value, header.duration),
+            Err(error) => Stored::Broken(Error::Decode {
+                path: store.describe(at),
+                type_name: std::any::type_name::<R>(),
+                message: error.to_string(),
+            }),
+        },
+        Err(CorruptEntry::OtherVersion { found }) => Stored::OtherVersion(found),
+        Err(reason) => Stored::Broken(Error::Corrupt {
+            path: store.describe(at),
+            reason,
+        }),
+    }
 }
 
 /// What a look-up found.
@@ -280,25 +327,8 @@ impl CachedFunction {
                 Claim::Owner(flight) => {
                     // This thread computes the key for the process; now for all processes.
                     let mut may_be_stored = absent;
-                    let lock = match store.lock(&at, memory.lock_timeout_value()) {
-                        Ok(Acquired::Lock { lock, waited }) => {
-                            may_be_stored |= waited;
-                            Some(lock)
-                        }
-                        Ok(Acquired::TimedOut) => {
-                            log::warn(&format!(
-                                "`{}`: another process has been computing the same call for longer \
-                                 than the lock timeout; computing it here too",
-                                self.identity()
-                            ));
-                            may_be_stored = true;
-                            None
-                        }
-                        Err(error) => {
-                            self.write_problem(memory, error);
-                            None
-                        }
-                    };
+                    let acquired = store.lock(&at, memory.lock_timeout_value());
+                    let lock = self.take_lock(memory, acquired, &mut may_be_stored);
                     // Another thread or process may have stored the value meanwhile.
                     if mode == CallMode::Cached && may_be_stored {
                         if let Lookup::Hit(value) = self.lookup(memory, store, &at) {
@@ -322,6 +352,178 @@ impl CachedFunction {
                 }
             }
         }
+    }
+
+    /// [`CachedFunction::call`] for `async fn`: the same cache, never blocking the executor.
+    /// Reading and decoding an entry, writing one, and waiting for another process's lock run on
+    /// a thread pool of their own (the `blocking` crate, which works under any executor);
+    /// simultaneous misses on one key in this process await the first computation.
+    pub async fn call_async<R, P, Fut>(
+        &self,
+        memory: &Memory,
+        mode: CallMode,
+        key: Option<CacheKey>,
+        compute: Fut,
+    ) -> R
+    where
+        P: StorePolicy<R>,
+        P::Stored: Send + 'static,
+        Fut: Future<Output = R>,
+    {
+        probe::record_call();
+        let (Some(key), Some(store)) = (key, memory.store_arc()) else {
+            return compute.await;
+        };
+        let mut absent = true;
+        if mode == CallMode::Cached {
+            match self.lookup_async::<P::Stored>(memory, &store, key).await {
+                Lookup::Hit(value) => return P::rebuild(value),
+                Lookup::Absent => {}
+                Lookup::Broken => absent = false,
+            }
+        }
+        loop {
+            match memory.flights.claim_async(key) {
+                AsyncClaim::Wait(wait) => {
+                    if let Some(payload) = wait.await {
+                        let at = self.address(&key);
+                        if let Some(value) = self.decode_payload(memory, &*store, &at, &payload) {
+                            Counters::bump(&memory.counters.hits);
+                            return P::rebuild(value);
+                        }
+                    } else if mode == CallMode::Cached {
+                        absent = false;
+                        if let Lookup::Hit(value) = self.lookup_async(memory, &store, key).await {
+                            return P::rebuild(value);
+                        }
+                    }
+                }
+                AsyncClaim::Owner(flight) => {
+                    let mut may_be_stored = absent;
+                    let (dir, version) = self.owned_address();
+                    let timeout = memory.lock_timeout_value();
+                    let locking = Arc::clone(&store);
+                    let acquired = blocking::unblock(move || {
+                        let at = EntryAddress {
+                            function: &dir,
+                            version: &version,
+                            key: &key,
+                        };
+                        locking.lock(&at, timeout)
+                    })
+                    .await;
+                    let lock = self.take_lock(memory, acquired, &mut may_be_stored);
+                    if mode == CallMode::Cached && may_be_stored {
+                        if let Lookup::Hit(value) = self.lookup_async(memory, &store, key).await {
+                            drop(lock);
+                            flight.finish(None);
+                            return P::rebuild(value);
+                        }
+                    }
+                    let started = Instant::now();
+                    let value = compute.await;
+                    let duration = started.elapsed();
+                    Counters::bump(&memory.counters.misses);
+                    let payload = match P::stored(&value) {
+                        Some(stored) => {
+                            self.save_async(memory, &store, key, stored, duration).await
+                        }
+                        None => None,
+                    };
+                    drop(lock);
+                    flight.finish(payload);
+                    return value;
+                }
+            }
+        }
+    }
+
+    /// The owned parts of this function's entry addresses, for other threads.
+    fn owned_address(&self) -> (String, String) {
+        (self.names().dir.clone(), self.version().to_owned())
+    }
+
+    /// What taking the cross-process lock gave: the lock, or nothing (after reporting why).
+    fn take_lock(
+        &self,
+        memory: &Memory,
+        acquired: Result<Acquired, Error>,
+        may_be_stored: &mut bool,
+    ) -> Option<KeyLock> {
+        match acquired {
+            Ok(Acquired::Lock { lock, waited }) => {
+                *may_be_stored |= waited;
+                Some(lock)
+            }
+            Ok(Acquired::TimedOut) => {
+                log::warn(&format!(
+                    "`{}`: another process has been computing the same call for longer than the \
+                     lock timeout; computing it here too",
+                    self.identity()
+                ));
+                *may_be_stored = true;
+                None
+            }
+            Err(error) => {
+                self.write_problem(memory, error);
+                None
+            }
+        }
+    }
+
+    /// [`CachedFunction::lookup`] on the blocking thread pool.
+    async fn lookup_async<S: CacheValue + Send + 'static>(
+        &self,
+        memory: &Memory,
+        store: &Arc<dyn Store>,
+        key: CacheKey,
+    ) -> Lookup<S> {
+        let (dir, version) = self.owned_address();
+        let store = Arc::clone(store);
+        let found = blocking::unblock(move || {
+            let at = EntryAddress {
+                function: &dir,
+                version: &version,
+                key: &key,
+            };
+            read_stored::<S>(&*store, &at)
+        })
+        .await;
+        let found = self.report(memory, found);
+        if let Lookup::Hit(_) = found {
+            Counters::bump(&memory.counters.hits);
+        }
+        found
+    }
+
+    /// [`CachedFunction::save`] with the writes on the blocking thread pool (encoding stays here:
+    /// the value is borrowed).
+    async fn save_async<S: Serialize>(
+        &self,
+        memory: &Memory,
+        store: &Arc<dyn Store>,
+        key: CacheKey,
+        value: &S,
+        duration: Duration,
+    ) -> Option<Payload> {
+        let payload = self.encode(memory, value)?;
+        let source = self.source_to_save(memory);
+        let first = source.is_some();
+        let (dir, version) = self.owned_address();
+        let header = entry::encode_header(&key, SystemTime::now(), duration, &payload);
+        let writing = Arc::clone(&payload);
+        let writer = Arc::clone(store);
+        let result = blocking::unblock(move || {
+            let at = EntryAddress {
+                function: &dir,
+                version: &version,
+                key: &key,
+            };
+            write_entry(&*writer, &at, source.as_deref(), &header, &writing)
+        })
+        .await;
+        self.stored(memory, result, first);
+        Some(payload)
     }
 
     /// Whether an intact entry for `key` is stored: present, of this format, for this key, with a
@@ -371,36 +573,26 @@ impl CachedFunction {
         store: &dyn Store,
         at: &EntryAddress<'_>,
     ) -> Lookup<R> {
-        let bytes = match store.read(at) {
-            Ok(Some(bytes)) => bytes,
-            Ok(None) => return Lookup::Absent,
-            Err(error) => {
-                self.problem(memory, error, RECOMPUTING);
-                return Lookup::Broken;
+        self.report(memory, read_stored(store, at))
+    }
+
+    /// Turns what [`read_stored`] found into a look-up, reporting a broken entry.
+    fn report<R>(&self, memory: &Memory, found: Stored<R>) -> Lookup<R> {
+        match found {
+            Stored::Hit(value, duration) => {
+                probe::record_hit(duration);
+                Lookup::Hit(value)
             }
-        };
-        let decoded = match entry::decode(&bytes, at.key) {
-            Ok((header, payload)) => {
-                let value = self.decode_payload(memory, store, at, payload);
-                if value.is_some() {
-                    probe::record_hit(header.duration);
-                }
-                value
-            }
-            Err(CorruptEntry::OtherVersion { found }) => {
+            Stored::Absent => Lookup::Absent,
+            Stored::OtherVersion(found) => {
                 // Written by another version of memo: not an error, just not ours to read.
                 tracing::debug!(target: "memo", found, "entry of another format version");
-                None
+                Lookup::Broken
             }
-            Err(reason) => {
-                let path = store.describe(at);
-                self.problem(memory, Error::Corrupt { path, reason }, RECOMPUTING);
-                None
+            Stored::Broken(error) => {
+                self.problem(memory, error, RECOMPUTING);
+                Lookup::Broken
             }
-        };
-        match decoded {
-            Some(value) => Lookup::Hit(value),
-            None => Lookup::Broken,
         }
     }
 
@@ -426,46 +618,60 @@ impl CachedFunction {
     }
 
     /// Encodes and stores a computed value; returns the payload for waiting threads.
-    fn save<R: Serialize>(
+    fn save<S: Serialize>(
         &self,
         memory: &Memory,
         store: &dyn Store,
         at: &EntryAddress<'_>,
-        value: &R,
-        duration: std::time::Duration,
+        value: &S,
+        duration: Duration,
     ) -> Option<Payload> {
-        let payload = match rmp_serde::to_vec_named(value) {
-            Ok(payload) => payload,
+        let payload = self.encode(memory, value)?;
+        let source = self.source_to_save(memory);
+        let header = entry::encode_header(at.key, SystemTime::now(), duration, &payload);
+        let result = write_entry(store, at, source.as_deref(), &header, &payload);
+        self.stored(memory, result, source.is_some());
+        Some(payload)
+    }
+
+    /// The value in the entry payload format, or `None` (reported) when it cannot be encoded.
+    fn encode<S: Serialize>(&self, memory: &Memory, value: &S) -> Option<Payload> {
+        match rmp_serde::to_vec_named(value) {
+            Ok(payload) => Some(Arc::new(payload)),
             Err(error) => {
                 let function = self.identity().to_owned();
                 let message = error.to_string();
                 self.problem(memory, Error::Encode { function, message }, NOT_CACHED);
-                return None;
+                None
             }
-        };
-        let result = self.save_source(memory, store).and_then(|()| {
-            let header = entry::encode_header(at.key, SystemTime::now(), duration, &payload);
-            store.write(at, &header, &payload)
-        });
+        }
+    }
+
+    /// The text of this version's `source.rs` when this process has not recorded it yet in
+    /// `memory`.
+    fn source_to_save(&self, memory: &Memory) -> Option<String> {
+        memory
+            .first_store_of(self as *const Self as usize)
+            .then(|| {
+                format!(
+                    "// memo: source of `{}`, version {}\n{}",
+                    self.identity(),
+                    self.version(),
+                    self.def.source
+                )
+            })
+    }
+
+    /// Counts or reports the outcome of a store; after the first store of this version in the
+    /// process, cleans what dead processes left in its folders.
+    fn stored(&self, memory: &Memory, result: Result<(), Error>, first: bool) {
         match result {
             Ok(()) => Counters::bump(&memory.counters.stores),
             Err(error) => self.write_problem(memory, error),
         }
-        Some(Arc::new(payload))
-    }
-
-    fn save_source(&self, memory: &Memory, store: &dyn Store) -> Result<(), Error> {
-        if memory.first_store_of(self as *const Self as usize) {
-            let text = format!(
-                "// memo: source of `{}`, version {}\n{}",
-                self.identity(),
-                self.version(),
-                self.def.source
-            );
-            store.save_source(&self.names().dir, self.version(), &text)?;
+        if first {
             memory.clean_in_background(&self.names().dir, self.version());
         }
-        Ok(())
     }
 
     /// A failed write: warned once per function (a read-only or full disk would otherwise warn on

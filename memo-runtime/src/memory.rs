@@ -281,6 +281,14 @@ impl Memory {
         drop(spawned);
     }
 
+    /// [`Memory::store`], shared, for work on other threads.
+    pub(crate) fn store_arc(&self) -> Option<Arc<dyn Store>> {
+        if disabled_by_env() {
+            return None;
+        }
+        self.store.clone()
+    }
+
     pub(crate) fn store(&self) -> Option<&dyn Store> {
         if disabled_by_env() {
             return None;

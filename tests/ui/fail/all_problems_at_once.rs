@@ -1,8 +1,7 @@
 use memo::prelude::*;
 
-#[cached]
-async fn f<T>(a: &mut u8, b: impl Clone, c: T) -> u8 {
-    let _ = (b, c);
+#[cached(ignore(missing))]
+const fn f(a: &mut u8, _b: impl Copy, _c: Option<&mut String>) -> u8 {
     *a
 }
 

@@ -1,11 +1,6 @@
 use memo::prelude::*;
 
 #[cached]
-async fn fetch(x: u64) -> u64 {
-    x
-}
-
-#[cached]
 const fn constant(x: u64) -> u64 {
     x
 }
