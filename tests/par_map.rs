@@ -3,14 +3,13 @@
 
 mod common;
 
-use std::io::Write;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::LazyLock;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{count_lines, entry_files, fresh_dir, Counter};
+use common::{append_line, child_test, count_lines, entry_files, fresh_dir, Counter};
 use memo::prelude::*;
 use rayon::prelude::*;
 
@@ -265,12 +264,7 @@ const CHILD_COUNTER: &str = "MEMO_TEST_RESUME_COUNTER";
 fn slow_item(x: u64) -> u64 {
     thread::sleep(Duration::from_millis(100));
     let path = std::env::var_os(CHILD_COUNTER).expect("counter file");
-    let mut file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .unwrap();
-    file.write_all(format!("{x}\n").as_bytes()).unwrap(); // one write: lines never interleave
+    append_line(std::path::Path::new(&path), &x.to_string());
     x * 3
 }
 
@@ -286,11 +280,9 @@ fn resume_child() {
 }
 
 fn child(cache: &std::path::Path, counter: &std::path::Path) -> Command {
-    let mut command = Command::new(std::env::current_exe().unwrap());
+    let mut command = child_test("resume_child");
     command
-        .args(["--exact", "resume_child", "--ignored", "--nocapture"])
         .env("MEMO_DIR", cache)
-        .env_remove("MEMO_DISABLE")
         .env(CHILD_COUNTER, counter)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());

@@ -3,11 +3,9 @@
 
 mod common;
 
-use std::io::Write;
 use std::path::Path;
-use std::process::Command;
 
-use common::{count_lines, entry_files, fresh_dir};
+use common::{append_line, child_test, count_lines, entry_files, fresh_dir};
 use memo::prelude::*;
 
 const CHILD: &str = "MEMO_TEST_CHILD_COUNTER";
@@ -15,12 +13,7 @@ const CHILD: &str = "MEMO_TEST_CHILD_COUNTER";
 /// Appends a line to the counter file named by the environment: one line per computation.
 fn count_computation() {
     let path = std::env::var_os(CHILD).expect("counter file");
-    let mut file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .unwrap();
-    file.write_all(b"computed\n").unwrap();
+    append_line(Path::new(&path), "computed");
 }
 
 #[cached]
@@ -44,12 +37,8 @@ fn child_process() {
 
 /// Runs `child_process` in a new process with the given environment changes; returns its output.
 fn run_child(counter: &Path, env: &[(&str, Option<&Path>)]) -> String {
-    let mut command = Command::new(std::env::current_exe().unwrap());
-    command
-        .args(["--exact", "child_process", "--ignored", "--nocapture"])
-        .env(CHILD, counter)
-        .env_remove("MEMO_DIR")
-        .env_remove("MEMO_DISABLE");
+    let mut command = child_test("child_process");
+    command.env(CHILD, counter);
     for (name, value) in env {
         match value {
             Some(value) => command.env(name, value),

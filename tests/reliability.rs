@@ -5,14 +5,13 @@
 
 mod common;
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::LazyLock;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{count_lines, entry_files, fresh_dir, Counter};
+use common::{append_line, child_test, count_lines, entry_files, fresh_dir, Counter};
 use memo::prelude::*;
 
 /// The children's cache: `MEMO_TEST_DIR`, with the lock timeout of `MEMO_TEST_LOCK_TIMEOUT_MS`.
@@ -31,12 +30,7 @@ fn env_path(name: &str) -> PathBuf {
 
 /// Appends a line to the counter file of the test (one line per event, atomic appends).
 fn record(line: &str) {
-    let mut file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(env_path("MEMO_TEST_COUNTER"))
-        .unwrap();
-    file.write_all(format!("{line}\n").as_bytes()).unwrap(); // one write: lines never interleave
+    append_line(&env_path("MEMO_TEST_COUNTER"), line);
 }
 
 #[cached(memory = CHILD_MEMORY)]
@@ -129,13 +123,11 @@ fn child_process() {
 
 /// A child of the given mode on `dir`, counting into `counter`.
 fn child(mode: &str, dir: &Path, counter: &Path, env: &[(&str, String)]) -> Command {
-    let mut command = Command::new(std::env::current_exe().unwrap());
+    let mut command = child_test("child_process");
     command
-        .args(["--exact", "child_process", "--ignored", "--nocapture"])
         .env("MEMO_TEST_MODE", mode)
         .env("MEMO_TEST_DIR", dir)
         .env("MEMO_TEST_COUNTER", counter)
-        .env_remove("MEMO_DISABLE")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     for (name, value) in env {

@@ -118,6 +118,23 @@ pub fn hash_arg<T: CacheArg + ?Sized>(hasher: &mut ArgsHasher, value: &T) {
     hasher.arg(value);
 }
 
+/// An [`EntryAddress`] with owned parts.
+struct OwnedAddress {
+    function: String,
+    version: String,
+    key: CacheKey,
+}
+
+impl OwnedAddress {
+    fn at(&self) -> EntryAddress<'_> {
+        EntryAddress {
+            function: &self.function,
+            version: &self.version,
+            key: &self.key,
+        }
+    }
+}
+
 /// Writes a version's source file (when given) and an entry.
 fn write_entry(
     store: &dyn Store,
@@ -400,18 +417,11 @@ impl CachedFunction {
                 }
                 AsyncClaim::Owner(flight) => {
                     let mut may_be_stored = absent;
-                    let (dir, version) = self.owned_address();
+                    let address = self.owned_address(key);
                     let timeout = memory.lock_timeout_value();
                     let locking = Arc::clone(&store);
-                    let acquired = blocking::unblock(move || {
-                        let at = EntryAddress {
-                            function: &dir,
-                            version: &version,
-                            key: &key,
-                        };
-                        locking.lock(&at, timeout)
-                    })
-                    .await;
+                    let acquired =
+                        blocking::unblock(move || locking.lock(&address.at(), timeout)).await;
                     let lock = self.take_lock(memory, acquired, &mut may_be_stored);
                     if mode == CallMode::Cached && may_be_stored {
                         if let Lookup::Hit(value) = self.lookup_async(memory, &store, key).await {
@@ -438,9 +448,13 @@ impl CachedFunction {
         }
     }
 
-    /// The owned parts of this function's entry addresses, for other threads.
-    fn owned_address(&self) -> (String, String) {
-        (self.names().dir.clone(), self.version().to_owned())
+    /// The address of an entry, owned, for work on other threads.
+    fn owned_address(&self, key: CacheKey) -> OwnedAddress {
+        OwnedAddress {
+            function: self.names().dir.clone(),
+            version: self.version().to_owned(),
+            key,
+        }
     }
 
     /// What taking the cross-process lock gave: the lock, or nothing (after reporting why).
@@ -478,17 +492,9 @@ impl CachedFunction {
         store: &Arc<dyn Store>,
         key: CacheKey,
     ) -> Lookup<S> {
-        let (dir, version) = self.owned_address();
+        let address = self.owned_address(key);
         let store = Arc::clone(store);
-        let found = blocking::unblock(move || {
-            let at = EntryAddress {
-                function: &dir,
-                version: &version,
-                key: &key,
-            };
-            read_stored::<S>(&*store, &at)
-        })
-        .await;
+        let found = blocking::unblock(move || read_stored::<S>(&*store, &address.at())).await;
         let found = self.report(memory, found);
         if let Lookup::Hit(_) = found {
             Counters::bump(&memory.counters.hits);
@@ -509,17 +515,18 @@ impl CachedFunction {
         let payload = self.encode(memory, value)?;
         let source = self.source_to_save(memory);
         let first = source.is_some();
-        let (dir, version) = self.owned_address();
+        let address = self.owned_address(key);
         let header = entry::encode_header(&key, SystemTime::now(), duration, &payload);
         let writing = Arc::clone(&payload);
         let writer = Arc::clone(store);
         let result = blocking::unblock(move || {
-            let at = EntryAddress {
-                function: &dir,
-                version: &version,
-                key: &key,
-            };
-            write_entry(&*writer, &at, source.as_deref(), &header, &writing)
+            write_entry(
+                &*writer,
+                &address.at(),
+                source.as_deref(),
+                &header,
+                &writing,
+            )
         })
         .await;
         self.stored(memory, result, first);

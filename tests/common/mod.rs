@@ -44,6 +44,29 @@ pub fn count_lines(path: &Path) -> usize {
         .unwrap_or(0)
 }
 
+/// Appends `line` to the file at `path`, in one write, so that lines appended by concurrent
+/// processes or threads never interleave.
+pub fn append_line(path: &Path, line: &str) {
+    use std::io::Write;
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .unwrap();
+    file.write_all(format!("{line}\n").as_bytes()).unwrap();
+}
+
+/// This test binary, to run only the `#[ignore]`d test `test` as a child process, with the
+/// cache settings of the environment removed.
+pub fn child_test(test: &str) -> std::process::Command {
+    let mut command = std::process::Command::new(std::env::current_exe().unwrap());
+    command
+        .args(["--exact", test, "--ignored", "--nocapture"])
+        .env_remove("MEMO_DIR")
+        .env_remove("MEMO_DISABLE");
+    command
+}
+
 /// Counts how many times a function body ran.
 pub struct Counter(AtomicUsize);
 
