@@ -68,7 +68,10 @@ pub use memo_macros::cached;
 /// where `deps(...)` names it.
 pub use memo_macros::track;
 
-pub use memo_runtime::{AsMemory, CacheKey, Error, Memory, Stats, MEMO_DIR, MEMO_DISABLE};
+pub use memo_runtime::{
+    AsMemory, CacheKey, Cleanup, EntryInfo, Error, FunctionInfo, Memory, Stats, VerifyReport,
+    VersionInfo, DEFAULT_LOCK_TIMEOUT, MEMO_DIR, MEMO_DISABLE,
+};
 
 /// The parallel cached map: `.par_cached_map(f)` on iterators and slices.
 pub mod par_map {

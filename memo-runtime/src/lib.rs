@@ -24,6 +24,7 @@ pub mod entry;
 pub mod error;
 mod flight;
 pub mod function;
+pub mod inventory;
 pub mod key;
 mod lock;
 mod log;
@@ -33,6 +34,7 @@ mod probe;
 pub mod store;
 
 pub use error::Error;
+pub use inventory::{EntryInfo, FunctionInfo, VersionInfo};
 pub use key::CacheKey;
 pub use memory::{AsMemory, Memory, Stats, DEFAULT_LOCK_TIMEOUT, MEMO_DIR, MEMO_DISABLE};
 pub use par_map::{CachedMap, ItemFailure, MapError, MapOutcome, ParCachedMap, ParCachedMapSlice};

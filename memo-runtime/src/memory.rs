@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use crate::error::Error;
 use crate::flight::InFlight;
+use crate::inventory::{EntryInfo, FunctionInfo};
 use crate::store::{Cleanup, DirStore, Store, VerifyReport};
 
 /// Temporary and lock files older than this are removed by the automatic clean-up.
@@ -246,6 +247,54 @@ impl Memory {
     pub fn clear(&self) -> Result<(), Error> {
         match &self.store {
             Some(store) => store.clear(),
+            None => Ok(()),
+        }
+    }
+
+    /// Removes the broken entries a [`Memory::verify`] report lists (each would be a miss anyway);
+    /// returns how many were removed.
+    pub fn remove_broken(&self, report: &VerifyReport) -> Result<usize, Error> {
+        let mut removed = 0;
+        for (path, _) in &report.broken {
+            match std::fs::remove_file(path) {
+                Ok(()) => removed += 1,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(Error::io("removing broken entry", path, e)),
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Every function stored in this cache, with its versions, entry counts, sizes, last use and
+    /// stored compute time, sorted by name. A disabled cache holds nothing.
+    ///
+    /// ```
+    /// let memory = memo_runtime::Memory::new(std::env::temp_dir().join("memo-doc-functions"));
+    /// for function in memory.functions().unwrap() {
+    ///     println!("{}: {} entries, {} bytes", function.name, function.entries(), function.bytes());
+    /// }
+    /// ```
+    pub fn functions(&self) -> Result<Vec<FunctionInfo>, Error> {
+        match &self.store {
+            Some(store) => store.functions(),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    /// The entries of one version of a function (names as [`Memory::functions`] gives them),
+    /// most recently used first.
+    pub fn entries(&self, function: &str, version: &str) -> Result<Vec<EntryInfo>, Error> {
+        match &self.store {
+            Some(store) => store.entries(function, version),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    /// Removes every entry of one function (a name as [`Memory::functions`] gives it), all
+    /// versions.
+    pub fn clear_function(&self, function: &str) -> Result<(), Error> {
+        match &self.store {
+            Some(store) => store.clear_function(function),
             None => Ok(()),
         }
     }

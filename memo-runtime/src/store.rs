@@ -25,6 +25,7 @@ use std::time::{Duration, SystemTime};
 
 use crate::entry::{self, HEADER_LEN};
 use crate::error::Error;
+use crate::inventory::{EntryInfo, FunctionInfo, VersionInfo};
 use crate::key::CacheKey;
 use crate::lock::{self, Acquired};
 
@@ -40,6 +41,9 @@ const TEMP_PREFIX: &str = ".tmp-";
 const LOCK_SUFFIX: &str = ".lock";
 /// Entries up to this size are read in one go; larger ones header first.
 const READ_WHOLE: u64 = 64 * 1024;
+/// A hit refreshes its entry's modification time (its "last used" time) when it is older than
+/// this: recency stays reliable (access times are often off) and cheap (no write on most hits).
+const TOUCH_AFTER: Duration = Duration::from_secs(3600);
 
 /// Where one entry lives, independent of the storage backend.
 #[derive(Debug, Clone, Copy)]
@@ -79,6 +83,10 @@ pub(crate) trait Store: Send + Sync {
     fn verify(&self) -> Result<VerifyReport, Error>;
     /// Every stored function version, as (function folder, version folder) names.
     fn versions(&self) -> Vec<(String, String)>;
+    /// What is stored: every function and version, with counts, sizes and times.
+    fn functions(&self) -> Result<Vec<FunctionInfo>, Error>;
+    /// The entries of one function version (`version`: the version folder's name).
+    fn entries(&self, function: &str, version: &str) -> Result<Vec<EntryInfo>, Error>;
     /// Removes every entry of every version of a function.
     fn clear_function(&self, function: &str) -> Result<(), Error>;
     /// Removes everything memo stored.
@@ -319,6 +327,25 @@ fn remove_dir(dir: &Path) -> Result<(), Error> {
     }
 }
 
+/// Refuses a function or version name given from outside (an inspector's argument) that is not
+/// a single plain path component: nothing may be listed or removed outside the cache folder.
+fn plain_name(name: &str) -> Result<&str, Error> {
+    let plain = !name.is_empty()
+        && name != "."
+        && name != ".."
+        && !name.contains(['/', '\\', '\0'])
+        && Path::new(name).components().count() == 1;
+    if plain {
+        Ok(name)
+    } else {
+        let error = io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a function or version name of this cache",
+        );
+        Err(Error::io("looking up", name, error))
+    }
+}
+
 /// A missing file, or a missing folder on the way (or a file where the folder should be).
 fn is_absent(error: &io::Error) -> bool {
     matches!(
@@ -346,11 +373,24 @@ fn open_entry(path: &Path) -> io::Result<File> {
 /// exactly the length it has, and then into an allocation made fallibly: a damaged or hostile
 /// header never causes a huge allocation. A file whose header does not fit its length is returned
 /// cut to its first 64 KiB, for the decoder to say what is wrong.
-fn read_entry_file(path: &Path) -> io::Result<Vec<u8>> {
+///
+/// With `touch`, a read refreshes the file's modification time when it is older than
+/// [`TOUCH_AFTER`], so that it says when the entry was last used.
+fn read_entry_file(path: &Path, touch: bool) -> io::Result<Vec<u8>> {
     let mut file = open_entry(path)?;
     let meta = file.metadata()?;
     if !meta.is_file() {
         return Err(io::Error::other("not a regular file"));
+    }
+    if touch {
+        let now = SystemTime::now();
+        let stale = meta
+            .modified()
+            .is_ok_and(|t| now.duration_since(t).unwrap_or_default() > TOUCH_AFTER);
+        if stale {
+            // Best effort: an entry whose time cannot be set is simply older for eviction.
+            let _ = file.set_modified(now);
+        }
     }
     let len = meta.len();
     let whole = if len <= READ_WHOLE {
@@ -379,7 +419,7 @@ fn read_entry_file(path: &Path) -> io::Result<Vec<u8>> {
 /// Checks an entry file against the key its name gives.
 fn verify_entry(path: &Path, name: &str) -> Result<(), String> {
     let key = decode_hex_key(name).ok_or_else(|| "not an entry file name".to_owned())?;
-    let bytes = read_entry_file(path).map_err(|e| e.to_string())?;
+    let bytes = read_entry_file(path, false).map_err(|e| e.to_string())?;
     entry::decode(&bytes, &key)
         .map(|_| ())
         .map_err(|e| e.to_string())
@@ -410,7 +450,7 @@ impl Store for DirStore {
         if let Some(dir) = path.parent() {
             self.check_no_links(dir)?;
         }
-        match read_entry_file(&path) {
+        match read_entry_file(&path, true) {
             Ok(bytes) => Ok(Some(bytes)),
             Err(e) if is_absent(&e) => Ok(None),
             Err(e) => Err(Error::io("reading cache entry", path, e)),
@@ -480,6 +520,79 @@ impl Store for DirStore {
             .collect()
     }
 
+    fn functions(&self) -> Result<Vec<FunctionInfo>, Error> {
+        let mut functions: Vec<FunctionInfo> = Vec::new();
+        for (function, version) in self.versions() {
+            let entries = self.entries(&function, &version)?;
+            let source =
+                fs::read_to_string(self.version_dir(&function, &version).join(SOURCE_FILE));
+            let full_version = source.ok().and_then(|text| {
+                let first = text.lines().next()?;
+                Some(first.rsplit(' ').next()?.to_owned())
+            });
+            let info = VersionInfo {
+                version,
+                full_version,
+                entries: entries.len(),
+                bytes: entries.iter().map(|e| e.size).sum(),
+                last_used: entries.iter().map(|e| e.last_used).max(),
+                compute_time: entries.iter().map(|e| e.duration).sum(),
+            };
+            match functions.iter_mut().find(|f| f.name == function) {
+                Some(known) => known.versions.push(info),
+                None => functions.push(FunctionInfo {
+                    name: function,
+                    versions: vec![info],
+                }),
+            }
+        }
+        for function in &mut functions {
+            function.versions.sort_by(|a, b| {
+                b.last_used
+                    .cmp(&a.last_used)
+                    .then(a.version.cmp(&b.version))
+            });
+        }
+        functions.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(functions)
+    }
+
+    fn entries(&self, function: &str, version: &str) -> Result<Vec<EntryInfo>, Error> {
+        let (function, version) = (plain_name(function)?, plain_name(version)?);
+        let mut entries = Vec::new();
+        for shard in Self::shards(&self.version_dir(function, version)) {
+            let read =
+                fs::read_dir(&shard).map_err(|e| Error::io("listing cache folder", &shard, e))?;
+            for item in read.flatten() {
+                let name = item.file_name().to_string_lossy().into_owned();
+                if decode_hex_key(&name).is_none() {
+                    continue;
+                }
+                let path = item.path();
+                let Ok(meta) = item.metadata() else {
+                    continue;
+                };
+                let mut header = [0u8; HEADER_LEN];
+                let decoded = File::open(&path)
+                    .and_then(|mut f| f.read_exact(&mut header))
+                    .ok()
+                    .and_then(|()| entry::decode_header(&header).ok());
+                let last_used = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
+                entries.push(EntryInfo {
+                    key: name,
+                    path,
+                    created: decoded.map_or(SystemTime::UNIX_EPOCH, |h| h.created),
+                    last_used,
+                    duration: decoded.map_or(Duration::ZERO, |h| h.duration),
+                    size: meta.len(),
+                    readable: decoded.is_some(),
+                });
+            }
+        }
+        entries.sort_by(|a, b| b.last_used.cmp(&a.last_used).then(a.key.cmp(&b.key)));
+        Ok(entries)
+    }
+
     fn verify(&self) -> Result<VerifyReport, Error> {
         let mut report = VerifyReport::default();
         for version_dir in self.version_dirs() {
@@ -521,7 +634,7 @@ impl Store for DirStore {
     }
 
     fn clear_function(&self, function: &str) -> Result<(), Error> {
-        remove_dir(&self.base.join(function))
+        remove_dir(&self.base.join(plain_name(function)?))
     }
 
     fn clear(&self) -> Result<(), Error> {
@@ -532,6 +645,20 @@ impl Store for DirStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn names_from_outside_cannot_leave_the_cache_folder() {
+        for bad in ["", ".", "..", "../x", "a/b", "/etc", "a\\b", "a\0b"] {
+            assert!(plain_name(bad).is_err(), "{bad:?}");
+        }
+        assert!(plain_name("my_crate.physics.simulate").is_ok());
+        let outside = tempfile::tempdir().unwrap();
+        let victim = outside.path().join("victim");
+        std::fs::create_dir(&victim).unwrap();
+        let store = DirStore::new(outside.path().join("cache"));
+        assert!(store.clear_function("../../victim").is_err());
+        assert!(victim.exists());
+    }
 
     #[test]
     fn function_dir_names_are_readable_and_injective() {

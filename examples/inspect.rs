@@ -1,0 +1,399 @@
+//! The cache inspector: what a memo cache holds.
+//!
+//! ```sh
+//! cargo run --example inspect -- ls                    # one row per function
+//! cargo run --example inspect -- show my_function      # its versions and entries
+//! cargo run --example inspect -- source my_function    # the source of its latest version
+//! cargo run --example inspect -- stats                 # totals
+//! cargo run --example inspect -- verify [--fix]        # check every entry
+//! cargo run --example inspect -- clear [my_function]   # remove (asks first, unless --yes)
+//! ```
+//!
+//! Every command takes `--dir DIR` (default: `MEMO_DIR`, else memo's default location) and
+//! `--json` for scripts. A function is named by its full name as `ls` shows it
+//! (`crate.module.function`) or by any unambiguous end of it (`function`, `module.function`).
+//! A thin shell over `memo::Memory`'s inventory API: it has no logic of its own.
+
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, SystemTime};
+
+use clap::{Parser, Subcommand};
+use comfy_table::{presets, Table};
+use memo::{FunctionInfo, Memory};
+
+#[derive(Parser)]
+#[command(name = "inspect", about = "Shows what a memo cache holds")]
+struct Cli {
+    /// The cache folder (default: MEMO_DIR, else memo's default location).
+    #[arg(long, global = true)]
+    dir: Option<PathBuf>,
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// One row per function: versions, entries, size, last use, stored compute time.
+    Ls,
+    /// A function's versions and the entries of its latest (most recently used) version.
+    Show {
+        /// The function.
+        function: String,
+    },
+    /// The source text a version was compiled from (default: the latest).
+    Source {
+        /// The function.
+        function: String,
+        /// A version folder name, as `show` lists them.
+        #[arg(long)]
+        version: Option<String>,
+    },
+    /// Totals for the cache folder.
+    Stats,
+    /// Checks every entry's header, key and checksum.
+    Verify {
+        /// Remove the broken entries.
+        #[arg(long)]
+        fix: bool,
+    },
+    /// Removes a function's entries (all versions), or everything.
+    Clear {
+        /// The function; everything when omitted.
+        function: Option<String>,
+        /// Do not ask for confirmation.
+        #[arg(long)]
+        yes: bool,
+    },
+}
+
+type Failure = Box<dyn std::error::Error>;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(&cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("inspect: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: &Cli) -> Result<(), Failure> {
+    let memory = open(cli.dir.clone())?;
+    match &cli.command {
+        Command::Ls => ls(&memory, cli.json),
+        Command::Show { function } => show(&memory, function, cli.json),
+        Command::Source { function, version } => source(&memory, function, version.as_deref()),
+        Command::Stats => stats(&memory, cli.json),
+        Command::Verify { fix } => verify(&memory, *fix, cli.json),
+        Command::Clear { function, yes } => clear(&memory, function.as_deref(), *yes),
+    }
+}
+
+/// The cache in `dir`, or the one the environment names; an error when it is not a memo cache.
+fn open(dir: Option<PathBuf>) -> Result<Memory, Failure> {
+    let memory = match dir {
+        Some(dir) => Memory::new(dir),
+        None => Memory::from_env(),
+    };
+    let Some(location) = memory.location() else {
+        return Err(
+            "caching is disabled (MEMO_DISABLE is set): there is no cache to inspect".into(),
+        );
+    };
+    if !location.join(memo::format::store::LAYOUT_DIR).is_dir() {
+        return Err(format!(
+            "{} is not a memo cache (it has no {}/ folder)",
+            location.display(),
+            memo::format::store::LAYOUT_DIR
+        )
+        .into());
+    }
+    Ok(memory)
+}
+
+/// The function named `name`: its full name, or the one function whose name ends with `.name`.
+fn find(memory: &Memory, name: &str) -> Result<FunctionInfo, Failure> {
+    let functions = memory.functions()?;
+    if let Some(exact) = functions.iter().find(|f| f.name == name) {
+        return Ok(exact.clone());
+    }
+    let suffix = format!(".{name}");
+    let matching: Vec<&FunctionInfo> = functions
+        .iter()
+        .filter(|f| f.name.ends_with(&suffix))
+        .collect();
+    match matching.as_slice() {
+        [one] => Ok((*one).clone()),
+        [] => Err(format!("no function named `{name}` in this cache (see `ls`)").into()),
+        many => {
+            let names: Vec<&str> = many.iter().map(|f| f.name.as_str()).collect();
+            Err(format!("`{name}` is ambiguous: {}", names.join(", ")).into())
+        }
+    }
+}
+
+fn ls(memory: &Memory, json: bool) -> Result<(), Failure> {
+    let functions = memory.functions()?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&functions)?);
+        return Ok(());
+    }
+    let mut table = table(&[
+        "function",
+        "versions",
+        "entries",
+        "size",
+        "last used",
+        "compute stored",
+    ]);
+    for f in &functions {
+        table.add_row(vec![
+            f.name.clone(),
+            f.versions.len().to_string(),
+            f.entries().to_string(),
+            size(f.bytes()),
+            ago(f.last_used()),
+            duration(f.compute_time()),
+        ]);
+    }
+    println!("{table}");
+    Ok(())
+}
+
+fn show(memory: &Memory, name: &str, json: bool) -> Result<(), Failure> {
+    let function = find(memory, name)?;
+    let latest = function
+        .versions
+        .first()
+        .ok_or("the function has no version")?;
+    let entries = memory.entries(&function.name, &latest.version)?;
+    if json {
+        let shown = serde_json::json!({ "function": function, "latest_entries": entries });
+        println!("{}", serde_json::to_string_pretty(&shown)?);
+        return Ok(());
+    }
+    println!("{}", function.name);
+    let mut versions = table(&[
+        "version",
+        "",
+        "entries",
+        "size",
+        "last used",
+        "compute stored",
+    ]);
+    for (i, v) in function.versions.iter().enumerate() {
+        versions.add_row(vec![
+            v.version.clone(),
+            if i == 0 {
+                "latest".into()
+            } else {
+                String::new()
+            },
+            v.entries.to_string(),
+            size(v.bytes),
+            ago(v.last_used),
+            duration(v.compute_time),
+        ]);
+    }
+    println!("{versions}");
+    println!("entries of {}:", latest.version);
+    let mut rows = table(&["key", "created", "last used", "compute", "size"]);
+    for e in &entries {
+        rows.add_row(vec![
+            e.key[..16].to_owned(),
+            ago(Some(e.created)),
+            ago(Some(e.last_used)),
+            duration(e.duration),
+            size(e.size),
+        ]);
+    }
+    println!("{rows}");
+    Ok(())
+}
+
+fn source(memory: &Memory, name: &str, version: Option<&str>) -> Result<(), Failure> {
+    let function = find(memory, name)?;
+    let chosen = match version {
+        Some(v) => function
+            .versions
+            .iter()
+            .find(|info| info.version == v || info.full_version.as_deref() == Some(v))
+            .ok_or_else(|| format!("`{}` has no version {v} (see `show`)", function.name))?,
+        None => function
+            .versions
+            .first()
+            .ok_or("the function has no version")?,
+    };
+    let location = memory.location().ok_or("no cache folder")?;
+    let path = location
+        .join(memo::format::store::LAYOUT_DIR)
+        .join(&function.name)
+        .join(&chosen.version)
+        .join(memo::format::store::SOURCE_FILE);
+    let text =
+        std::fs::read_to_string(&path).map_err(|e| format!("reading {}: {e}", path.display()))?;
+    print!("{text}");
+    Ok(())
+}
+
+fn stats(memory: &Memory, json: bool) -> Result<(), Failure> {
+    let functions = memory.functions()?;
+    let versions: usize = functions.iter().map(|f| f.versions.len()).sum();
+    let entries: usize = functions.iter().map(FunctionInfo::entries).sum();
+    let bytes: u64 = functions.iter().map(FunctionInfo::bytes).sum();
+    let compute: Duration = functions.iter().map(FunctionInfo::compute_time).sum();
+    if json {
+        let totals = serde_json::json!({
+            "functions": functions.len(),
+            "versions": versions,
+            "entries": entries,
+            "bytes": bytes,
+            "compute_seconds": compute.as_secs_f64(),
+        });
+        println!("{}", serde_json::to_string_pretty(&totals)?);
+        return Ok(());
+    }
+    let location = memory
+        .location()
+        .map(|p| p.display().to_string())
+        .unwrap_or_default();
+    println!("cache:          {location}");
+    println!("functions:      {}", functions.len());
+    println!("versions:       {versions}");
+    println!("entries:        {entries}");
+    println!("size:           {}", size(bytes));
+    println!("compute stored: {}", duration(compute));
+    Ok(())
+}
+
+fn verify(memory: &Memory, fix: bool, json: bool) -> Result<(), Failure> {
+    let report = memory.verify()?;
+    let removed = if fix {
+        memory.remove_broken(&report)?
+    } else {
+        0
+    };
+    if json {
+        let broken: Vec<serde_json::Value> = report
+            .broken
+            .iter()
+            .map(|(path, reason)| serde_json::json!({ "path": path, "reason": reason }))
+            .collect();
+        let shown = serde_json::json!({
+            "valid": report.valid,
+            "broken": broken,
+            "removed": removed,
+            "temporary_files": report.temporary_files,
+            "lock_files": report.lock_files,
+        });
+        println!("{}", serde_json::to_string_pretty(&shown)?);
+        return Ok(());
+    }
+    println!(
+        "{} valid entries, {} broken",
+        report.valid,
+        report.broken.len()
+    );
+    for (path, reason) in &report.broken {
+        println!("  broken: {} ({reason})", path.display());
+    }
+    if fix {
+        println!("removed {removed} broken entries");
+    }
+    println!(
+        "{} temporary files, {} lock files (left by writes in progress or processes that died)",
+        report.temporary_files, report.lock_files
+    );
+    Ok(())
+}
+
+fn clear(memory: &Memory, name: Option<&str>, yes: bool) -> Result<(), Failure> {
+    let target = match name {
+        Some(name) => Some(find(memory, name)?),
+        None => None,
+    };
+    let what = match &target {
+        Some(f) => format!(
+            "{} entries of `{}` ({})",
+            f.entries(),
+            f.name,
+            size(f.bytes())
+        ),
+        None => "everything in this cache".to_owned(),
+    };
+    if !yes {
+        if !std::io::stdin().is_terminal() {
+            return Err(format!("refusing to remove {what} without --yes").into());
+        }
+        print!("Remove {what}? [y/N] ");
+        std::io::stdout().flush()?;
+        let mut answer = String::new();
+        std::io::stdin().lock().read_line(&mut answer)?;
+        if !matches!(answer.trim(), "y" | "Y" | "yes") {
+            println!("nothing removed");
+            return Ok(());
+        }
+    }
+    match &target {
+        Some(f) => memory.clear_function(&f.name)?,
+        None => memory.clear()?,
+    }
+    println!("removed {what}");
+    Ok(())
+}
+
+fn table(header: &[&str]) -> Table {
+    let mut table = Table::new();
+    table.load_preset(presets::UTF8_BORDERS_ONLY);
+    table.set_header(header.to_vec());
+    table
+}
+
+fn size(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+fn duration(d: Duration) -> String {
+    let secs = d.as_secs_f64();
+    match secs {
+        s if s < 1e-3 => format!("{:.0} µs", s * 1e6),
+        s if s < 1.0 => format!("{:.0} ms", s * 1e3),
+        s if s < 120.0 => format!("{s:.1} s"),
+        s if s < 7200.0 => format!("{:.0} min", s / 60.0),
+        s => format!("{:.1} h", s / 3600.0),
+    }
+}
+
+fn ago(time: Option<SystemTime>) -> String {
+    let Some(time) = time else {
+        return "never".to_owned();
+    };
+    let secs = SystemTime::now()
+        .duration_since(time)
+        .unwrap_or_default()
+        .as_secs();
+    match secs {
+        0..=59 => "just now".to_owned(),
+        60..=3599 => format!("{} min ago", secs / 60),
+        3600..=86_399 => format!("{} h ago", secs / 3600),
+        _ => format!("{} days ago", secs / 86_400),
+    }
+}

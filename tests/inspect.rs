@@ -1,0 +1,199 @@
+//! The inspector (`examples/inspect.rs`) end to end, against a cache made by real `#[cached]`
+//! functions, asserting on its `--json` output; and the recency it reports.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::LazyLock;
+use std::time::{Duration, SystemTime};
+
+use common::{entry_files, fresh_dir};
+use memo::prelude::*;
+use serde_json::Value;
+
+/// The cache the first test inspects; the other tests use caches of their own.
+static MEMORY: LazyLock<Memory> = LazyLock::new(|| Memory::new(fresh_dir("inspect")));
+static OTHER: LazyLock<Memory> = LazyLock::new(|| Memory::new(fresh_dir("inspect-other")));
+
+#[cached(memory = MEMORY)]
+fn alpha(x: u64) -> u64 {
+    std::thread::sleep(Duration::from_millis(5));
+    x * 3
+}
+
+#[cached(memory = MEMORY)]
+fn beta(text: String) -> Vec<u8> {
+    text.into_bytes()
+}
+
+/// The inspector binary, built with the examples by `cargo test`.
+fn inspector() -> PathBuf {
+    let debug = std::env::current_exe()
+        .unwrap()
+        .parent()
+        .and_then(Path::parent)
+        .unwrap()
+        .to_path_buf();
+    let binary = debug
+        .join("examples")
+        .join(format!("inspect{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        binary.exists(),
+        "{} is missing: `cargo test` builds the examples (a filtered `cargo test --test inspect` \
+         does not; run `cargo build --example inspect` first)",
+        binary.display()
+    );
+    binary
+}
+
+fn inspect(args: &[&str]) -> Output {
+    inspect_in(MEMORY.location().unwrap(), args)
+}
+
+fn inspect_in(dir: &Path, args: &[&str]) -> Output {
+    Command::new(inspector())
+        .arg("--dir")
+        .arg(dir)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+fn json(args: &[&str]) -> Value {
+    let mut all = args.to_vec();
+    all.push("--json");
+    let output = inspect(&all);
+    assert!(
+        output.status.success(),
+        "{args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
+fn function<'a>(list: &'a Value, suffix: &str) -> Option<&'a Value> {
+    list.as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["name"].as_str().unwrap().ends_with(suffix))
+}
+
+#[test]
+fn the_inspector_lists_shows_verifies_and_clears() {
+    for x in 0..3 {
+        alpha(x);
+    }
+    beta("hello".into());
+    beta("world".into());
+
+    let ls = json(&["ls"]);
+    let a = function(&ls, "inspect.alpha").expect("alpha listed");
+    assert_eq!(a["versions"].as_array().unwrap().len(), 1);
+    assert_eq!(a["versions"][0]["entries"], 3);
+    assert_eq!(
+        a["versions"][0]["version"].as_str().unwrap(),
+        &alpha::version()[..16]
+    );
+    assert_eq!(
+        a["versions"][0]["full_version"].as_str().unwrap(),
+        alpha::version()
+    );
+    assert!(a["versions"][0]["bytes"].as_u64().unwrap() > 72 * 3);
+    let stored_compute = a["versions"][0]["compute_time"]["nanos"].as_u64().unwrap()
+        + a["versions"][0]["compute_time"]["secs"].as_u64().unwrap() * 1_000_000_000;
+    assert!(
+        stored_compute >= 15_000_000,
+        "3 × 5 ms of compute are stored"
+    );
+    assert_eq!(
+        function(&ls, "inspect.beta").unwrap()["versions"][0]["entries"],
+        2
+    );
+
+    let show = json(&["show", "alpha"]);
+    assert_eq!(show["latest_entries"].as_array().unwrap().len(), 3);
+    assert!(show["latest_entries"][0]["readable"].as_bool().unwrap());
+
+    let source = inspect(&["source", "beta"]);
+    let text = String::from_utf8_lossy(&source.stdout);
+    assert!(text.contains("fn beta(text: String) -> Vec<u8>"), "{text}");
+
+    let stats = json(&["stats"]);
+    assert_eq!(stats["functions"], 2);
+    assert_eq!(stats["entries"], 5);
+
+    // A damaged entry is found, and removed with --fix.
+    let victim = entry_files(&alpha::location().unwrap())[0].clone();
+    std::fs::write(&victim, b"damaged").unwrap();
+    assert_eq!(json(&["verify"])["broken"].as_array().unwrap().len(), 1);
+    assert_eq!(json(&["verify", "--fix"])["removed"], 1);
+    let after = json(&["verify"]);
+    assert_eq!(
+        (
+            after["valid"].as_u64(),
+            after["broken"].as_array().unwrap().len()
+        ),
+        (Some(4), 0)
+    );
+
+    // Clearing asks first: without a terminal and without --yes, nothing is removed.
+    let refused = inspect(&["clear", "alpha"]);
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("without --yes"));
+    assert!(function(&json(&["ls"]), "inspect.alpha").is_some());
+    assert!(inspect(&["clear", "alpha", "--yes"]).status.success());
+    let ls = json(&["ls"]);
+    assert!(function(&ls, "inspect.alpha").is_none());
+    assert!(function(&ls, "inspect.beta").is_some());
+}
+
+#[test]
+fn the_inspector_says_what_is_wrong() {
+    let not_a_cache = fresh_dir("not-a-cache");
+    let output = Command::new(inspector())
+        .arg("--dir")
+        .arg(&not_a_cache)
+        .arg("ls")
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let message = String::from_utf8_lossy(&output.stderr);
+    assert!(message.contains("is not a memo cache"), "{message}");
+
+    recent(100);
+    let dir = OTHER.location().unwrap();
+    let unknown = inspect_in(dir, &["show", "no_such_function"]);
+    assert!(!unknown.status.success());
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("no function named"));
+    let escape = inspect_in(dir, &["clear", "../../x", "--yes"]);
+    assert!(
+        !escape.status.success(),
+        "names never leave the cache folder"
+    );
+}
+
+#[cached(memory = OTHER)]
+fn recent(x: u64) -> u64 {
+    x
+}
+
+#[test]
+fn a_hit_refreshes_an_old_entrys_last_use() {
+    recent(1);
+    let entry = entry_files(&recent::location().unwrap())[0].clone();
+    let two_hours_ago = SystemTime::now() - Duration::from_secs(7200);
+    std::fs::File::options()
+        .write(true)
+        .open(&entry)
+        .unwrap()
+        .set_modified(two_hours_ago)
+        .unwrap();
+    recent(1);
+    let modified = std::fs::metadata(&entry).unwrap().modified().unwrap();
+    assert!(
+        modified > SystemTime::now() - Duration::from_secs(60),
+        "the hit marked the entry as used"
+    );
+}
