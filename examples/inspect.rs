@@ -5,6 +5,8 @@
 //! cargo run --example inspect -- show my_function      # its versions and entries
 //! cargo run --example inspect -- source my_function    # the source of its latest version
 //! cargo run --example inspect -- stats                 # totals
+//! cargo run --example inspect -- gc --max-bytes 2GiB --max-age 30d --keep-versions 3 [--dry-run]
+//! cargo run --example inspect -- evictions             # what was evicted, and why
 //! cargo run --example inspect -- verify [--fix]        # check every entry
 //! cargo run --example inspect -- clear [my_function]   # remove (asks first, unless --yes)
 //! ```
@@ -21,6 +23,7 @@ use std::time::{Duration, SystemTime};
 
 use clap::{Parser, Subcommand};
 use comfy_table::{presets, Table};
+use memo::gc::Limits;
 use memo::{FunctionInfo, Memory};
 
 #[derive(Parser)]
@@ -55,6 +58,26 @@ enum Command {
     },
     /// Totals for the cache folder.
     Stats,
+    /// Evicts least recently used entries and prunes old versions, within limits.
+    Gc {
+        /// At most this much: `500MiB`, `2GiB`, ...
+        #[arg(long)]
+        max_bytes: Option<bytesize::ByteSize>,
+        /// No entry unused for longer: `30d`, `12h`, ...
+        #[arg(long)]
+        max_age: Option<humantime::Duration>,
+        /// At most this many entries.
+        #[arg(long)]
+        max_items: Option<usize>,
+        /// At most this many versions per function (the most recently used).
+        #[arg(long)]
+        keep_versions: Option<usize>,
+        /// List what would go; remove nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// What was evicted, when and why.
+    Evictions,
     /// Checks every entry's header, key and checksum.
     Verify {
         /// Remove the broken entries.
@@ -91,6 +114,21 @@ fn run(cli: &Cli) -> Result<(), Failure> {
         Command::Show { function } => show(&memory, function, cli.json),
         Command::Source { function, version } => source(&memory, function, version.as_deref()),
         Command::Stats => stats(&memory, cli.json),
+        Command::Gc {
+            max_bytes,
+            max_age,
+            max_items,
+            keep_versions,
+            dry_run,
+        } => {
+            let mut limits = Limits::new().dry_run(*dry_run);
+            limits.max_bytes = max_bytes.map(|b| b.as_u64());
+            limits.max_age = max_age.map(Into::into);
+            limits.max_items = *max_items;
+            limits.keep_versions = *keep_versions;
+            gc(&memory, &limits, cli.json)
+        }
+        Command::Evictions => evictions(&memory, cli.json),
         Command::Verify { fix } => verify(&memory, *fix, cli.json),
         Command::Clear { function, yes } => clear(&memory, function.as_deref(), *yes),
     }
@@ -270,6 +308,73 @@ fn stats(memory: &Memory, json: bool) -> Result<(), Failure> {
     println!("entries:        {entries}");
     println!("size:           {}", size(bytes));
     println!("compute stored: {}", duration(compute));
+    Ok(())
+}
+
+fn gc(memory: &Memory, limits: &Limits, json: bool) -> Result<(), Failure> {
+    let limited = limits.max_bytes.is_some()
+        || limits.max_age.is_some()
+        || limits.max_items.is_some()
+        || limits.keep_versions.is_some();
+    if !limited {
+        return Err(
+            "gc needs a limit: --max-bytes, --max-age, --max-items or --keep-versions".into(),
+        );
+    }
+    let report = memory.reduce_size(limits)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    let mut rows = table(&["function", "version", "key", "size", "last used", "reason"]);
+    for e in &report.evicted {
+        rows.add_row(vec![
+            e.function.clone(),
+            e.version.clone(),
+            e.key[..16].to_owned(),
+            size(e.size),
+            ago(Some(e.last_used)),
+            format!("{:?}", e.reason),
+        ]);
+    }
+    if !report.evicted.is_empty() {
+        println!("{rows}");
+    }
+    let gone: u64 = report.evicted.iter().map(|e| e.size).sum();
+    println!(
+        "{} {} entries ({}); kept {} ({})",
+        if report.dry_run {
+            "would evict"
+        } else {
+            "evicted"
+        },
+        report.evicted.len(),
+        size(gone),
+        report.kept_entries,
+        size(report.kept_bytes)
+    );
+    Ok(())
+}
+
+fn evictions(memory: &Memory, json: bool) -> Result<(), Failure> {
+    let log = memory.evictions()?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&log)?);
+        return Ok(());
+    }
+    let mut rows = table(&["when", "reason", "function", "version", "key", "size"]);
+    for e in &log {
+        let when = std::time::UNIX_EPOCH + Duration::from_secs(e.at);
+        rows.add_row(vec![
+            ago(Some(when)),
+            e.reason.clone(),
+            e.function.clone(),
+            e.version.clone(),
+            e.key.get(..16).unwrap_or(&e.key).to_owned(),
+            size(e.size),
+        ]);
+    }
+    println!("{rows}");
     Ok(())
 }
 

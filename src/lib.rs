@@ -73,6 +73,12 @@ pub use memo_runtime::{
     VersionInfo, DEFAULT_LOCK_TIMEOUT, MEMO_DIR, MEMO_DISABLE,
 };
 
+/// Size control: [`Memory::reduce_size`] with [`gc::Limits`], and what it reports.
+pub mod gc {
+    #[doc(inline)]
+    pub use memo_runtime::gc::*;
+}
+
 /// The parallel cached map: `.par_cached_map(f)` on iterators and slices.
 pub mod par_map {
     #[doc(inline)]

@@ -138,6 +138,20 @@ fn the_inspector_lists_shows_verifies_and_clears() {
         (Some(4), 0)
     );
 
+    // Size control: a dry run lists, a real run evicts (least recently used first) and logs.
+    assert!(!inspect(&["gc"]).status.success(), "gc needs a limit");
+    let dry = json(&["gc", "--max-items", "2", "--dry-run"]);
+    assert_eq!(dry["evicted"].as_array().unwrap().len(), 2);
+    assert_eq!(json(&["stats"])["entries"], 4, "a dry run removes nothing");
+    let gc = json(&["gc", "--max-items", "3"]);
+    assert_eq!(gc["evicted"].as_array().unwrap().len(), 1);
+    assert_eq!(gc["evicted"][0]["reason"], "Items");
+    assert_eq!(json(&["stats"])["entries"], 3);
+    let log = json(&["evictions"]);
+    assert_eq!(log.as_array().unwrap().len(), 1);
+    assert_eq!(log[0]["reason"], "items");
+    assert_eq!(log[0]["key"], gc["evicted"][0]["key"]);
+
     // Clearing asks first: without a terminal and without --yes, nothing is removed.
     let refused = inspect(&["clear", "alpha"]);
     assert!(!refused.status.success());

@@ -529,7 +529,7 @@ impl CachedFunction {
             )
         })
         .await;
-        self.stored(memory, result, first);
+        self.stored(memory, result, first, payload.len() as u64);
         Some(payload)
     }
 
@@ -637,7 +637,7 @@ impl CachedFunction {
         let source = self.source_to_save(memory);
         let header = entry::encode_header(at.key, SystemTime::now(), duration, &payload);
         let result = write_entry(store, at, source.as_deref(), &header, &payload);
-        self.stored(memory, result, source.is_some());
+        self.stored(memory, result, source.is_some(), payload.len() as u64);
         Some(payload)
     }
 
@@ -671,9 +671,12 @@ impl CachedFunction {
 
     /// Counts or reports the outcome of a store; after the first store of this version in the
     /// process, cleans what dead processes left in its folders.
-    fn stored(&self, memory: &Memory, result: Result<(), Error>, first: bool) {
+    fn stored(&self, memory: &Memory, result: Result<(), Error>, first: bool, bytes: u64) {
         match result {
-            Ok(()) => Counters::bump(&memory.counters.stores),
+            Ok(()) => {
+                Counters::bump(&memory.counters.stores);
+                memory.note_stored(bytes);
+            }
             Err(error) => self.write_problem(memory, error),
         }
         if first {

@@ -24,6 +24,7 @@ pub mod entry;
 pub mod error;
 mod flight;
 pub mod function;
+pub mod gc;
 pub mod inventory;
 pub mod key;
 mod lock;

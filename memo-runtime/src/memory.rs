@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use crate::error::Error;
 use crate::flight::InFlight;
+use crate::gc::{self, GcReport, Limits};
 use crate::inventory::{EntryInfo, FunctionInfo};
 use crate::store::{Cleanup, DirStore, Store, VerifyReport};
 
@@ -49,6 +50,9 @@ pub struct Memory {
     store: Option<Arc<dyn Store>>,
     strict: bool,
     lock_timeout: Option<Duration>,
+    bytes_limit: Option<u64>,
+    /// Bytes stored since the last automatic size check.
+    stored_since_check: AtomicU64,
     pub(crate) flights: InFlight,
     pub(crate) counters: Counters,
     /// Function versions (by the address of their static) whose source is already recorded.
@@ -121,6 +125,8 @@ impl Memory {
             store,
             strict: false,
             lock_timeout: Some(DEFAULT_LOCK_TIMEOUT),
+            bytes_limit: None,
+            stored_since_check: AtomicU64::new(0),
             flights: InFlight::default(),
             counters: Counters::default(),
             sources_saved: Mutex::new(HashSet::new()),
@@ -193,6 +199,80 @@ impl Memory {
     pub fn lock_timeout(mut self, timeout: Option<Duration>) -> Self {
         self.lock_timeout = timeout;
         self
+    }
+
+    /// Keeps the cache under `bytes` bytes of entries: as stores add up (every tenth of the
+    /// limit, or 1 MiB, whichever is larger), the least recently used entries are evicted on a
+    /// thread of its own, and each eviction is listed in `v1/evictions.log`. Between two checks
+    /// the cache may grow past the limit by that interval. No limit by default: memo never drops
+    /// results you did not ask it to.
+    ///
+    /// ```
+    /// let memory = memo_runtime::Memory::new("/tmp/cache").bytes_limit(Some(2 << 30));
+    /// assert_eq!(memory.bytes_limit_value(), Some(2 << 30));
+    /// ```
+    pub fn bytes_limit(mut self, bytes: Option<u64>) -> Self {
+        self.bytes_limit = bytes;
+        self
+    }
+
+    /// The size limit in force; see [`Memory::bytes_limit`].
+    pub fn bytes_limit_value(&self) -> Option<u64> {
+        self.bytes_limit
+    }
+
+    /// Evicts entries, least recently used first, and prunes old versions until the cache is
+    /// within `limits` (like joblib's `reduce_size`); every eviction is appended to
+    /// `v1/evictions.log`. With `limits.dry_run`, only lists what would go.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use memo_runtime::{gc::Limits, Memory};
+    ///
+    /// let memory = Memory::new(std::env::temp_dir().join("memo-doc-gc"));
+    /// let limits = Limits::new().max_age(Duration::from_secs(30 * 86_400)).dry_run(true);
+    /// let report = memory.reduce_size(&limits).unwrap();
+    /// println!("{} entries would go", report.evicted.len());
+    /// ```
+    pub fn reduce_size(&self, limits: &Limits) -> Result<GcReport, Error> {
+        match (&self.store, &self.location) {
+            (Some(store), Some(location)) => gc::reduce_size(&**store, location, limits),
+            _ => Ok(GcReport::default()),
+        }
+    }
+
+    /// What was evicted so far, oldest first, from `v1/evictions.log`.
+    pub fn evictions(&self) -> Result<Vec<gc::LoggedEviction>, Error> {
+        match &self.location {
+            Some(location) if self.store.is_some() => gc::read_log(location),
+            _ => Ok(Vec::new()),
+        }
+    }
+
+    /// Counts `bytes` just stored; past the check interval of [`Memory::bytes_limit`], enforces
+    /// the limit in the background.
+    pub(crate) fn note_stored(&self, bytes: u64) {
+        let Some(limit) = self.bytes_limit else {
+            return;
+        };
+        let interval = (limit / 10).max(1 << 20);
+        let since = self.stored_since_check.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        if since < interval {
+            return;
+        }
+        self.stored_since_check.store(0, Ordering::Relaxed);
+        let (Some(store), Some(location)) = (self.store.clone(), self.location.clone()) else {
+            return;
+        };
+        let spawned = std::thread::Builder::new()
+            .name("memo-gc".into())
+            .spawn(move || {
+                let limits = Limits::new().max_bytes(limit);
+                if let Err(error) = gc::reduce_size(&*store, &location, &limits) {
+                    crate::log::warn(&format!("enforcing the cache size limit: {error}"));
+                }
+            });
+        drop(spawned);
     }
 
     /// The lock timeout in force; see [`Memory::lock_timeout`].

@@ -89,6 +89,8 @@ pub(crate) trait Store: Send + Sync {
     fn entries(&self, function: &str, version: &str) -> Result<Vec<EntryInfo>, Error>;
     /// Removes every entry of every version of a function.
     fn clear_function(&self, function: &str) -> Result<(), Error>;
+    /// Removes one version of a function: its entries and its source.
+    fn remove_version(&self, function: &str, version: &str) -> Result<(), Error>;
     /// Removes everything memo stored.
     fn clear(&self) -> Result<(), Error>;
 }
@@ -631,6 +633,11 @@ impl Store for DirStore {
             return Ok(());
         }
         self.write_atomic(&dir, &path, &[text.as_bytes()])
+    }
+
+    fn remove_version(&self, function: &str, version: &str) -> Result<(), Error> {
+        let (function, version) = (plain_name(function)?, plain_name(version)?);
+        remove_dir(&self.version_dir(function, version))
     }
 
     fn clear_function(&self, function: &str) -> Result<(), Error> {
