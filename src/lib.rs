@@ -32,6 +32,8 @@
 ///   `Ok` values are stored). `skip_none`: for one returning `Option`, do not store `None`.
 /// - `associated`: the function is in an `impl` block though it mentions neither `self` nor
 ///   `Self` (functions with a receiver or `Self` are recognised by themselves).
+/// - `expire = "7d"`: stored values older than this are recomputed.
+/// - `validate = f`: `fn f(&EntryMeta) -> bool` decides whether a stored value is served.
 ///
 /// The attribute also defines a struct with the function's name whose associated functions
 /// control its cache: `f::clear()`, `f::is_cached(args)`, `f::call_uncached(args)`,
@@ -69,8 +71,8 @@ pub use memo_macros::cached;
 pub use memo_macros::track;
 
 pub use memo_runtime::{
-    AsMemory, CacheKey, Cleanup, EntryInfo, Error, FunctionInfo, Memory, Stats, VerifyReport,
-    VersionInfo, DEFAULT_LOCK_TIMEOUT, MEMO_DIR, MEMO_DISABLE,
+    AsMemory, CacheKey, Cleanup, EntryInfo, EntryMeta, Error, FunctionInfo, Memory, Stats,
+    VerifyReport, VersionInfo, DEFAULT_LOCK_TIMEOUT, MEMO_DIR, MEMO_DISABLE,
 };
 
 /// Size control: [`Memory::reduce_size`] with [`gc::Limits`], and what it reports.

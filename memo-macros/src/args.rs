@@ -15,6 +15,8 @@ mod kw {
     syn::custom_keyword!(skip_none);
     syn::custom_keyword!(associated);
     syn::custom_keyword!(deps);
+    syn::custom_keyword!(expire);
+    syn::custom_keyword!(validate);
 }
 
 /// What `#[cached(...)]` was given.
@@ -39,6 +41,10 @@ pub(crate) struct Args {
     pub associated: Option<Span>,
     /// `deps(a, m::b)`: tracked functions whose versions are folded into this one's.
     pub deps: Option<(Span, Vec<Path>)>,
+    /// `expire = "7d"`: stored values older than this are recomputed.
+    pub expire: Option<std::time::Duration>,
+    /// `validate = path`: a `fn(&EntryMeta) -> bool` deciding whether a stored value is served.
+    pub validate: Option<Path>,
 }
 
 impl Args {
@@ -63,8 +69,8 @@ impl Args {
 }
 
 const OPTIONS: &str = "`version = \"...\"`, `memory = EXPR`, `crate = path`, `ignore(arg, ...)`, \
-                       `key = EXPR`, `deps(function, ...)`, `store_errors`, `skip_none` and \
-                       `associated`";
+                       `key = EXPR`, `deps(function, ...)`, `expire = \"7d\"`, \
+                       `validate = function`, `store_errors`, `skip_none` and `associated`";
 
 /// Consumes the `=` after an option's name, or says at the name what the option needs.
 fn equals(input: ParseStream<'_>, span: Span, form: &str) -> syn::Result<()> {
@@ -146,6 +152,24 @@ impl Parse for Args {
             } else if lookahead.peek(kw::store_errors) {
                 let name: kw::store_errors = input.parse()?;
                 set_once(&mut args.store_errors, name.span, name.span, "store_errors")
+            } else if lookahead.peek(kw::expire) {
+                let name: kw::expire = input.parse()?;
+                equals(input, name.span, "expire = \"7d\"")?;
+                let text: syn::LitStr = input.parse()?;
+                let duration = humantime::parse_duration(&text.value()).map_err(|error| {
+                    syn::Error::new(
+                        text.span(),
+                        format!(
+                            "`expire` takes a duration such as \"7d\", \"12h\" or \"30min\" ({error})"
+                        ),
+                    )
+                })?;
+                set_once(&mut args.expire, duration, name.span, "expire")
+            } else if lookahead.peek(kw::validate) {
+                let name: kw::validate = input.parse()?;
+                equals(input, name.span, "validate = path::to::function")?;
+                let path = Path::parse_mod_style(input)?;
+                set_once(&mut args.validate, path, name.span, "validate")
             } else if lookahead.peek(kw::deps) {
                 let name: kw::deps = input.parse()?;
                 let content;
@@ -164,9 +188,21 @@ impl Parse for Args {
                 set_once(&mut args.skip_none, name.span, name.span, "skip_none")
             } else if input.peek(syn::Ident) {
                 let unknown: syn::Ident = input.parse()?;
+                let hint = match unknown.to_string().as_str() {
+                    "ttl" | "time_to_live" | "expires_after" | "lifespan" => {
+                        " (for an expiry, write `expire = \"1h\"`)"
+                    }
+                    "ignore_args" | "skip" => {
+                        " (to leave arguments out of the key, write `ignore(name)`)"
+                    }
+                    "location" | "dir" | "path" => {
+                        " (to choose the cache folder, write `memory = EXPR`)"
+                    }
+                    _ => "",
+                };
                 return Err(syn::Error::new(
                     unknown.span(),
-                    format!("unknown option `{unknown}`: #[cached] accepts {OPTIONS}"),
+                    format!("unknown option `{unknown}`{hint}: #[cached] accepts {OPTIONS}"),
                 ));
             } else {
                 return Err(lookahead.error());

@@ -415,6 +415,19 @@ fn function_state(names: &Names<'_>) -> TokenStream {
     let version = version_hash(item, args.version.as_deref(), &args.keying());
     let source = source_text(item);
     let deps = dep_nodes(private, args.deps.as_ref());
+    let expire_after = match args.expire {
+        Some(duration) => {
+            let (secs, nanos) = (duration.as_secs(), duration.subsec_nanos());
+            quote!(::core::option::Option::Some(::core::time::Duration::new(#secs, #nanos)))
+        }
+        None => quote!(::core::option::Option::None),
+    };
+    let validate = match &args.validate {
+        Some(path) => quote_spanned! {path.span()=>
+            ::core::option::Option::Some(#path as fn(&#private::EntryMeta) -> bool)
+        },
+        None => quote!(::core::option::Option::None),
+    };
     quote! {
         static __MEMO_FUNCTION: #private::CachedFunction =
             #private::CachedFunction::new(#private::FunctionDef {
@@ -423,6 +436,10 @@ fn function_state(names: &Names<'_>) -> TokenStream {
                 version: #version,
                 source: #source,
                 deps: #deps,
+                freshness: #private::Freshness {
+                    expire_after: #expire_after,
+                    validate: #validate,
+                },
             });
     }
 }

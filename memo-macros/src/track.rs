@@ -54,6 +54,10 @@ fn check(item: &ItemFn, args: &Args) -> syn::Result<()> {
     misplaced.extend(args.store_errors);
     misplaced.extend(args.skip_none);
     misplaced.extend(args.associated);
+    misplaced.extend(args.validate.as_ref().map(Spanned::span));
+    if args.expire.is_some() {
+        misplaced.push(Span::call_site());
+    }
     if let Some(span) = misplaced.first() {
         return Err(syn::Error::new(*span, ONLY));
     }

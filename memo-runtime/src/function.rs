@@ -34,6 +34,58 @@ pub struct FunctionDef {
     pub source: &'static str,
     /// The functions it declares with `deps(...)`; their versions are folded into its own.
     pub deps: &'static [fn() -> &'static DepNode],
+    /// When stored values stop being served (`expire = ...`, `validate = ...`).
+    pub freshness: Freshness,
+}
+
+/// What a validation callback (`#[cached(validate = path)]`) is told about a stored entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct EntryMeta {
+    /// When the value was computed.
+    pub created: SystemTime,
+    /// How long the computation took.
+    pub duration: Duration,
+    /// The entry's size in bytes.
+    pub size: u64,
+}
+
+/// When stored values are still served: younger than `expire_after`, and accepted by
+/// `validate`. An entry that is not is a miss: recomputed and overwritten.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Freshness {
+    /// Entries older than this are recomputed (`#[cached(expire = "7d")]`).
+    pub expire_after: Option<Duration>,
+    /// Entries it returns `false` for are recomputed (`#[cached(validate = path)]`), like
+    /// joblib's `cache_validation_callback`.
+    pub validate: Option<fn(&EntryMeta) -> bool>,
+}
+
+impl Freshness {
+    /// Always fresh: no expiry, no callback.
+    pub const ALWAYS: Freshness = Freshness {
+        expire_after: None,
+        validate: None,
+    };
+
+    fn accepts(&self, header: &entry::EntryHeader, size: usize) -> bool {
+        if let Some(limit) = self.expire_after {
+            let age = SystemTime::now()
+                .duration_since(header.created)
+                .unwrap_or_default();
+            if age > limit {
+                return false;
+            }
+        }
+        match self.validate {
+            Some(validate) => validate(&EntryMeta {
+                created: header.created,
+                duration: header.duration,
+                size: size as u64,
+            }),
+            None => true,
+        }
+    }
 }
 
 /// What a `#[cached]` function may return: serializable both ways.
@@ -153,18 +205,25 @@ fn write_entry(
 enum Stored<R> {
     Hit(R, Duration),
     Absent,
+    /// Intact, but expired or refused by the validation callback.
+    Stale,
     OtherVersion(u16),
     Broken(Error),
 }
 
 /// Reads, verifies and decodes one entry; reports nothing, so it can run on any thread.
-fn read_stored<R: DeserializeOwned>(store: &dyn Store, at: &EntryAddress<'_>) -> Stored<R> {
+fn read_stored<R: DeserializeOwned>(
+    store: &dyn Store,
+    at: &EntryAddress<'_>,
+    freshness: Freshness,
+) -> Stored<R> {
     let bytes = match store.read(at) {
         Ok(Some(bytes)) => bytes,
         Ok(None) => return Stored::Absent,
         Err(error) => return Stored::Broken(error),
     };
     match entry::decode(&bytes, at.key) {
+        Ok((header, _)) if !freshness.accepts(&header, bytes.len()) => Stored::Stale,
         Ok((header, payload)) => match rmp_serde::from_slice(payload) {
             Ok(value) => Stored::Hit(value, header.duration),
             Err(error) => Stored::Broken(Error::Decode {
@@ -494,7 +553,9 @@ impl CachedFunction {
     ) -> Lookup<S> {
         let address = self.owned_address(key);
         let store = Arc::clone(store);
-        let found = blocking::unblock(move || read_stored::<S>(&*store, &address.at())).await;
+        let freshness = self.def.freshness;
+        let found =
+            blocking::unblock(move || read_stored::<S>(&*store, &address.at(), freshness)).await;
         let found = self.report(memory, found);
         if let Lookup::Hit(_) = found {
             Counters::bump(&memory.counters.hits);
@@ -540,7 +601,8 @@ impl CachedFunction {
             return false;
         };
         match store.read(&self.address(&key)) {
-            Ok(Some(bytes)) => entry::decode(&bytes, &key).is_ok(),
+            Ok(Some(bytes)) => entry::decode(&bytes, &key)
+                .is_ok_and(|(header, _)| self.def.freshness.accepts(&header, bytes.len())),
             _ => false,
         }
     }
@@ -580,7 +642,7 @@ impl CachedFunction {
         store: &dyn Store,
         at: &EntryAddress<'_>,
     ) -> Lookup<R> {
-        self.report(memory, read_stored(store, at))
+        self.report(memory, read_stored(store, at, self.def.freshness))
     }
 
     /// Turns what [`read_stored`] found into a look-up, reporting a broken entry.
@@ -591,6 +653,10 @@ impl CachedFunction {
                 Lookup::Hit(value)
             }
             Stored::Absent => Lookup::Absent,
+            Stored::Stale => {
+                tracing::debug!(target: "memo", function = self.identity(), "entry expired");
+                Lookup::Broken
+            }
             Stored::OtherVersion(found) => {
                 // Written by another version of memo: not an error, just not ours to read.
                 tracing::debug!(target: "memo", found, "entry of another format version");

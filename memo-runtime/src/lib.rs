@@ -35,6 +35,7 @@ mod probe;
 pub mod store;
 
 pub use error::Error;
+pub use function::EntryMeta;
 pub use inventory::{EntryInfo, FunctionInfo, VersionInfo};
 pub use key::CacheKey;
 pub use memory::{AsMemory, Memory, Stats, DEFAULT_LOCK_TIMEOUT, MEMO_DIR, MEMO_DISABLE};
@@ -47,8 +48,8 @@ pub mod __private {
     pub use crate::deps::DepNode;
     pub use crate::error::Error;
     pub use crate::function::{
-        hash_arg, CacheArg, CacheValue, CachedFunction, CallMode, FunctionDef, OkOnly, Plain,
-        SomeOnly, StorePolicy,
+        hash_arg, CacheArg, CacheValue, CachedFunction, CallMode, EntryMeta, Freshness,
+        FunctionDef, OkOnly, Plain, SomeOnly, StorePolicy,
     };
     pub use crate::key::{ArgsHasher, CacheKey};
     pub use crate::memory::{AsMemory, Memory};
