@@ -17,6 +17,7 @@ mod kw {
     syn::custom_keyword!(deps);
     syn::custom_keyword!(expire);
     syn::custom_keyword!(validate);
+    syn::custom_keyword!(compress);
 }
 
 /// What `#[cached(...)]` was given.
@@ -45,6 +46,8 @@ pub(crate) struct Args {
     pub expire: Option<std::time::Duration>,
     /// `validate = path`: a `fn(&EntryMeta) -> bool` deciding whether a stored value is served.
     pub validate: Option<Path>,
+    /// `compress = 3` (a zstd level) or `compress = false`; `Some(None)` is off.
+    pub compress: Option<(Span, Option<i32>)>,
 }
 
 impl Args {
@@ -70,7 +73,8 @@ impl Args {
 
 const OPTIONS: &str = "`version = \"...\"`, `memory = EXPR`, `crate = path`, `ignore(arg, ...)`, \
                        `key = EXPR`, `deps(function, ...)`, `expire = \"7d\"`, \
-                       `validate = function`, `store_errors`, `skip_none` and `associated`";
+                       `validate = function`, `compress = 3`, `store_errors`, `skip_none` and \
+                       `associated`";
 
 /// Consumes the `=` after an option's name, or says at the name what the option needs.
 fn equals(input: ParseStream<'_>, span: Span, form: &str) -> syn::Result<()> {
@@ -165,6 +169,25 @@ impl Parse for Args {
                     )
                 })?;
                 set_once(&mut args.expire, duration, name.span, "expire")
+            } else if lookahead.peek(kw::compress) {
+                let name: kw::compress = input.parse()?;
+                equals(input, name.span, "compress = 3")?;
+                let level =
+                    match input.parse::<Lit>()? {
+                        Lit::Bool(flag) if !flag.value => None,
+                        Lit::Bool(_) => Some(3),
+                        Lit::Int(level) => Some(level.base10_parse::<i32>()?),
+                        other => return Err(syn::Error::new_spanned(
+                            other,
+                            "`compress` takes a zstd level (1 to 19; 3 is the default) or `false`",
+                        )),
+                    };
+                set_once(
+                    &mut args.compress,
+                    (name.span, level),
+                    name.span,
+                    "compress",
+                )
             } else if lookahead.peek(kw::validate) {
                 let name: kw::validate = input.parse()?;
                 equals(input, name.span, "validate = path::to::function")?;

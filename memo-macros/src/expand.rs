@@ -422,6 +422,11 @@ fn function_state(names: &Names<'_>) -> TokenStream {
         }
         None => quote!(::core::option::Option::None),
     };
+    let compression = match args.compress {
+        None => quote!(#private::Compression::Inherit),
+        Some((_, None)) => quote!(#private::Compression::Off),
+        Some((_, Some(level))) => quote!(#private::Compression::Level(#level)),
+    };
     let validate = match &args.validate {
         Some(path) => quote_spanned! {path.span()=>
             ::core::option::Option::Some(#path as fn(&#private::EntryMeta) -> bool)
@@ -440,6 +445,7 @@ fn function_state(names: &Names<'_>) -> TokenStream {
                     expire_after: #expire_after,
                     validate: #validate,
                 },
+                compression: #compression,
             });
     }
 }

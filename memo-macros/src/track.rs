@@ -55,6 +55,7 @@ fn check(item: &ItemFn, args: &Args) -> syn::Result<()> {
     misplaced.extend(args.skip_none);
     misplaced.extend(args.associated);
     misplaced.extend(args.validate.as_ref().map(Spanned::span));
+    misplaced.extend(args.compress.map(|(span, _)| span));
     if args.expire.is_some() {
         misplaced.push(Span::call_site());
     }

@@ -7,7 +7,7 @@
 //! |---|---|---|
 //! | 0 | 4 | magic `MEMO` |
 //! | 4 | 2 | format version, u16 little-endian ([`FORMAT_VERSION`]) |
-//! | 6 | 2 | flags, u16 little-endian (0: plain rmp-serde payload; others are reserved) |
+//! | 6 | 2 | flags, u16 little-endian: bit 0 ([`FLAG_ZSTD`]) the payload is zstd-compressed; other bits reserved (an entry with one set is not read) |
 //! | 8 | 32 | the entry's [`CacheKey`] |
 //! | 40 | 8 | created, nanoseconds since the Unix epoch, u64 little-endian |
 //! | 48 | 8 | compute duration in nanoseconds, u64 little-endian |
@@ -27,6 +27,9 @@ pub const MAGIC: [u8; 4] = *b"MEMO";
 pub const FORMAT_VERSION: u16 = 1;
 /// Length of the fixed header.
 pub const HEADER_LEN: usize = 72;
+/// Header flag: the payload is the MessagePack bytes compressed with zstd.
+pub const FLAG_ZSTD: u16 = 1;
+const KNOWN_FLAGS: u16 = FLAG_ZSTD;
 const CHECKSUM_AT: usize = 64;
 
 /// What an entry's header says about it.
@@ -38,8 +41,10 @@ pub struct EntryHeader {
     pub created: SystemTime,
     /// How long the computation took.
     pub duration: Duration,
-    /// Length of the payload in bytes.
+    /// Length of the payload in bytes (as stored: compressed when `compressed`).
     pub payload_len: u64,
+    /// Whether the payload is zstd-compressed ([`FLAG_ZSTD`]).
+    pub compressed: bool,
 }
 
 /// Why stored bytes are not a valid entry. Any of these makes the entry a miss.
@@ -80,6 +85,9 @@ pub enum CorruptEntry {
     /// The checksum does not match: some byte changed.
     #[error("checksum mismatch (damaged entry)")]
     ChecksumMismatch,
+    /// A compressed payload does not decompress.
+    #[error("compressed payload does not decompress: {0}")]
+    Decompress(String),
 }
 
 fn unix_nanos(time: SystemTime) -> u64 {
@@ -95,17 +103,29 @@ fn checksum(header: &[u8], payload: &[u8]) -> u64 {
     hasher.digest()
 }
 
-/// Builds the header for `payload`; the entry on disk is the header followed by the payload.
+/// Builds the header for an uncompressed `payload`; the entry on disk is the header followed by
+/// the payload.
 pub fn encode_header(
     key: &CacheKey,
     created: SystemTime,
     duration: Duration,
     payload: &[u8],
 ) -> [u8; HEADER_LEN] {
+    encode_header_with_flags(key, created, duration, 0, payload)
+}
+
+/// Builds the header for `payload` stored with `flags` (e.g. [`FLAG_ZSTD`]).
+pub fn encode_header_with_flags(
+    key: &CacheKey,
+    created: SystemTime,
+    duration: Duration,
+    flags: u16,
+    payload: &[u8],
+) -> [u8; HEADER_LEN] {
     let mut header = [0u8; HEADER_LEN];
     header[0..4].copy_from_slice(&MAGIC);
     header[4..6].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
-    header[6..8].copy_from_slice(&0u16.to_le_bytes());
+    header[6..8].copy_from_slice(&flags.to_le_bytes());
     header[8..40].copy_from_slice(key.as_bytes());
     header[40..48].copy_from_slice(&unix_nanos(created).to_le_bytes());
     let nanos = u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX);
@@ -135,7 +155,7 @@ pub fn decode_header(bytes: &[u8]) -> Result<EntryHeader, CorruptEntry> {
         return Err(CorruptEntry::OtherVersion { found: version });
     }
     let flags = u16::from_le_bytes([bytes[6], bytes[7]]);
-    if flags != 0 {
+    if flags & !KNOWN_FLAGS != 0 {
         return Err(CorruptEntry::UnknownFlags { flags });
     }
     let mut key = [0u8; 32];
@@ -145,7 +165,44 @@ pub fn decode_header(bytes: &[u8]) -> Result<EntryHeader, CorruptEntry> {
         created: UNIX_EPOCH + Duration::from_nanos(u64_at(bytes, 40)),
         duration: Duration::from_nanos(u64_at(bytes, 48)),
         payload_len: u64_at(bytes, 56),
+        compressed: flags & FLAG_ZSTD != 0,
     })
+}
+
+/// The MessagePack bytes of a payload: decompressed when the header says it is compressed. The
+/// size recorded in the zstd frame is required and reserved fallibly, so a damaged frame cannot
+/// cause an unbounded allocation.
+pub fn plain_payload<'a>(
+    header: &EntryHeader,
+    payload: &'a [u8],
+) -> Result<std::borrow::Cow<'a, [u8]>, CorruptEntry> {
+    if !header.compressed {
+        return Ok(std::borrow::Cow::Borrowed(payload));
+    }
+    let size = zstd::zstd_safe::get_frame_content_size(payload)
+        .ok()
+        .flatten()
+        .ok_or_else(|| CorruptEntry::Decompress("no content size in the zstd frame".into()))?;
+    let size = usize::try_from(size)
+        .map_err(|_| CorruptEntry::Decompress("content size too large".into()))?;
+    let mut plain: Vec<u8> = Vec::new();
+    plain
+        .try_reserve_exact(size)
+        .map_err(|_| CorruptEntry::Decompress(format!("cannot allocate {size} bytes")))?;
+    let mut decompressor =
+        zstd::bulk::Decompressor::new().map_err(|e| CorruptEntry::Decompress(e.to_string()))?;
+    decompressor
+        .decompress_to_buffer(payload, &mut plain)
+        .map_err(|e| CorruptEntry::Decompress(e.to_string()))?;
+    if plain.len() != size {
+        return Err(CorruptEntry::Decompress("decompressed size differs".into()));
+    }
+    Ok(std::borrow::Cow::Owned(plain))
+}
+
+/// Compresses MessagePack bytes for [`FLAG_ZSTD`] at zstd `level`.
+pub fn compress(plain: &[u8], level: i32) -> std::io::Result<Vec<u8>> {
+    zstd::bulk::compress(plain, level)
 }
 
 /// Verifies a whole entry read from storage and returns its header and payload.

@@ -36,6 +36,19 @@ pub struct FunctionDef {
     pub deps: &'static [fn() -> &'static DepNode],
     /// When stored values stop being served (`expire = ...`, `validate = ...`).
     pub freshness: Freshness,
+    /// Whether its entries are compressed (`compress = ...`).
+    pub compression: Compression,
+}
+
+/// A function's compression setting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compression {
+    /// As its memory says ([`Memory::compression`]).
+    Inherit,
+    /// Never (`#[cached(compress = false)]`).
+    Off,
+    /// zstd at this level (`#[cached(compress = 3)]`).
+    Level(i32),
 }
 
 /// What a validation callback (`#[cached(validate = path)]`) is told about a stored entry.
@@ -187,18 +200,45 @@ impl OwnedAddress {
     }
 }
 
-/// Writes a version's source file (when given) and an entry.
+/// An entry to write.
+struct NewEntry<'a> {
+    /// The version's source file, when it is not recorded yet.
+    source: Option<&'a str>,
+    created: SystemTime,
+    duration: Duration,
+    /// zstd level, when entries are compressed.
+    level: Option<i32>,
+    /// The MessagePack payload.
+    plain: &'a [u8],
+}
+
+/// Payloads smaller than this are stored as they are: compressing them saves nothing.
+const COMPRESS_FROM: usize = 128;
+
+/// Writes a version's source file (when given) and an entry, compressed when asked and worth it;
+/// returns the bytes the entry takes.
 fn write_entry(
     store: &dyn Store,
     at: &EntryAddress<'_>,
-    source: Option<&str>,
-    header: &[u8],
-    payload: &[u8],
-) -> Result<(), Error> {
-    if let Some(text) = source {
+    entry: &NewEntry<'_>,
+) -> Result<u64, Error> {
+    if let Some(text) = entry.source {
         store.save_source(at.function, at.version, text)?;
     }
-    store.write(at, header, payload)
+    let compressed = match entry.level {
+        Some(level) if entry.plain.len() >= COMPRESS_FROM => {
+            entry::compress(entry.plain, level).ok()
+        }
+        _ => None,
+    };
+    let (flags, stored) = match &compressed {
+        Some(bytes) => (entry::FLAG_ZSTD, bytes.as_slice()),
+        None => (0, entry.plain),
+    };
+    let header =
+        entry::encode_header_with_flags(at.key, entry.created, entry.duration, flags, stored);
+    store.write(at, &header, stored)?;
+    Ok((header.len() + stored.len()) as u64)
 }
 
 /// What [`read_stored`] found.
@@ -224,14 +264,23 @@ fn read_stored<R: DeserializeOwned>(
     };
     match entry::decode(&bytes, at.key) {
         Ok((header, _)) if !freshness.accepts(&header, bytes.len()) => Stored::Stale,
-        Ok((header, payload)) => match rmp_serde::from_slice(payload) {
-            Ok(value) => Stored::Hit(value, header.duration),
-            Err(error) => Stored::Broken(Error::Decode {
-                path: store.describe(at),
-                type_name: std::any::type_name::<R>(),
-                message: error.to_string(),
-            }),
-        },
+        Ok((header, payload)) => {
+            let plain = match entry::plain_payload(&header, payload) {
+                Ok(plain) => plain,
+                Err(reason) => {
+                    let path = store.describe(at);
+                    return Stored::Broken(Error::Corrupt { path, reason });
+                }
+            };
+            match rmp_serde::from_slice(&plain) {
+                Ok(value) => Stored::Hit(value, header.duration),
+                Err(error) => Stored::Broken(Error::Decode {
+                    path: store.describe(at),
+                    type_name: std::any::type_name::<R>(),
+                    message: error.to_string(),
+                }),
+            }
+        }
         Err(CorruptEntry::OtherVersion { found }) => Stored::OtherVersion(found),
         Err(reason) => Stored::Broken(Error::Corrupt {
             path: store.describe(at),
@@ -577,20 +626,22 @@ impl CachedFunction {
         let source = self.source_to_save(memory);
         let first = source.is_some();
         let address = self.owned_address(key);
-        let header = entry::encode_header(&key, SystemTime::now(), duration, &payload);
+        let level = self.compression(memory);
+        let created = SystemTime::now();
         let writing = Arc::clone(&payload);
         let writer = Arc::clone(store);
         let result = blocking::unblock(move || {
-            write_entry(
-                &*writer,
-                &address.at(),
-                source.as_deref(),
-                &header,
-                &writing,
-            )
+            let entry = NewEntry {
+                source: source.as_deref(),
+                created,
+                duration,
+                level,
+                plain: &writing,
+            };
+            write_entry(&*writer, &address.at(), &entry)
         })
         .await;
-        self.stored(memory, result, first, payload.len() as u64);
+        self.stored(memory, result, first);
         Some(payload)
     }
 
@@ -701,10 +752,26 @@ impl CachedFunction {
     ) -> Option<Payload> {
         let payload = self.encode(memory, value)?;
         let source = self.source_to_save(memory);
-        let header = entry::encode_header(at.key, SystemTime::now(), duration, &payload);
-        let result = write_entry(store, at, source.as_deref(), &header, &payload);
-        self.stored(memory, result, source.is_some(), payload.len() as u64);
+        let entry = NewEntry {
+            source: source.as_deref(),
+            created: SystemTime::now(),
+            duration,
+            level: self.compression(memory),
+            plain: &payload,
+        };
+        let result = write_entry(store, at, &entry);
+        self.stored(memory, result, source.is_some());
         Some(payload)
+    }
+
+    /// The zstd level entries are written with: the function's `compress` option, else the
+    /// memory's [`Memory::compression`].
+    fn compression(&self, memory: &Memory) -> Option<i32> {
+        match self.def.compression {
+            Compression::Inherit => memory.compression_level(),
+            Compression::Off => None,
+            Compression::Level(level) => Some(level),
+        }
     }
 
     /// The value in the entry payload format, or `None` (reported) when it cannot be encoded.
@@ -737,9 +804,9 @@ impl CachedFunction {
 
     /// Counts or reports the outcome of a store; after the first store of this version in the
     /// process, cleans what dead processes left in its folders.
-    fn stored(&self, memory: &Memory, result: Result<(), Error>, first: bool, bytes: u64) {
+    fn stored(&self, memory: &Memory, result: Result<u64, Error>, first: bool) {
         match result {
-            Ok(()) => {
+            Ok(bytes) => {
                 Counters::bump(&memory.counters.stores);
                 memory.note_stored(bytes);
             }

@@ -48,8 +48,8 @@ pub mod __private {
     pub use crate::deps::DepNode;
     pub use crate::error::Error;
     pub use crate::function::{
-        hash_arg, CacheArg, CacheValue, CachedFunction, CallMode, EntryMeta, Freshness,
-        FunctionDef, OkOnly, Plain, SomeOnly, StorePolicy,
+        hash_arg, CacheArg, CacheValue, CachedFunction, CallMode, Compression, EntryMeta,
+        Freshness, FunctionDef, OkOnly, Plain, SomeOnly, StorePolicy,
     };
     pub use crate::key::{ArgsHasher, CacheKey};
     pub use crate::memory::{AsMemory, Memory};

@@ -50,6 +50,7 @@ pub struct Memory {
     store: Option<Arc<dyn Store>>,
     strict: bool,
     lock_timeout: Option<Duration>,
+    compression: Option<i32>,
     bytes_limit: Option<u64>,
     /// Bytes stored since the last automatic size check.
     stored_since_check: AtomicU64,
@@ -125,6 +126,7 @@ impl Memory {
             store,
             strict: false,
             lock_timeout: Some(DEFAULT_LOCK_TIMEOUT),
+            compression: None,
             bytes_limit: None,
             stored_since_check: AtomicU64::new(0),
             flights: InFlight::default(),
@@ -199,6 +201,24 @@ impl Memory {
     pub fn lock_timeout(mut self, timeout: Option<Duration>) -> Self {
         self.lock_timeout = timeout;
         self
+    }
+
+    /// Compresses entries with zstd at `level` (1 fast .. 19 small; 3 is zstd's default), or not
+    /// at all with `None` (the default). Recorded in each entry's header, so compressed and plain
+    /// entries mix freely; a function's `#[cached(compress = ...)]` overrides it.
+    ///
+    /// ```
+    /// let memory = memo_runtime::Memory::new("/tmp/cache").compression(Some(3));
+    /// assert_eq!(memory.compression_level(), Some(3));
+    /// ```
+    pub fn compression(mut self, level: Option<i32>) -> Self {
+        self.compression = level;
+        self
+    }
+
+    /// The compression level in force; see [`Memory::compression`].
+    pub fn compression_level(&self) -> Option<i32> {
+        self.compression
     }
 
     /// Keeps the cache under `bytes` bytes of entries: as stores add up (every tenth of the

@@ -1,0 +1,8 @@
+use memo::prelude::*;
+
+#[cached(compress = "high")]
+fn big(x: u64) -> Vec<u64> {
+    vec![x; 100]
+}
+
+fn main() {}
