@@ -72,6 +72,9 @@ enum Command {
         /// At most this many versions per function (the most recently used).
         #[arg(long)]
         keep_versions: Option<usize>,
+        /// No version unused for longer: `90d`, ... (with --keep-versions: past both).
+        #[arg(long)]
+        max_version_age: Option<humantime::Duration>,
         /// List what would go; remove nothing.
         #[arg(long)]
         dry_run: bool,
@@ -112,13 +115,16 @@ fn run(cli: &Cli) -> Result<(), Failure> {
     match &cli.command {
         Command::Ls => ls(&memory, cli.json),
         Command::Show { function } => show(&memory, function, cli.json),
-        Command::Source { function, version } => source(&memory, function, version.as_deref()),
+        Command::Source { function, version } => {
+            source(&memory, function, version.as_deref(), cli.json)
+        }
         Command::Stats => stats(&memory, cli.json),
         Command::Gc {
             max_bytes,
             max_age,
             max_items,
             keep_versions,
+            max_version_age,
             dry_run,
         } => {
             let mut limits = Limits::new().dry_run(*dry_run);
@@ -126,6 +132,7 @@ fn run(cli: &Cli) -> Result<(), Failure> {
             limits.max_age = max_age.map(Into::into);
             limits.max_items = *max_items;
             limits.keep_versions = *keep_versions;
+            limits.max_version_age = max_version_age.map(Into::into);
             gc(&memory, &limits, cli.json)
         }
         Command::Evictions => evictions(&memory, cli.json),
@@ -256,7 +263,7 @@ fn show(memory: &Memory, name: &str, json: bool) -> Result<(), Failure> {
     Ok(())
 }
 
-fn source(memory: &Memory, name: &str, version: Option<&str>) -> Result<(), Failure> {
+fn source(memory: &Memory, name: &str, version: Option<&str>, json: bool) -> Result<(), Failure> {
     let function = find(memory, name)?;
     let chosen = match version {
         Some(v) => function
@@ -277,6 +284,16 @@ fn source(memory: &Memory, name: &str, version: Option<&str>) -> Result<(), Fail
         .join(memo::format::store::SOURCE_FILE);
     let text =
         std::fs::read_to_string(&path).map_err(|e| format!("reading {}: {e}", path.display()))?;
+    if json {
+        let shown = serde_json::json!({
+            "function": function.name,
+            "version": chosen.version,
+            "full_version": chosen.full_version,
+            "source": text,
+        });
+        println!("{}", serde_json::to_string_pretty(&shown)?);
+        return Ok(());
+    }
     print!("{text}");
     Ok(())
 }
@@ -315,10 +332,11 @@ fn gc(memory: &Memory, limits: &Limits, json: bool) -> Result<(), Failure> {
     let limited = limits.max_bytes.is_some()
         || limits.max_age.is_some()
         || limits.max_items.is_some()
-        || limits.keep_versions.is_some();
+        || limits.keep_versions.is_some()
+        || limits.max_version_age.is_some();
     if !limited {
         return Err(
-            "gc needs a limit: --max-bytes, --max-age, --max-items or --keep-versions".into(),
+            "gc needs a limit: --max-bytes, --max-age, --max-items, --keep-versions or --max-version-age".into(),
         );
     }
     let report = memory.reduce_size(limits)?;

@@ -205,3 +205,55 @@ fn a_byte_limit_is_enforced_by_itself() {
     let bytes: u64 = LIMITED.functions().unwrap().iter().map(|f| f.bytes()).sum();
     assert!(bytes <= 300_000 + (1 << 20), "{bytes} bytes");
 }
+
+/// Adds an older version of `item` beside the current one: a copy of its folder, last used a
+/// week ago. Returns its folder.
+fn add_week_old_version() -> PathBuf {
+    let current = item::location().unwrap();
+    let old = current.with_file_name("fedcba9876543210");
+    copy_dir(&current, &old);
+    let week_ago = SystemTime::now() - Duration::from_secs(7 * 86_400);
+    for path in entry_files(&old) {
+        std::fs::File::options()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_modified(week_ago)
+            .unwrap();
+    }
+    old
+}
+
+#[test]
+fn versions_are_pruned_by_age_and_with_a_count_only_past_both() {
+    let (memory, _) = setup("gc-version-age");
+    let old = add_week_old_version();
+    let both = Limits::new()
+        .keep_versions(1)
+        .max_version_age(Duration::from_secs(30 * 86_400));
+    assert!(memory.reduce_size(&both).unwrap().evicted.is_empty());
+    assert!(old.exists(), "past the count but used within 30 days: kept");
+
+    let report = memory
+        .reduce_size(&Limits::new().max_version_age(Duration::from_secs(3 * 86_400)))
+        .unwrap();
+    assert_eq!(report.evicted.len(), 10);
+    assert!(!old.exists(), "unused for a week: pruned");
+    assert!(
+        item::location().unwrap().exists(),
+        "the current version stays"
+    );
+}
+
+#[test]
+fn clear_stale_keeps_only_the_current_version() {
+    let (memory, paths) = setup("gc-clear-stale");
+    let old = add_week_old_version();
+    item::clear_stale().unwrap();
+    assert!(!old.exists());
+    assert!(
+        paths.iter().all(|p| p.exists()),
+        "the current version is untouched"
+    );
+    assert_eq!(memory.functions().unwrap()[0].versions.len(), 1);
+}

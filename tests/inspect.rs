@@ -120,6 +120,13 @@ fn the_inspector_lists_shows_verifies_and_clears() {
     let text = String::from_utf8_lossy(&source.stdout);
     assert!(text.contains("fn beta(text: String) -> Vec<u8>"), "{text}");
 
+    let source = json(&["source", "beta"]);
+    assert!(source["source"]
+        .as_str()
+        .unwrap()
+        .contains("fn beta(text: String)"));
+    assert_eq!(source["full_version"].as_str().unwrap(), beta::version());
+
     let stats = json(&["stats"]);
     assert_eq!(stats["functions"], 2);
     assert_eq!(stats["entries"], 5);

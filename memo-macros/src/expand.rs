@@ -311,7 +311,8 @@ fn handle(names: &Names<'_>) -> TokenStream {
     let cfgs = shared_attrs(&item.attrs, false);
     let struct_doc = format!(
         "Cache controls of [`{name}`](fn@{name}), which is `#[cached]`: \
-         `{name}::clear()`, `{name}::is_cached(..)`, `{name}::call_uncached(..)`, \
+         `{name}::clear()`, `{name}::clear_stale()`, `{name}::is_cached(..)`, \
+         `{name}::call_uncached(..)`, \
          `{name}::recompute(..)`, `{name}::location()` and `{name}::version()`."
     );
     let call = hidden_call(names);
@@ -530,8 +531,12 @@ fn handle_methods(names: &Names<'_>) -> TokenStream {
         "Removes every stored result of [`{name}`](fn@{name}), of all its versions."
     ));
     let is_cached_doc = doc(format!(
-        "Whether the result of [`{name}`](fn@{name}) for these arguments is stored \
-         (read and checked, so a broken entry is `false`)."
+        "Whether the result of [`{name}`](fn@{name}) for these arguments is stored, intact \
+         (key and checksum verified) and fresh (not expired)."
+    ));
+    let clear_stale_doc = doc(format!(
+        "Removes the stored results of every version of [`{name}`](fn@{name}) but the one \
+         compiled in now."
     ));
     let uncached_doc = doc(format!(
         "Runs [`{name}`](fn@{name}) without the cache: nothing is read or stored."
@@ -552,6 +557,12 @@ fn handle_methods(names: &Names<'_>) -> TokenStream {
         #vis fn clear() -> ::core::result::Result<(), #private::Error> {
             #memory
             Self::__memo_function().clear(__memo_memory)
+        }
+
+        #clear_stale_doc
+        #vis fn clear_stale() -> ::core::result::Result<(), #private::Error> {
+            #memory
+            Self::__memo_function().clear_stale(__memo_memory)
         }
 
         #is_cached_doc

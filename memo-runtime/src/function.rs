@@ -18,7 +18,7 @@ use crate::lock::{Acquired, KeyLock};
 use crate::log;
 use crate::memory::{Counters, Memory};
 use crate::probe;
-use crate::store::{function_dir_name, EntryAddress, Store};
+use crate::store::{function_dir_name, EntryAddress, Store, VERSION_DIR_DIGITS};
 
 /// What the `#[cached]` macro knows about a function at compile time.
 #[derive(Debug)]
@@ -664,6 +664,24 @@ impl CachedFunction {
             Some(store) => store.clear_function(&self.names().dir),
             None => Ok(()),
         }
+    }
+
+    /// Removes every version of this function but the one compiled in now.
+    pub fn clear_stale(&self, memory: &Memory) -> Result<(), Error> {
+        let Some(store) = memory.store() else {
+            return Ok(());
+        };
+        let dir = &self.names().dir;
+        let current = self
+            .version()
+            .get(..VERSION_DIR_DIGITS)
+            .unwrap_or(self.version());
+        for (function, version) in store.versions() {
+            if function == *dir && version != current {
+                store.remove_version(&function, &version)?;
+            }
+        }
+        Ok(())
     }
 
     fn address<'a>(&'a self, key: &'a CacheKey) -> EntryAddress<'a> {

@@ -29,8 +29,12 @@ pub struct Limits {
     pub max_items: Option<usize>,
     /// No entry unused for longer than this.
     pub max_age: Option<Duration>,
-    /// At most this many versions per function, the most recently used ones.
+    /// At most this many versions per function, the most recently used ones (with
+    /// `max_version_age`, a version goes only when it is past both).
     pub keep_versions: Option<usize>,
+    /// No version unused for longer than this (with `keep_versions`, a version goes only when it
+    /// is past both).
+    pub max_version_age: Option<Duration>,
     /// Versions never pruned by `keep_versions`, as (function, version folder) names: the ones a
     /// program compiles in today.
     pub protect: Vec<(String, String)>,
@@ -65,6 +69,12 @@ impl Limits {
     /// At most `versions` versions per function.
     pub fn keep_versions(mut self, versions: usize) -> Self {
         self.keep_versions = Some(versions);
+        self
+    }
+
+    /// No version unused for longer than `age`.
+    pub fn max_version_age(mut self, age: Duration) -> Self {
+        self.max_version_age = Some(age);
         self
     }
 
@@ -149,26 +159,33 @@ struct Plan {
 fn plan(functions: &[FunctionInfo], entries: Vec<Candidate>, limits: &Limits) -> Plan {
     let mut evicted = Vec::new();
     let mut kept = Vec::new();
-    let old_versions: Vec<(&str, &str)> = match limits.keep_versions {
-        Some(keep) => functions
-            .iter()
-            .flat_map(|f| {
-                // Versions are listed most recently used first.
-                f.versions
-                    .iter()
-                    .skip(keep)
-                    .map(move |v| (f.name.as_str(), v.version.as_str()))
-            })
-            .filter(|(f, v)| {
-                !limits
-                    .protect
-                    .iter()
-                    .any(|(pf, pv)| pf == f && (pv == v || pv.starts_with(v)))
-            })
-            .collect(),
-        None => Vec::new(),
-    };
     let now = SystemTime::now();
+    let pruning = limits.keep_versions.is_some() || limits.max_version_age.is_some();
+    let old_versions: Vec<(&str, &str)> = functions
+        .iter()
+        .flat_map(|f| {
+            // Versions are listed most recently used first.
+            f.versions
+                .iter()
+                .enumerate()
+                .map(move |(rank, v)| (f.name.as_str(), rank, v))
+        })
+        .filter(|(_, rank, v)| {
+            let beyond_count = limits.keep_versions.is_none_or(|keep| *rank >= keep);
+            let too_old = limits.max_version_age.is_none_or(|age| {
+                v.last_used
+                    .is_none_or(|used| now.duration_since(used).unwrap_or_default() > age)
+            });
+            pruning && beyond_count && too_old
+        })
+        .map(|(f, _, v)| (f, v.version.as_str()))
+        .filter(|(f, v)| {
+            !limits
+                .protect
+                .iter()
+                .any(|(pf, pv)| pf == f && (pv == v || pv.starts_with(v)))
+        })
+        .collect();
     for candidate in entries {
         let old_version = old_versions
             .iter()
