@@ -249,10 +249,18 @@ fn show(memory: &Memory, name: &str, json: bool) -> Result<(), Failure> {
     }
     println!("{versions}");
     println!("entries of {}:", latest.version);
-    let mut rows = table(&["key", "created", "last used", "compute", "size"]);
+    let mut rows = table(&[
+        "key",
+        "arguments",
+        "created",
+        "last used",
+        "compute",
+        "size",
+    ]);
     for e in &entries {
         rows.add_row(vec![
             e.key[..16].to_owned(),
+            e.preview.clone().unwrap_or_default(),
             ago(Some(e.created)),
             ago(Some(e.last_used)),
             duration(e.duration),

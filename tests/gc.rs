@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::sync::{LazyLock, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use common::{entry_files, fresh_dir, Counter};
+use common::{entry_files, fresh_dir};
 use memo::gc::{Limits, Reason};
 use memo::prelude::*;
 
@@ -32,12 +32,15 @@ fn current() -> &'static Memory {
     CURRENT.with(|c| c.get()).expect("a test sets its cache")
 }
 
-static ITEM: Counter = Counter::new();
+thread_local! {
+    /// Computations of `item` on this thread: each test runs on its own thread, in its own cache.
+    static ITEM: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
 
 /// 2,000 bytes of payload per entry, in the test's own cache.
 #[cached(memory = current())]
 fn item(x: u64) -> Vec<u8> {
-    ITEM.bump();
+    ITEM.with(|n| n.set(n.get() + 1));
     vec![x as u8; 2_000]
 }
 
@@ -98,9 +101,13 @@ fn max_bytes_evicts_least_recently_used_first_and_evicted_entries_are_recomputed
         .unwrap();
     assert_eq!(surviving(&paths), [6, 7, 8, 9]);
     assert_eq!(report.kept_bytes, 4 * size);
-    let before = ITEM.get();
+    let before = ITEM.with(std::cell::Cell::get);
     assert_eq!(item(0), vec![0; 2_000]);
-    assert_eq!(ITEM.get(), before + 1, "an evicted entry is a miss");
+    assert_eq!(
+        ITEM.with(std::cell::Cell::get),
+        before + 1,
+        "an evicted entry is a miss"
+    );
 
     let log = std::fs::read_to_string(memory.location().unwrap().join("v1/evictions.log")).unwrap();
     assert_eq!(log.lines().count(), 6);

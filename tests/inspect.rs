@@ -113,8 +113,28 @@ fn the_inspector_lists_shows_verifies_and_clears() {
     );
 
     let show = json(&["show", "alpha"]);
-    assert_eq!(show["latest_entries"].as_array().unwrap().len(), 3);
-    assert!(show["latest_entries"][0]["readable"].as_bool().unwrap());
+    let entries = show["latest_entries"].as_array().unwrap();
+    assert_eq!(entries.len(), 3);
+    assert!(entries[0]["readable"].as_bool().unwrap());
+    let mut previews: Vec<&str> = entries
+        .iter()
+        .map(|e| e["preview"].as_str().unwrap())
+        .collect();
+    previews.sort_unstable();
+    assert_eq!(
+        previews,
+        ["0", "1", "2"],
+        "the arguments each entry was computed from"
+    );
+    let beta = json(&["show", "beta"]);
+    let mut texts: Vec<&str> = beta["latest_entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["preview"].as_str().unwrap())
+        .collect();
+    texts.sort_unstable();
+    assert_eq!(texts, ["\"hello\"", "\"world\""]);
 
     let source = inspect(&["source", "beta"]);
     let text = String::from_utf8_lossy(&source.stdout);
@@ -193,6 +213,30 @@ fn the_inspector_says_what_is_wrong() {
         !escape.status.success(),
         "names never leave the cache folder"
     );
+}
+
+/// Not `Debug`: previewed as `…`.
+#[derive(serde::Serialize)]
+struct Opaque(u64);
+
+#[cached(memory = OTHER)]
+fn opaque(value: Opaque, label: &str) -> u64 {
+    value.0 + label.len() as u64
+}
+
+#[test]
+fn arguments_without_debug_are_previewed_as_an_ellipsis() {
+    assert_eq!(opaque(Opaque(1), "ab"), 3);
+    let function = OTHER
+        .functions()
+        .unwrap()
+        .into_iter()
+        .find(|f| f.name.ends_with(".opaque"))
+        .unwrap();
+    let entries = OTHER
+        .entries(&function.name, &function.versions[0].version)
+        .unwrap();
+    assert_eq!(entries[0].preview.as_deref(), Some("…, \"ab\""));
 }
 
 #[cached(memory = OTHER)]

@@ -346,32 +346,63 @@ fn compute_call(names: &Names<'_>, mode: TokenStream) -> TokenStream {
     });
     let body = &names.model.item.block.stmts;
     let policy = policy(names);
-    if names.model.item.sig.asyncness.is_some() {
-        return quote_spanned! {output.span()=>
-            #private::CachedFunction::call_async::<#output, #policy, _>(
+    let preview = preview(names);
+    let (call, block) = match names.model.item.sig.asyncness {
+        Some(_) => (quote!(call_async), quote!(async move)),
+        None => (quote!(call), quote!(move || -> #output)),
+    };
+    let awaited = names.model.item.sig.asyncness.map(|_| quote!(.await));
+    quote_spanned! {output.span()=>
+        {
+            let __memo_preview = ::std::sync::OnceLock::<::std::string::String>::new();
+            let __memo_preview_slot = &__memo_preview;
+            #private::CachedFunction::#call::<#output, #policy, _>(
                 __memo_function,
                 __memo_memory,
                 #mode,
                 __memo_key,
-                async move {
+                &__memo_preview,
+                #block {
+                    #preview
                     #(#destructure)*
                     #(#body)*
                 },
             )
-            .await
-        };
+            #awaited
+        }
     }
-    quote_spanned! {output.span()=>
-        #private::CachedFunction::call::<#output, #policy, _>(
-            __memo_function,
-            __memo_memory,
-            #mode,
-            __memo_key,
-            move || -> #output {
-                #(#destructure)*
-                #(#body)*
-            },
-        )
+}
+
+/// Fills `__memo_preview_slot` with a short `Debug` form of the keyed arguments: run at the start
+/// of the computation, so only misses pay for it.
+fn preview(names: &Names<'_>) -> TokenStream {
+    let private = &names.private;
+    let parts = names
+        .model
+        .signature
+        .params
+        .iter()
+        .filter(|param| !param.ignored)
+        .enumerate()
+        .map(|(i, param)| {
+            let binding = &param.binding;
+            let separator = (i > 0).then(|| quote!(__memo_text.push_str(", ");));
+            quote! {
+                #separator
+                (&#private::Preview(&#binding)).memo_preview(&mut __memo_text);
+            }
+        });
+    quote! {
+        // The `&` before `Preview` is what lets method resolution pick `PreviewDebug`.
+        #[allow(clippy::needless_borrow)]
+        __memo_preview_slot.get_or_init(|| {
+            #[allow(unused_imports)]
+            use #private::{PreviewDebug as _, PreviewNone as _};
+            #[allow(unused_mut)]
+            let mut __memo_text = ::std::string::String::new();
+            #(#parts)*
+            __memo_text
+        });
     }
 }
 

@@ -210,6 +210,8 @@ struct NewEntry<'a> {
     level: Option<i32>,
     /// The MessagePack payload.
     plain: &'a [u8],
+    /// A short `Debug` form of the arguments, when there is one.
+    preview: Option<&'a str>,
 }
 
 /// Payloads smaller than this are stored as they are: compressing them saves nothing.
@@ -238,6 +240,10 @@ fn write_entry(
     let header =
         entry::encode_header_with_flags(at.key, entry.created, entry.duration, flags, stored);
     store.write(at, &header, stored)?;
+    if let Some(preview) = entry.preview {
+        // Best effort: an entry without its preview is still a complete entry.
+        let _ = store.save_preview(at, preview);
+    }
     Ok((header.len() + stored.len()) as u64)
 }
 
@@ -398,6 +404,7 @@ impl CachedFunction {
         memory: &Memory,
         mode: CallMode,
         key: Option<CacheKey>,
+        preview: &OnceLock<String>,
         compute: F,
     ) -> R
     where
@@ -467,7 +474,10 @@ impl CachedFunction {
                     let duration = started.elapsed();
                     Counters::bump(&memory.counters.misses);
                     let payload = match P::stored(&value) {
-                        Some(stored) => self.save(memory, store, &at, stored, duration),
+                        Some(stored) => {
+                            let preview = preview.get().map(String::as_str);
+                            self.save(memory, store, &at, stored, duration, preview)
+                        }
                         None => None,
                     };
                     // Released only now, so that a waiting process finds the entry stored.
@@ -488,6 +498,7 @@ impl CachedFunction {
         memory: &Memory,
         mode: CallMode,
         key: Option<CacheKey>,
+        preview: &OnceLock<String>,
         compute: Fut,
     ) -> R
     where
@@ -542,9 +553,11 @@ impl CachedFunction {
                     let value = compute.await;
                     let duration = started.elapsed();
                     Counters::bump(&memory.counters.misses);
+                    let preview = preview.get().cloned();
                     let payload = match P::stored(&value) {
                         Some(stored) => {
-                            self.save_async(memory, &store, key, stored, duration).await
+                            self.save_async(memory, &store, key, stored, duration, preview)
+                                .await
                         }
                         None => None,
                     };
@@ -621,6 +634,7 @@ impl CachedFunction {
         key: CacheKey,
         value: &S,
         duration: Duration,
+        preview: Option<String>,
     ) -> Option<Payload> {
         let payload = self.encode(memory, value)?;
         let source = self.source_to_save(memory);
@@ -637,6 +651,7 @@ impl CachedFunction {
                 duration,
                 level,
                 plain: &writing,
+                preview: preview.as_deref(),
             };
             write_entry(&*writer, &address.at(), &entry)
         })
@@ -767,6 +782,7 @@ impl CachedFunction {
         at: &EntryAddress<'_>,
         value: &S,
         duration: Duration,
+        preview: Option<&str>,
     ) -> Option<Payload> {
         let payload = self.encode(memory, value)?;
         let source = self.source_to_save(memory);
@@ -776,6 +792,7 @@ impl CachedFunction {
             duration,
             level: self.compression(memory),
             plain: &payload,
+            preview,
         };
         let result = write_entry(store, at, &entry);
         self.stored(memory, result, source.is_some());

@@ -75,4 +75,7 @@ pub struct EntryInfo {
     pub size: u64,
     /// Whether its header is readable; a broken entry is listed with zero times.
     pub readable: bool,
+    /// A short `Debug` form of the arguments it was computed from (`…` for an argument whose
+    /// type has no `Debug`), when one was recorded.
+    pub preview: Option<String>,
 }

@@ -31,6 +31,7 @@ mod lock;
 mod log;
 pub mod memory;
 pub mod par_map;
+pub mod preview;
 mod probe;
 pub mod store;
 
@@ -53,4 +54,5 @@ pub mod __private {
     };
     pub use crate::key::{ArgsHasher, CacheKey};
     pub use crate::memory::{AsMemory, Memory};
+    pub use crate::preview::{Preview, PreviewDebug, PreviewNone};
 }

@@ -33,6 +33,8 @@ use crate::lock::{self, Acquired};
 pub const LAYOUT_DIR: &str = "v1";
 /// File holding a function version's source text.
 pub const SOURCE_FILE: &str = "source.rs";
+/// File of a function version's argument previews: one `key<TAB>preview` line per stored entry.
+pub const PREVIEW_FILE: &str = "previews.tsv";
 /// How many hex digits of the version hash name a version's folder. The full hash is part of
 /// every entry's key, so two versions that shared a folder could still never read each other.
 pub const VERSION_DIR_DIGITS: usize = 16;
@@ -67,6 +69,8 @@ pub(crate) trait Store: Send + Sync {
     fn read(&self, at: &EntryAddress<'_>) -> Result<Option<Vec<u8>>, Error>;
     /// Stores an entry atomically: readers see the old state or the complete new entry.
     fn write(&self, at: &EntryAddress<'_>, header: &[u8], payload: &[u8]) -> Result<(), Error>;
+    /// Records the argument preview of an entry.
+    fn save_preview(&self, at: &EntryAddress<'_>, preview: &str) -> Result<(), Error>;
     /// Records the source text of a function version, if it is not recorded yet.
     fn save_source(&self, function: &str, version: &str, text: &str) -> Result<(), Error>;
     /// Takes the cross-process lock of an entry, waiting at most `timeout` for another holder.
@@ -561,6 +565,15 @@ impl Store for DirStore {
 
     fn entries(&self, function: &str, version: &str) -> Result<Vec<EntryInfo>, Error> {
         let (function, version) = (plain_name(function)?, plain_name(version)?);
+        let previews: std::collections::HashMap<String, String> =
+            fs::read_to_string(self.version_dir(function, version).join(PREVIEW_FILE))
+                .unwrap_or_default()
+                .lines()
+                .filter_map(|line| {
+                    let (key, preview) = line.split_once('\t')?;
+                    Some((key.to_owned(), preview.to_owned()))
+                })
+                .collect();
         let mut entries = Vec::new();
         for shard in Self::shards(&self.version_dir(function, version)) {
             let read =
@@ -581,6 +594,7 @@ impl Store for DirStore {
                     .and_then(|()| entry::decode_header(&header).ok());
                 let last_used = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
                 entries.push(EntryInfo {
+                    preview: previews.get(&name).cloned(),
                     key: name,
                     path,
                     created: decoded.map_or(SystemTime::UNIX_EPOCH, |h| h.created),
@@ -624,6 +638,20 @@ impl Store for DirStore {
         let path = self.entry_path(at);
         let dir = path.parent().unwrap_or(&self.base).to_path_buf();
         self.write_atomic(&dir, &path, &[header, payload])
+    }
+
+    fn save_preview(&self, at: &EntryAddress<'_>, preview: &str) -> Result<(), Error> {
+        let path = self.version_dir(at.function, at.version).join(PREVIEW_FILE);
+        let line = crate::preview::line(&at.key.to_hex(), preview);
+        let mut options = fs::OpenOptions::new();
+        options.create(true).append(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+        // One write per line: lines of concurrent writers never interleave.
+        options
+            .open(&path)
+            .and_then(|mut file| file.write_all(line.as_bytes()))
+            .map_err(|e| Error::io("recording an argument preview in", path, e))
     }
 
     fn save_source(&self, function: &str, version: &str, text: &str) -> Result<(), Error> {
