@@ -4,6 +4,7 @@
 //! cargo run --example inspect -- ls                    # one row per function
 //! cargo run --example inspect -- show my_function      # its versions and entries
 //! cargo run --example inspect -- source my_function    # the source of its latest version
+//! cargo run --example inspect -- diff my_function V1 V2  # what changed between two versions
 //! cargo run --example inspect -- stats                 # totals
 //! cargo run --example inspect -- gc --max-bytes 2GiB --max-age 30d --keep-versions 3 [--dry-run]
 //! cargo run --example inspect -- evictions             # what was evicted, and why
@@ -55,6 +56,15 @@ enum Command {
         /// A version folder name, as `show` lists them.
         #[arg(long)]
         version: Option<String>,
+    },
+    /// What changed in the source between two versions (folder names, as `show` lists them).
+    Diff {
+        /// The function.
+        function: String,
+        /// The older version.
+        from: String,
+        /// The newer version.
+        to: String,
     },
     /// Totals for the cache folder.
     Stats,
@@ -118,6 +128,7 @@ fn run(cli: &Cli) -> Result<(), Failure> {
         Command::Source { function, version } => {
             source(&memory, function, version.as_deref(), cli.json)
         }
+        Command::Diff { function, from, to } => diff(&memory, function, from, to, cli.json),
         Command::Stats => stats(&memory, cli.json),
         Command::Gc {
             max_bytes,
@@ -137,7 +148,7 @@ fn run(cli: &Cli) -> Result<(), Failure> {
         }
         Command::Evictions => evictions(&memory, cli.json),
         Command::Verify { fix } => verify(&memory, *fix, cli.json),
-        Command::Clear { function, yes } => clear(&memory, function.as_deref(), *yes),
+        Command::Clear { function, yes } => clear(&memory, function.as_deref(), *yes, cli.json),
     }
 }
 
@@ -306,6 +317,47 @@ fn source(memory: &Memory, name: &str, version: Option<&str>, json: bool) -> Res
     Ok(())
 }
 
+/// The stored source of one version of a function.
+fn version_source(
+    memory: &Memory,
+    function: &FunctionInfo,
+    version: &str,
+) -> Result<String, Failure> {
+    let chosen = function
+        .versions
+        .iter()
+        .find(|info| info.version == version || info.full_version.as_deref() == Some(version))
+        .ok_or_else(|| format!("`{}` has no version {version} (see `show`)", function.name))?;
+    let path = memory
+        .location()
+        .ok_or("no cache folder")?
+        .join(memo::format::store::LAYOUT_DIR)
+        .join(&function.name)
+        .join(&chosen.version)
+        .join(memo::format::store::SOURCE_FILE);
+    Ok(std::fs::read_to_string(&path).map_err(|e| format!("reading {}: {e}", path.display()))?)
+}
+
+fn diff(memory: &Memory, name: &str, from: &str, to: &str, json: bool) -> Result<(), Failure> {
+    let function = find(memory, name)?;
+    let (old, new) = (
+        version_source(memory, &function, from)?,
+        version_source(memory, &function, to)?,
+    );
+    let diff = similar::TextDiff::from_lines(&old, &new)
+        .unified_diff()
+        .header(from, to)
+        .to_string();
+    if json {
+        let shown =
+            serde_json::json!({ "function": function.name, "from": from, "to": to, "diff": diff });
+        println!("{}", serde_json::to_string_pretty(&shown)?);
+    } else {
+        print!("{diff}");
+    }
+    Ok(())
+}
+
 fn stats(memory: &Memory, json: bool) -> Result<(), Failure> {
     let functions = memory.functions()?;
     let versions: usize = functions.iter().map(|f| f.versions.len()).sum();
@@ -445,7 +497,7 @@ fn verify(memory: &Memory, fix: bool, json: bool) -> Result<(), Failure> {
     Ok(())
 }
 
-fn clear(memory: &Memory, name: Option<&str>, yes: bool) -> Result<(), Failure> {
+fn clear(memory: &Memory, name: Option<&str>, yes: bool, json: bool) -> Result<(), Failure> {
     let target = match name {
         Some(name) => Some(find(memory, name)?),
         None => None,
@@ -476,7 +528,15 @@ fn clear(memory: &Memory, name: Option<&str>, yes: bool) -> Result<(), Failure> 
         Some(f) => memory.clear_function(&f.name)?,
         None => memory.clear()?,
     }
-    println!("removed {what}");
+    if json {
+        let function = target.as_ref().map(|f| f.name.as_str());
+        println!(
+            "{}",
+            serde_json::json!({ "removed": what, "function": function })
+        );
+    } else {
+        println!("removed {what}");
+    }
     Ok(())
 }
 

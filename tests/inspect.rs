@@ -147,6 +147,23 @@ fn the_inspector_lists_shows_verifies_and_clears() {
         .contains("fn beta(text: String)"));
     assert_eq!(source["full_version"].as_str().unwrap(), beta::version());
 
+    // Two versions' sources, compared.
+    let current = beta::location().unwrap();
+    let older = current.with_file_name("0123456789abcdef");
+    std::fs::create_dir_all(&older).unwrap();
+    let text = std::fs::read_to_string(current.join("source.rs")).unwrap();
+    std::fs::write(
+        older.join("source.rs"),
+        text.replace("into_bytes()", "as_bytes().to_vec()"),
+    )
+    .unwrap();
+    let short = &beta::version()[..16];
+    let diff = json(&["diff", "beta", "0123456789abcdef", short]);
+    let diff = diff["diff"].as_str().unwrap();
+    assert!(diff.contains("-    text.as_bytes().to_vec()"), "{diff}");
+    assert!(diff.contains("+    text.into_bytes()"), "{diff}");
+    std::fs::remove_dir_all(&older).unwrap();
+
     let stats = json(&["stats"]);
     assert_eq!(stats["functions"], 2);
     assert_eq!(stats["entries"], 5);
@@ -184,7 +201,11 @@ fn the_inspector_lists_shows_verifies_and_clears() {
     assert!(!refused.status.success());
     assert!(String::from_utf8_lossy(&refused.stderr).contains("without --yes"));
     assert!(function(&json(&["ls"]), "inspect.alpha").is_some());
-    assert!(inspect(&["clear", "alpha", "--yes"]).status.success());
+    let cleared = json(&["clear", "alpha", "--yes"]);
+    assert!(cleared["function"]
+        .as_str()
+        .unwrap()
+        .ends_with("inspect.alpha"));
     let ls = json(&["ls"]);
     assert!(function(&ls, "inspect.alpha").is_none());
     assert!(function(&ls, "inspect.beta").is_some());
