@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::sync::{LazyLock, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use common::{entry_files, fresh_dir};
+use common::{entry_files, fresh_dir, set_last_used};
 use memo::gc::{Limits, Reason};
 use memo::prelude::*;
 
@@ -55,13 +55,10 @@ fn setup(name: &str) -> (&'static Memory, Vec<PathBuf>) {
         let after = entry_files(memory.location().unwrap());
         let new: Vec<PathBuf> = after.into_iter().filter(|p| !before.contains(p)).collect();
         assert_eq!(new.len(), 1);
-        let used = SystemTime::now() - Duration::from_secs(3600 * (10 - x));
-        std::fs::File::options()
-            .write(true)
-            .open(&new[0])
-            .unwrap()
-            .set_modified(used)
-            .unwrap();
+        set_last_used(
+            &new[0],
+            SystemTime::now() - Duration::from_secs(3600 * (10 - x)),
+        );
         paths.push(new[0].clone());
     }
     (memory, paths)
@@ -132,19 +129,8 @@ fn a_dry_run_lists_and_keeps_everything() {
 #[test]
 fn keep_versions_prunes_old_versions_but_never_a_protected_one() {
     let (memory, _) = setup("gc-versions");
-    // An older version of the same function: a copy of its folder, used a week ago.
+    let old = add_week_old_version("0123456789abcdef");
     let current = item::location().unwrap();
-    let old = current.with_file_name("0123456789abcdef");
-    copy_dir(&current, &old);
-    let week_ago = SystemTime::now() - Duration::from_secs(7 * 86_400);
-    for path in entry_files(&old) {
-        std::fs::File::options()
-            .write(true)
-            .open(&path)
-            .unwrap()
-            .set_modified(week_ago)
-            .unwrap();
-    }
     let function = memory.functions().unwrap()[0].name.clone();
     assert_eq!(memory.functions().unwrap()[0].versions.len(), 2);
 
@@ -213,20 +199,15 @@ fn a_byte_limit_is_enforced_by_itself() {
     assert!(bytes <= 300_000 + (1 << 20), "{bytes} bytes");
 }
 
-/// Adds an older version of `item` beside the current one: a copy of its folder, last used a
-/// week ago. Returns its folder.
-fn add_week_old_version() -> PathBuf {
+/// Adds an older version of `item` beside the current one: a copy of its folder named `name`,
+/// last used a week ago. Returns its folder.
+fn add_week_old_version(name: &str) -> PathBuf {
     let current = item::location().unwrap();
-    let old = current.with_file_name("fedcba9876543210");
+    let old = current.with_file_name(name);
     copy_dir(&current, &old);
     let week_ago = SystemTime::now() - Duration::from_secs(7 * 86_400);
     for path in entry_files(&old) {
-        std::fs::File::options()
-            .write(true)
-            .open(&path)
-            .unwrap()
-            .set_modified(week_ago)
-            .unwrap();
+        set_last_used(&path, week_ago);
     }
     old
 }
@@ -234,7 +215,7 @@ fn add_week_old_version() -> PathBuf {
 #[test]
 fn versions_are_pruned_by_age_and_with_a_count_only_past_both() {
     let (memory, _) = setup("gc-version-age");
-    let old = add_week_old_version();
+    let old = add_week_old_version("fedcba9876543210");
     let both = Limits::new()
         .keep_versions(1)
         .max_version_age(Duration::from_secs(30 * 86_400));
@@ -255,7 +236,7 @@ fn versions_are_pruned_by_age_and_with_a_count_only_past_both() {
 #[test]
 fn clear_stale_keeps_only_the_current_version() {
     let (memory, paths) = setup("gc-clear-stale");
-    let old = add_week_old_version();
+    let old = add_week_old_version("fedcba9876543210");
     item::clear_stale().unwrap();
     assert!(!old.exists());
     assert!(

@@ -270,12 +270,7 @@ fn a_hit_refreshes_an_old_entrys_last_use() {
     recent(1);
     let entry = entry_files(&recent::location().unwrap())[0].clone();
     let two_hours_ago = SystemTime::now() - Duration::from_secs(7200);
-    std::fs::File::options()
-        .write(true)
-        .open(&entry)
-        .unwrap()
-        .set_modified(two_hours_ago)
-        .unwrap();
+    common::set_last_used(&entry, two_hours_ago);
     recent(1);
     let modified = std::fs::metadata(&entry).unwrap().modified().unwrap();
     assert!(

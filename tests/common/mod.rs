@@ -67,6 +67,16 @@ pub fn child_test(test: &str) -> std::process::Command {
     command
 }
 
+/// Sets a file's modification time, which memo reads as an entry's last use.
+pub fn set_last_used(path: &Path, when: std::time::SystemTime) {
+    std::fs::File::options()
+        .write(true)
+        .open(path)
+        .unwrap()
+        .set_modified(when)
+        .unwrap();
+}
+
 /// Counts how many times a function body ran.
 pub struct Counter(AtomicUsize);
 
