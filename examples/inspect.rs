@@ -25,7 +25,7 @@ use std::time::{Duration, SystemTime};
 use clap::{Parser, Subcommand};
 use comfy_table::{presets, Table};
 use memo::gc::Limits;
-use memo::{FunctionInfo, Memory};
+use memo::{FunctionInfo, Memory, VersionInfo};
 
 #[derive(Parser)]
 #[command(name = "inspect", about = "Shows what a memo cache holds")]
@@ -282,27 +282,28 @@ fn show(memory: &Memory, name: &str, json: bool) -> Result<(), Failure> {
     Ok(())
 }
 
-fn source(memory: &Memory, name: &str, version: Option<&str>, json: bool) -> Result<(), Failure> {
-    let function = find(memory, name)?;
-    let chosen = match version {
-        Some(v) => function
+/// A version of `function` named by its folder or full hash, or the latest when `None`.
+fn choose<'a>(
+    function: &'a FunctionInfo,
+    version: Option<&str>,
+) -> Result<&'a VersionInfo, Failure> {
+    match version {
+        Some(v) => Ok(function
             .versions
             .iter()
             .find(|info| info.version == v || info.full_version.as_deref() == Some(v))
-            .ok_or_else(|| format!("`{}` has no version {v} (see `show`)", function.name))?,
-        None => function
+            .ok_or_else(|| format!("`{}` has no version {v} (see `show`)", function.name))?),
+        None => Ok(function
             .versions
             .first()
-            .ok_or("the function has no version")?,
-    };
-    let location = memory.location().ok_or("no cache folder")?;
-    let path = location
-        .join(memo::format::store::LAYOUT_DIR)
-        .join(&function.name)
-        .join(&chosen.version)
-        .join(memo::format::store::SOURCE_FILE);
-    let text =
-        std::fs::read_to_string(&path).map_err(|e| format!("reading {}: {e}", path.display()))?;
+            .ok_or("the function has no version")?),
+    }
+}
+
+fn source(memory: &Memory, name: &str, version: Option<&str>, json: bool) -> Result<(), Failure> {
+    let function = find(memory, name)?;
+    let chosen = choose(&function, version)?;
+    let text = memory.source(&function.name, &chosen.version)?;
     if json {
         let shown = serde_json::json!({
             "function": function.name,
@@ -317,33 +318,10 @@ fn source(memory: &Memory, name: &str, version: Option<&str>, json: bool) -> Res
     Ok(())
 }
 
-/// The stored source of one version of a function.
-fn version_source(
-    memory: &Memory,
-    function: &FunctionInfo,
-    version: &str,
-) -> Result<String, Failure> {
-    let chosen = function
-        .versions
-        .iter()
-        .find(|info| info.version == version || info.full_version.as_deref() == Some(version))
-        .ok_or_else(|| format!("`{}` has no version {version} (see `show`)", function.name))?;
-    let path = memory
-        .location()
-        .ok_or("no cache folder")?
-        .join(memo::format::store::LAYOUT_DIR)
-        .join(&function.name)
-        .join(&chosen.version)
-        .join(memo::format::store::SOURCE_FILE);
-    Ok(std::fs::read_to_string(&path).map_err(|e| format!("reading {}: {e}", path.display()))?)
-}
-
 fn diff(memory: &Memory, name: &str, from: &str, to: &str, json: bool) -> Result<(), Failure> {
     let function = find(memory, name)?;
-    let (old, new) = (
-        version_source(memory, &function, from)?,
-        version_source(memory, &function, to)?,
-    );
+    let old = memory.source(&function.name, &choose(&function, Some(from))?.version)?;
+    let new = memory.source(&function.name, &choose(&function, Some(to))?.version)?;
     let diff = similar::TextDiff::from_lines(&old, &new)
         .unified_diff()
         .header(from, to)

@@ -8,7 +8,6 @@ use std::sync::LazyLock;
 use std::time::{Duration, SystemTime};
 
 use common::{entry_files, fresh_dir, Counter};
-use memo::format::entry::{decode_header, encode_header, HEADER_LEN};
 use memo::prelude::*;
 use memo::EntryMeta;
 
@@ -24,13 +23,7 @@ fn daily(x: u64) -> u64 {
 
 /// Rewrites an entry as if it had been computed `age` ago (a valid entry: header re-checksummed).
 fn age_entry(path: &std::path::Path, age: Duration) {
-    let bytes = std::fs::read(path).unwrap();
-    let header = decode_header(&bytes).unwrap();
-    let payload = &bytes[HEADER_LEN..];
-    let created = SystemTime::now() - age;
-    let mut aged = encode_header(&header.key, created, header.duration, payload).to_vec();
-    aged.extend_from_slice(payload);
-    std::fs::write(path, aged).unwrap();
+    common::rewrite_entry(path, Some(SystemTime::now() - age), None);
 }
 
 #[test]

@@ -290,11 +290,13 @@ pub(crate) fn reduce_size(
     location: &Path,
     limits: &Limits,
 ) -> Result<GcReport, Error> {
-    let functions = store.functions()?;
+    // One pass over the folders: the versions and their entries together.
+    let listing = store.listing()?;
     let mut candidates = Vec::new();
-    for function in &functions {
-        for version in &function.versions {
-            for entry in store.entries(&function.name, &version.version)? {
+    for listed in &listing {
+        let function = &listed.info;
+        for (version, entries) in function.versions.iter().zip(&listed.entries) {
+            for entry in entries.iter().cloned() {
                 candidates.push(Candidate {
                     function: function.name.clone(),
                     version: version.version.clone(),
@@ -308,6 +310,7 @@ pub(crate) fn reduce_size(
     }
     let total_entries = candidates.len();
     let total_bytes: u64 = candidates.iter().map(|c| c.size).sum();
+    let functions: Vec<FunctionInfo> = listing.into_iter().map(|l| l.info).collect();
     let Plan {
         evicted: planned,
         old_versions,

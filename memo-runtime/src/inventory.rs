@@ -57,6 +57,14 @@ pub struct VersionInfo {
     pub compute_time: Duration,
 }
 
+/// A function and the entries of each of its versions (`entries[i]` belongs to
+/// `info.versions[i]`), as one pass over a cache reads them.
+#[derive(Debug)]
+pub(crate) struct Listed {
+    pub info: FunctionInfo,
+    pub entries: Vec<Vec<EntryInfo>>,
+}
+
 /// One entry.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[non_exhaustive]

@@ -376,8 +376,18 @@ impl Memory {
     /// ```
     pub fn functions(&self) -> Result<Vec<FunctionInfo>, Error> {
         match &self.store {
-            Some(store) => store.functions(),
+            Some(store) => Ok(store.listing()?.into_iter().map(|l| l.info).collect()),
             None => Ok(Vec::new()),
+        }
+    }
+
+    /// The source text a version of a function was compiled from (names as
+    /// [`Memory::functions`] gives them), with a first line naming the function and its full
+    /// version hash.
+    pub fn source(&self, function: &str, version: &str) -> Result<String, Error> {
+        match &self.store {
+            Some(store) => store.source(function, version),
+            None => Ok(String::new()),
         }
     }
 

@@ -25,7 +25,7 @@ use std::time::{Duration, SystemTime};
 
 use crate::entry::{self, HEADER_LEN};
 use crate::error::Error;
-use crate::inventory::{EntryInfo, FunctionInfo, VersionInfo};
+use crate::inventory::{EntryInfo, FunctionInfo, Listed, VersionInfo};
 use crate::key::CacheKey;
 use crate::lock::{self, Acquired};
 
@@ -87,8 +87,11 @@ pub(crate) trait Store: Send + Sync {
     fn verify(&self) -> Result<VerifyReport, Error>;
     /// Every stored function version, as (function folder, version folder) names.
     fn versions(&self) -> Vec<(String, String)>;
-    /// What is stored: every function and version, with counts, sizes and times.
-    fn functions(&self) -> Result<Vec<FunctionInfo>, Error>;
+    /// What is stored: every function and version, with counts, sizes and times, and their
+    /// entries, in one pass.
+    fn listing(&self) -> Result<Vec<Listed>, Error>;
+    /// The source text recorded for a function version.
+    fn source(&self, function: &str, version: &str) -> Result<String, Error>;
     /// The entries of one function version (`version`: the version folder's name).
     fn entries(&self, function: &str, version: &str) -> Result<Vec<EntryInfo>, Error>;
     /// Removes every entry of every version of a function.
@@ -526,13 +529,13 @@ impl Store for DirStore {
             .collect()
     }
 
-    fn functions(&self) -> Result<Vec<FunctionInfo>, Error> {
-        let mut functions: Vec<FunctionInfo> = Vec::new();
+    fn listing(&self) -> Result<Vec<Listed>, Error> {
+        // Per function: each version's summary with its entries, kept together while sorting.
+        type Versions = Vec<(VersionInfo, Vec<EntryInfo>)>;
+        let mut functions: Vec<(String, Versions)> = Vec::new();
         for (function, version) in self.versions() {
             let entries = self.entries(&function, &version)?;
-            let source =
-                fs::read_to_string(self.version_dir(&function, &version).join(SOURCE_FILE));
-            let full_version = source.ok().and_then(|text| {
+            let full_version = self.source(&function, &version).ok().and_then(|text| {
                 let first = text.lines().next()?;
                 Some(first.rsplit(' ').next()?.to_owned())
             });
@@ -544,23 +547,34 @@ impl Store for DirStore {
                 last_used: entries.iter().map(|e| e.last_used).max(),
                 compute_time: entries.iter().map(|e| e.duration).sum(),
             };
-            match functions.iter_mut().find(|f| f.name == function) {
-                Some(known) => known.versions.push(info),
-                None => functions.push(FunctionInfo {
-                    name: function,
-                    versions: vec![info],
-                }),
+            match functions.iter_mut().find(|(name, _)| *name == function) {
+                Some((_, versions)) => versions.push((info, entries)),
+                None => functions.push((function, vec![(info, entries)])),
             }
         }
-        for function in &mut functions {
-            function.versions.sort_by(|a, b| {
-                b.last_used
-                    .cmp(&a.last_used)
-                    .then(a.version.cmp(&b.version))
-            });
-        }
-        functions.sort_by(|a, b| a.name.cmp(&b.name));
-        Ok(functions)
+        functions.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(functions
+            .into_iter()
+            .map(|(name, mut versions)| {
+                // Most recently used first.
+                versions.sort_by(|(a, _), (b, _)| {
+                    b.last_used
+                        .cmp(&a.last_used)
+                        .then(a.version.cmp(&b.version))
+                });
+                let (versions, entries) = versions.into_iter().unzip();
+                Listed {
+                    info: FunctionInfo { name, versions },
+                    entries,
+                }
+            })
+            .collect())
+    }
+
+    fn source(&self, function: &str, version: &str) -> Result<String, Error> {
+        let (function, version) = (plain_name(function)?, plain_name(version)?);
+        let path = self.version_dir(function, version).join(SOURCE_FILE);
+        fs::read_to_string(&path).map_err(|e| Error::io("reading the source of", path, e))
     }
 
     fn entries(&self, function: &str, version: &str) -> Result<Vec<EntryInfo>, Error> {

@@ -67,6 +67,19 @@ pub fn child_test(test: &str) -> std::process::Command {
     command
 }
 
+/// Rewrites an uncompressed entry as a valid one (same key and duration, new checksum) with
+/// another creation time and/or another payload.
+pub fn rewrite_entry(path: &Path, created: Option<std::time::SystemTime>, payload: Option<&[u8]>) {
+    use memo::format::entry::{decode_header, encode_header, HEADER_LEN};
+    let bytes = std::fs::read(path).unwrap();
+    let header = decode_header(&bytes).unwrap();
+    let payload = payload.unwrap_or(&bytes[HEADER_LEN..]);
+    let created = created.unwrap_or(header.created);
+    let mut rewritten = encode_header(&header.key, created, header.duration, payload).to_vec();
+    rewritten.extend_from_slice(payload);
+    std::fs::write(path, rewritten).unwrap();
+}
+
 /// Sets a file's modification time, which memo reads as an entry's last use.
 pub fn set_last_used(path: &Path, when: std::time::SystemTime) {
     std::fs::File::options()
