@@ -1,5 +1,9 @@
 //! Behaviour of `#[cached]` inside one process: values of many types, the handle, threads,
 //! panics, recursion, and a cache that is damaged or cannot be written.
+//!
+//! These tests change entries on disk behind the process's back, so their caches run without the
+//! in-process memory tier (`memory_tier(0)`): every call reads the disk. `tests/fast_paths.rs`
+//! covers the tier.
 
 mod common;
 
@@ -12,7 +16,7 @@ use common::{entry_files, fresh_dir, Counter};
 use memo::prelude::*;
 use serde::{Deserialize, Serialize};
 
-static MEMORY: LazyLock<Memory> = LazyLock::new(|| Memory::new(fresh_dir("cached")));
+static MEMORY: LazyLock<Memory> = LazyLock::new(|| Memory::new(fresh_dir("cached")).memory_tier(0));
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct Sample {

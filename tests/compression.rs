@@ -1,5 +1,9 @@
 //! zstd compression: recorded in each entry's header, so compressed and plain entries mix in one
 //! cache and readers never guess; per memory, overridden per function.
+//!
+//! These tests change entries on disk behind the process's back, so their caches run without the
+//! in-process memory tier (`memory_tier(0)`): every call reads the disk. `tests/fast_paths.rs`
+//! covers the tier.
 
 mod common;
 
@@ -11,8 +15,9 @@ use memo::prelude::*;
 
 static DIR: LazyLock<std::path::PathBuf> = LazyLock::new(|| fresh_dir("compression"));
 /// One folder, two memories: one compresses, one does not.
-static COMPRESSED: LazyLock<Memory> = LazyLock::new(|| Memory::new(&*DIR).compression(Some(3)));
-static PLAIN: LazyLock<Memory> = LazyLock::new(|| Memory::new(&*DIR));
+static COMPRESSED: LazyLock<Memory> =
+    LazyLock::new(|| Memory::new(&*DIR).compression(Some(3)).memory_tier(0));
+static PLAIN: LazyLock<Memory> = LazyLock::new(|| Memory::new(&*DIR).memory_tier(0));
 
 static SERIES: Counter = Counter::new();
 
@@ -85,7 +90,7 @@ fn plain_and_compressed_entries_mix_and_each_is_read_as_its_header_says() {
     // Written plain, then read through a memory that compresses: the same function identity.
     assert_eq!(mixed_plain(5), series_value(5));
     let entry = only_entry(mixed_plain::location());
-    let compressed_reader = Memory::new(&*DIR).compression(Some(3));
+    let compressed_reader = Memory::new(&*DIR).compression(Some(3)).memory_tier(0);
     assert!(compressed_reader.verify().unwrap().broken.is_empty());
     assert!(
         !decode_header(&std::fs::read(&entry).unwrap())

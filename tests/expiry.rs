@@ -1,5 +1,9 @@
 //! Expiry: `expire = "..."` and `validate = ...` decide whether a stored value is still served; a
 //! value that is not is a miss, recomputed and overwritten.
+//!
+//! These tests change entries on disk behind the process's back, so their caches run without the
+//! in-process memory tier (`memory_tier(0)`): every call reads the disk. `tests/fast_paths.rs`
+//! covers the tier.
 
 mod common;
 
@@ -11,7 +15,7 @@ use common::{entry_files, fresh_dir, Counter};
 use memo::prelude::*;
 use memo::EntryMeta;
 
-static MEMORY: LazyLock<Memory> = LazyLock::new(|| Memory::new(fresh_dir("expiry")));
+static MEMORY: LazyLock<Memory> = LazyLock::new(|| Memory::new(fresh_dir("expiry")).memory_tier(0));
 
 static DAILY: Counter = Counter::new();
 

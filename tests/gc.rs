@@ -1,6 +1,10 @@
 //! Size control: each limit of `Memory::reduce_size`, least recently used first, recently used
 //! entries surviving, dry runs, version pruning (never a protected version), the eviction log,
 //! and the automatic byte limit.
+//!
+//! These tests change entries on disk behind the process's back, so their caches run without the
+//! in-process memory tier (`memory_tier(0)`): every call reads the disk. `tests/fast_paths.rs`
+//! covers the tier.
 
 mod common;
 
@@ -21,7 +25,7 @@ fn memory(name: &str) -> &'static Memory {
         .lock()
         .unwrap()
         .entry(name.to_owned())
-        .or_insert_with(|| Box::leak(Box::new(Memory::new(fresh_dir(name)))))
+        .or_insert_with(|| Box::leak(Box::new(Memory::new(fresh_dir(name)).memory_tier(0))))
 }
 
 thread_local! {

@@ -1,5 +1,9 @@
 //! The inspector (`examples/inspect.rs`) end to end, against a cache made by real `#[cached]`
 //! functions, asserting on its `--json` output; and the recency it reports.
+//!
+//! These tests change entries on disk behind the process's back, so their caches run without the
+//! in-process memory tier (`memory_tier(0)`): every call reads the disk. `tests/fast_paths.rs`
+//! covers the tier.
 
 mod common;
 
@@ -13,8 +17,10 @@ use memo::prelude::*;
 use serde_json::Value;
 
 /// The cache the first test inspects; the other tests use caches of their own.
-static MEMORY: LazyLock<Memory> = LazyLock::new(|| Memory::new(fresh_dir("inspect")));
-static OTHER: LazyLock<Memory> = LazyLock::new(|| Memory::new(fresh_dir("inspect-other")));
+static MEMORY: LazyLock<Memory> =
+    LazyLock::new(|| Memory::new(fresh_dir("inspect")).memory_tier(0));
+static OTHER: LazyLock<Memory> =
+    LazyLock::new(|| Memory::new(fresh_dir("inspect-other")).memory_tier(0));
 
 #[cached(memory = MEMORY)]
 fn alpha(x: u64) -> u64 {

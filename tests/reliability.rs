@@ -362,7 +362,9 @@ fn a_full_disk_still_returns_the_value_and_leaves_no_partial_entry() {
 
 // --- Hostile files, in this process. ---
 
-static HOSTILE: LazyLock<Memory> = LazyLock::new(|| Memory::new(fresh_dir("hostile")));
+// Without the memory tier: the files are changed behind the process's back.
+static HOSTILE: LazyLock<Memory> =
+    LazyLock::new(|| Memory::new(fresh_dir("hostile")).memory_tier(0));
 static LINK_CALLS: Counter = Counter::new();
 static HUGE_CALLS: Counter = Counter::new();
 
@@ -440,7 +442,7 @@ fn a_header_claiming_a_huge_length_is_a_miss() {
     assert_eq!(HUGE_CALLS.get(), 2, "and repaired");
 }
 
-static LINKED: LazyLock<Memory> = LazyLock::new(|| Memory::new(fresh_dir("linked")));
+static LINKED: LazyLock<Memory> = LazyLock::new(|| Memory::new(fresh_dir("linked")).memory_tier(0));
 static LINKED_CALLS: Counter = Counter::new();
 
 #[cached(memory = LINKED)]

@@ -291,7 +291,15 @@ fn key(names: &Names<'_>, mode: TokenStream) -> TokenStream {
             for Param { binding, ty, .. } in
                 names.model.signature.params.iter().filter(|p| !p.ignored)
             {
-                parts.push(hash(quote_spanned!(ty.span()=> &#binding), ty.span()));
+                // A slice or `Vec` of numbers is hashed as raw bytes, anything else through
+                // serde: method resolution on the declared type picks (see `__private::Arg`).
+                parts.push(quote_spanned! {ty.span()=>
+                    {
+                        #[allow(unused_imports)]
+                        use #private::{NumbersArg as _, SerdeArg as _};
+                        (&#private::Arg(&#binding)).hash_into(__memo_hasher);
+                    }
+                });
             }
         }
     }

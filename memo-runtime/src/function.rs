@@ -13,12 +13,12 @@ use crate::deps::{combined_version, DepNode};
 use crate::entry::{self, CorruptEntry};
 use crate::error::Error;
 use crate::flight::{AsyncClaim, Claim, Payload};
-use crate::key::{ArgsHasher, CacheKey};
+use crate::key::{ArgsHasher, CacheKey, FunctionKey, Number};
 use crate::lock::{Acquired, KeyLock};
 use crate::log;
 use crate::memory::{Counters, Memory};
 use crate::probe;
-use crate::store::{function_dir_name, EntryAddress, Store, VERSION_DIR_DIGITS};
+use crate::store::{function_dir_name, EntryAddress, Store, TOUCH_AFTER, VERSION_DIR_DIGITS};
 
 /// What the `#[cached]` macro knows about a function at compile time.
 #[derive(Debug)]
@@ -82,9 +82,13 @@ impl Freshness {
     };
 
     fn accepts(&self, header: &entry::EntryHeader, size: usize) -> bool {
+        self.accepts_meta(header.created, header.duration, size as u64)
+    }
+
+    fn accepts_meta(&self, created: SystemTime, duration: Duration, size: u64) -> bool {
         if let Some(limit) = self.expire_after {
             let age = SystemTime::now()
-                .duration_since(header.created)
+                .duration_since(created)
                 .unwrap_or_default();
             if age > limit {
                 return false;
@@ -92,9 +96,9 @@ impl Freshness {
         }
         match self.validate {
             Some(validate) => validate(&EntryMeta {
-                created: header.created,
-                duration: header.duration,
-                size: size as u64,
+                created,
+                duration,
+                size,
             }),
             None => true,
         }
@@ -183,6 +187,67 @@ pub fn hash_arg<T: CacheArg + ?Sized>(hasher: &mut ArgsHasher, value: &T) {
     hasher.arg(value);
 }
 
+/// One parameter of a cached function, for generated code to pick how it is hashed: a slice or
+/// `Vec` of primitive numbers as raw bytes ([`NumbersArg`], chosen first), anything else through
+/// serde ([`SerdeArg`]). The choice is made by method resolution on the parameter's declared
+/// type ("autoref specialization"), so one function always keys a parameter the same way.
+#[derive(Debug)]
+pub struct Arg<'a, T: ?Sized>(pub &'a T);
+
+/// Hashes a parameter that is a slice or `Vec` of primitive numbers with
+/// [`ArgsHasher::numbers`].
+pub trait NumbersArg {
+    /// Adds the parameter to the key.
+    fn hash_into(&self, hasher: &mut ArgsHasher);
+}
+
+impl<N: Number> NumbersArg for Arg<'_, &[N]> {
+    fn hash_into(&self, hasher: &mut ArgsHasher) {
+        hasher.numbers(self.0);
+    }
+}
+
+impl<N: Number> NumbersArg for Arg<'_, &mut [N]> {
+    fn hash_into(&self, hasher: &mut ArgsHasher) {
+        hasher.numbers(self.0);
+    }
+}
+
+impl<N: Number> NumbersArg for Arg<'_, Vec<N>> {
+    fn hash_into(&self, hasher: &mut ArgsHasher) {
+        hasher.numbers(self.0);
+    }
+}
+
+impl<N: Number> NumbersArg for Arg<'_, &Vec<N>> {
+    fn hash_into(&self, hasher: &mut ArgsHasher) {
+        hasher.numbers(self.0);
+    }
+}
+
+impl<N: Number> NumbersArg for Arg<'_, Box<[N]>> {
+    fn hash_into(&self, hasher: &mut ArgsHasher) {
+        hasher.numbers(self.0);
+    }
+}
+
+/// Hashes any other parameter through its `Serialize` implementation ([`ArgsHasher::arg`]).
+pub trait SerdeArg<T: ?Sized> {
+    /// Adds the parameter to the key.
+    fn hash_into(&self, hasher: &mut ArgsHasher)
+    where
+        T: CacheArg;
+}
+
+impl<T: ?Sized> SerdeArg<T> for &Arg<'_, T> {
+    fn hash_into(&self, hasher: &mut ArgsHasher)
+    where
+        T: CacheArg,
+    {
+        hasher.arg(self.0);
+    }
+}
+
 /// An [`EntryAddress`] with owned parts.
 struct OwnedAddress {
     function: String,
@@ -247,9 +312,23 @@ fn write_entry(
     Ok((header.len() + stored.len()) as u64)
 }
 
+/// A hit read from disk: the value, what its header said, and its plain payload when asked for
+/// (to keep in the memory tier).
+struct DiskHit<R> {
+    value: R,
+    created: SystemTime,
+    duration: Duration,
+    size: u64,
+    plain: Option<Payload>,
+}
+
+/// Payloads up to this size are copied for the memory tier when read from disk (the tier keeps
+/// none larger than 1/128 of its size anyway).
+const KEEP_IN_MEMORY_UP_TO: usize = 8 << 20;
+
 /// What [`read_stored`] found.
 enum Stored<R> {
-    Hit(R, Duration),
+    Hit(DiskHit<R>),
     Absent,
     /// Intact, but expired or refused by the validation callback.
     Stale,
@@ -262,6 +341,7 @@ fn read_stored<R: DeserializeOwned>(
     store: &dyn Store,
     at: &EntryAddress<'_>,
     freshness: Freshness,
+    keep_plain: bool,
 ) -> Stored<R> {
     let bytes = match store.read(at) {
         Ok(Some(bytes)) => bytes,
@@ -279,7 +359,14 @@ fn read_stored<R: DeserializeOwned>(
                 }
             };
             match rmp_serde::from_slice(&plain) {
-                Ok(value) => Stored::Hit(value, header.duration),
+                Ok(value) => Stored::Hit(DiskHit {
+                    value,
+                    created: header.created,
+                    duration: header.duration,
+                    size: bytes.len() as u64,
+                    plain: (keep_plain && plain.len() <= KEEP_IN_MEMORY_UP_TO)
+                        .then(|| Arc::new(plain.into_owned())),
+                }),
                 Err(error) => Stored::Broken(Error::Decode {
                     path: store.describe(at),
                     type_name: std::any::type_name::<R>(),
@@ -322,6 +409,7 @@ pub struct CachedFunction {
     def: FunctionDef,
     names: OnceLock<Names>,
     version: OnceLock<String>,
+    function_key: OnceLock<FunctionKey>,
     write_warned: AtomicBool,
 }
 
@@ -338,6 +426,7 @@ impl CachedFunction {
             def,
             names: OnceLock::new(),
             version: OnceLock::new(),
+            function_key: OnceLock::new(),
             write_warned: AtomicBool::new(false),
         }
     }
@@ -385,7 +474,10 @@ impl CachedFunction {
         if mode == CallMode::Uncached || memory.store().is_none() {
             return None;
         }
-        let mut hasher = ArgsHasher::new(self.identity(), self.version());
+        let function = self
+            .function_key
+            .get_or_init(|| FunctionKey::new(self.identity(), self.version()));
+        let mut hasher = ArgsHasher::for_function(function);
         args(&mut hasher);
         match hasher.finish() {
             Ok(key) => Some(key),
@@ -424,6 +516,9 @@ impl CachedFunction {
         // there (a broken entry is not rewritten by anyone but its next computer).
         let mut absent = true;
         if mode == CallMode::Cached {
+            if let Some(value) = self.memory_hit(memory, store, &at) {
+                return P::rebuild(value);
+            }
             match self.lookup::<P::Stored>(memory, store, &at) {
                 Lookup::Hit(value) => return P::rebuild(value),
                 Lookup::Absent => {}
@@ -512,6 +607,9 @@ impl CachedFunction {
         };
         let mut absent = true;
         if mode == CallMode::Cached {
+            if let Some(value) = self.memory_hit(memory, &*store, &self.address(&key)) {
+                return P::rebuild(value);
+            }
             match self.lookup_async::<P::Stored>(memory, &store, key).await {
                 Lookup::Hit(value) => return P::rebuild(value),
                 Lookup::Absent => {}
@@ -569,6 +667,51 @@ impl CachedFunction {
         }
     }
 
+    /// This function's identity in the memory tier: the address of its static.
+    fn id(&self) -> usize {
+        self as *const Self as usize
+    }
+
+    /// A hit from the memory tier: decoded from the kept payload, when it is there and still
+    /// fresh. Refreshes the entry's time on disk when this process last did long ago.
+    fn memory_hit<R: DeserializeOwned>(
+        &self,
+        memory: &Memory,
+        store: &dyn Store,
+        at: &EntryAddress<'_>,
+    ) -> Option<R> {
+        let tier = memory.tier.as_ref()?;
+        let freshness = self.def.freshness;
+        let hit = tier.get(at.key, TOUCH_AFTER, |slot| {
+            if !freshness.accepts_meta(slot.created, slot.duration, slot.size) {
+                return None;
+            }
+            rmp_serde::from_slice(&slot.payload).ok()
+        })?;
+        if hit.touch {
+            store.touch(at);
+        }
+        Counters::bump(&memory.counters.hits);
+        Counters::bump(&memory.counters.memory_hits);
+        probe::record_hit(hit.duration);
+        Some(hit.value)
+    }
+
+    /// Keeps a value just stored in the memory tier.
+    fn remember(
+        &self,
+        memory: &Memory,
+        key: CacheKey,
+        payload: &Payload,
+        created: SystemTime,
+        duration: Duration,
+        size: u64,
+    ) {
+        if let Some(tier) = &memory.tier {
+            tier.insert(key, self.id(), Arc::clone(payload), created, duration, size);
+        }
+    }
+
     /// The address of an entry, owned, for work on other threads.
     fn owned_address(&self, key: CacheKey) -> OwnedAddress {
         OwnedAddress {
@@ -616,9 +759,11 @@ impl CachedFunction {
         let address = self.owned_address(key);
         let store = Arc::clone(store);
         let freshness = self.def.freshness;
+        let keep = memory.tier.is_some();
         let found =
-            blocking::unblock(move || read_stored::<S>(&*store, &address.at(), freshness)).await;
-        let found = self.report(memory, found);
+            blocking::unblock(move || read_stored::<S>(&*store, &address.at(), freshness, keep))
+                .await;
+        let found = self.report(memory, &key, found);
         if let Lookup::Hit(_) = found {
             Counters::bump(&memory.counters.hits);
         }
@@ -656,6 +801,9 @@ impl CachedFunction {
             write_entry(&*writer, &address.at(), &entry)
         })
         .await;
+        if let Ok(size) = result {
+            self.remember(memory, key, &payload, created, duration, size);
+        }
         self.stored(memory, result, first);
         Some(payload)
     }
@@ -675,6 +823,9 @@ impl CachedFunction {
 
     /// Removes every stored entry of this function, all versions.
     pub fn clear(&self, memory: &Memory) -> Result<(), Error> {
+        if let Some(tier) = &memory.tier {
+            tier.remove_function(self.id());
+        }
         match memory.store() {
             Some(store) => store.clear_function(&self.names().dir),
             None => Ok(()),
@@ -726,15 +877,23 @@ impl CachedFunction {
         store: &dyn Store,
         at: &EntryAddress<'_>,
     ) -> Lookup<R> {
-        self.report(memory, read_stored(store, at, self.def.freshness))
+        let keep = memory.tier.is_some();
+        self.report(
+            memory,
+            at.key,
+            read_stored(store, at, self.def.freshness, keep),
+        )
     }
 
     /// Turns what [`read_stored`] found into a look-up, reporting a broken entry.
-    fn report<R>(&self, memory: &Memory, found: Stored<R>) -> Lookup<R> {
+    fn report<R>(&self, memory: &Memory, key: &CacheKey, found: Stored<R>) -> Lookup<R> {
         match found {
-            Stored::Hit(value, duration) => {
-                probe::record_hit(duration);
-                Lookup::Hit(value)
+            Stored::Hit(hit) => {
+                probe::record_hit(hit.duration);
+                if let (Some(tier), Some(plain)) = (&memory.tier, hit.plain) {
+                    tier.insert(*key, self.id(), plain, hit.created, hit.duration, hit.size);
+                }
+                Lookup::Hit(hit.value)
             }
             Stored::Absent => Lookup::Absent,
             Stored::Stale => {
@@ -786,15 +945,19 @@ impl CachedFunction {
     ) -> Option<Payload> {
         let payload = self.encode(memory, value)?;
         let source = self.source_to_save(memory);
+        let created = SystemTime::now();
         let entry = NewEntry {
             source: source.as_deref(),
-            created: SystemTime::now(),
+            created,
             duration,
             level: self.compression(memory),
             plain: &payload,
             preview,
         };
         let result = write_entry(store, at, &entry);
+        if let Ok(size) = result {
+            self.remember(memory, *at.key, &payload, created, duration, size);
+        }
         self.stored(memory, result, source.is_some());
         Some(payload)
     }

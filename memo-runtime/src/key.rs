@@ -72,7 +72,7 @@ impl ser::Error for KeyError {
 }
 
 /// Domain separation: a key of this format can never equal a digest made for another purpose.
-const KEY_DOMAIN: &[u8] = b"memo cache key v1\0";
+const KEY_DOMAIN: &[u8] = b"memo cache key v2\0";
 
 mod tag {
     pub const BOOL: u8 = 1;
@@ -108,11 +108,14 @@ mod tag {
     pub const UNORDERED: u8 = 31;
     pub const END: u8 = 32;
     pub const ARG: u8 = 33;
+    pub const NUMBERS: u8 = 34;
 }
 
 /// Bytes buffered before they are handed to BLAKE3: large enough for its SIMD paths.
 const LARGE_BUFFER: usize = 64 * 1024;
 const SMALL_BUFFER: usize = 256;
+/// Slices at least this long are hashed by BLAKE3 on several threads.
+const PARALLEL_FROM: usize = 1 << 20;
 
 /// A buffered BLAKE3 writer: small keys never touch the heap, large ones are hashed in 64 KiB
 /// blocks so that BLAKE3 can use its wide SIMD paths.
@@ -127,8 +130,12 @@ struct Sink {
 
 impl Sink {
     fn new() -> Self {
+        Sink::with(blake3::Hasher::new())
+    }
+
+    fn with(hasher: blake3::Hasher) -> Self {
         Sink {
-            hasher: blake3::Hasher::new(),
+            hasher,
             small: [0; SMALL_BUFFER],
             large: Vec::new(),
             len: 0,
@@ -194,6 +201,27 @@ impl Sink {
         }
     }
 
+    /// Hashes a large slice without copying it: the buffer is flushed first, and from
+    /// [`PARALLEL_FROM`] bytes on BLAKE3 hashes it on the rayon pool.
+    fn write_large(&mut self, bytes: &[u8]) {
+        if bytes.len() < LARGE_BUFFER {
+            self.write(bytes);
+            return;
+        }
+        let buffered = if self.large.is_empty() {
+            &self.small[..self.len]
+        } else {
+            &self.large[..self.len]
+        };
+        self.hasher.update(buffered);
+        self.len = 0;
+        if bytes.len() >= PARALLEL_FROM {
+            self.hasher.update_rayon(bytes);
+        } else {
+            self.hasher.update(bytes);
+        }
+    }
+
     fn len_prefixed(&mut self, tag: u8, bytes: &[u8]) {
         self.tagged(tag, &(bytes.len() as u64).to_le_bytes());
         self.write(bytes);
@@ -209,11 +237,103 @@ impl Sink {
     }
 }
 
-/// Streams a function call's identity, version and arguments into a [`CacheKey`].
+/// The part of every key that depends on the function only: BLAKE3 of the key domain, the
+/// function's identity and its version. Computed once per function; each call's key is then
+/// BLAKE3 in keyed mode, with this as the key, over the arguments alone.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct FunctionKey([u8; 32]);
+
+impl FunctionKey {
+    /// The function key of a function with the given identity and version hash.
+    pub fn new(identity: &str, version: &str) -> Self {
+        let mut sink = Sink::new();
+        sink.write(KEY_DOMAIN);
+        sink.len_prefixed(tag::STR, identity.as_bytes());
+        sink.len_prefixed(tag::STR, version.as_bytes());
+        FunctionKey(sink.finish())
+    }
+
+    /// The digest bytes.
+    pub const fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+}
+
+impl fmt::Debug for FunctionKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "FunctionKey({})",
+            blake3::Hash::from_bytes(self.0).to_hex()
+        )
+    }
+}
+
+/// A number type whose slices are keyed as raw bytes by [`ArgsHasher::numbers`]: the
+/// primitive integers and floats. Sealed.
+pub trait Number: bytemuck::Pod + sealed::Sealed {
+    /// The tag of the element type in the key encoding.
+    #[doc(hidden)]
+    const TAG: u8;
+    /// Whether some value needs its canonical form (a NaN that is not the canonical one), so
+    /// that the raw bytes cannot be hashed as they are.
+    #[doc(hidden)]
+    fn needs_canonical(values: &[Self]) -> bool;
+    /// The value's little-endian bytes in canonical form, written to `sink`.
+    #[doc(hidden)]
+    fn write_canonical(self, out: &mut Vec<u8>);
+}
+
+mod sealed {
+    pub trait Sealed {}
+}
+
+macro_rules! integer_numbers {
+    ($($ty:ty => $tag:expr),*) => {$(
+        impl sealed::Sealed for $ty {}
+        impl Number for $ty {
+            const TAG: u8 = $tag;
+            fn needs_canonical(_: &[Self]) -> bool {
+                false
+            }
+            fn write_canonical(self, out: &mut Vec<u8>) {
+                out.extend_from_slice(&self.to_le_bytes());
+            }
+        }
+    )*};
+}
+
+integer_numbers!(
+    u8 => tag::U8, u16 => tag::U16, u32 => tag::U32, u64 => tag::U64,
+    i8 => tag::I8, i16 => tag::I16, i32 => tag::I32, i64 => tag::I64
+);
+
+macro_rules! float_numbers {
+    ($($ty:ty => $tag:expr),*) => {$(
+        impl sealed::Sealed for $ty {}
+        impl Number for $ty {
+            const TAG: u8 = $tag;
+            fn needs_canonical(values: &[Self]) -> bool {
+                // Branch-free per chunk, so that it vectorizes; stops at the first chunk with a NaN.
+                values
+                    .chunks(1024)
+                    .any(|chunk| chunk.iter().fold(false, |nan, v| nan | v.is_nan()))
+            }
+            fn write_canonical(self, out: &mut Vec<u8>) {
+                let value = if self.is_nan() { <$ty>::NAN } else { self };
+                out.extend_from_slice(&value.to_le_bytes());
+            }
+        }
+    )*};
+}
+
+float_numbers!(f32 => tag::F32, f64 => tag::F64);
+
+/// Streams a function call's arguments into a [`CacheKey`], keyed by its [`FunctionKey`].
 ///
 /// Generated code creates one per call and feeds it each argument with
-/// [`ArgsHasher::arg`]; the first `Serialize` error is kept and reported by
-/// [`ArgsHasher::finish`].
+/// [`ArgsHasher::arg`] (or [`ArgsHasher::numbers`] for a slice or `Vec` of numbers); the first
+/// `Serialize` error is kept and reported by [`ArgsHasher::finish`].
 pub struct ArgsHasher {
     sink: Sink,
     error: Option<KeyError>,
@@ -222,11 +342,42 @@ pub struct ArgsHasher {
 impl ArgsHasher {
     /// Starts a key for a function with the given identity and version hash.
     pub fn new(identity: &str, version: &str) -> Self {
-        let mut sink = Sink::new();
-        sink.write(KEY_DOMAIN);
-        sink.len_prefixed(tag::STR, identity.as_bytes());
-        sink.len_prefixed(tag::STR, version.as_bytes());
-        ArgsHasher { sink, error: None }
+        ArgsHasher::for_function(&FunctionKey::new(identity, version))
+    }
+
+    /// Starts a key for the function whose [`FunctionKey`] is given (the cheap way: compute the
+    /// function key once).
+    pub fn for_function(function: &FunctionKey) -> Self {
+        ArgsHasher {
+            sink: Sink::with(blake3::Hasher::new_keyed(&function.0)),
+            error: None,
+        }
+    }
+
+    /// Adds one argument that is a slice of numbers, hashed as its little-endian bytes (on
+    /// little-endian machines, straight from memory and on several threads when it is large):
+    /// `ARG`, `NUMBERS`, the element tag, the length as a `u64`, then the elements, each NaN in
+    /// canonical form. Generated code uses it for arguments of type `&[T]`, `Vec<T>` and
+    /// `&Vec<T>` with `T` a primitive number; such an argument's key therefore differs from the
+    /// one [`ArgsHasher::arg`] would give it (the same function always uses the same one).
+    pub fn numbers<T: Number>(&mut self, values: &[T]) {
+        if self.error.is_some() {
+            return;
+        }
+        self.sink.write(&[tag::ARG, tag::NUMBERS, T::TAG]);
+        self.sink.write(&(values.len() as u64).to_le_bytes());
+        if cfg!(target_endian = "little") && !T::needs_canonical(values) {
+            self.sink.write_large(bytemuck::cast_slice(values));
+            return;
+        }
+        let mut out = Vec::with_capacity(LARGE_BUFFER);
+        for chunk in values.chunks(LARGE_BUFFER / std::mem::size_of::<T>().max(1)) {
+            out.clear();
+            for value in chunk {
+                value.write_canonical(&mut out);
+            }
+            self.sink.write_large(&out);
+        }
     }
 
     /// Adds one argument to the key.
@@ -796,10 +947,11 @@ mod tests {
             3 * LARGE_BUFFER + 7,
         ] {
             let text = "y".repeat(len);
-            let mut expected = KEY_DOMAIN.to_vec();
-            prefixed(&mut expected, tag::STR, b"crate::f");
-            prefixed(&mut expected, tag::STR, b"v");
-            expected.push(tag::ARG);
+            let mut function = KEY_DOMAIN.to_vec();
+            prefixed(&mut function, tag::STR, b"crate::f");
+            prefixed(&mut function, tag::STR, b"v");
+            let function = blake3::hash(&function);
+            let mut expected = vec![tag::ARG];
             prefixed(&mut expected, tag::STR, text.as_bytes());
             expected.push(tag::ARG);
             expected.extend_from_slice(&[tag::U64]);
@@ -809,10 +961,51 @@ mod tests {
             hasher.arg(&7u64);
             assert_eq!(
                 hasher.finish().unwrap().as_bytes(),
-                blake3::hash(&expected).as_bytes(),
+                blake3::keyed_hash(function.as_bytes(), &expected).as_bytes(),
                 "length {len}"
             );
         }
+    }
+
+    fn numbers_key<T: Number>(values: &[T]) -> CacheKey {
+        let mut hasher = ArgsHasher::new("crate::f", "v");
+        hasher.numbers(values);
+        hasher.finish().unwrap()
+    }
+
+    #[test]
+    fn number_slices_are_keyed_by_their_documented_bytes() {
+        for len in [0usize, 3, 1000, LARGE_BUFFER, PARALLEL_FROM / 8 + 5] {
+            let values: Vec<f64> = (0..len).map(|i| i as f64 * 0.5 - 7.0).collect();
+            let mut expected = vec![tag::ARG, tag::NUMBERS, tag::F64];
+            expected.extend_from_slice(&(len as u64).to_le_bytes());
+            for v in &values {
+                expected.extend_from_slice(&v.to_le_bytes());
+            }
+            let function = FunctionKey::new("crate::f", "v");
+            assert_eq!(
+                numbers_key(&values).as_bytes(),
+                blake3::keyed_hash(function.as_bytes(), &expected).as_bytes(),
+                "length {len}"
+            );
+        }
+    }
+
+    #[test]
+    fn number_slices_differ_by_type_length_and_value_with_one_nan() {
+        assert_ne!(numbers_key(&[1u32, 2]), numbers_key(&[1u64, 2]));
+        assert_ne!(numbers_key(&[0u8; 4]), numbers_key(&[0u8; 5]));
+        assert_ne!(numbers_key(&[0.0f64]), numbers_key(&[-0.0f64]));
+        let big: Vec<f64> = (0..300_000).map(f64::from).collect();
+        let mut changed = big.clone();
+        changed[299_999] = 1.5;
+        assert_ne!(numbers_key(&big), numbers_key(&changed));
+        let mut nan = big.clone();
+        nan[5] = f64::NAN;
+        let mut other_nan = big;
+        other_nan[5] = f64::from_bits(f64::NAN.to_bits() | 1);
+        assert_eq!(numbers_key(&nan), numbers_key(&other_nan));
+        assert_ne!(numbers_key(&[f32::NAN]), numbers_key(&[f32::INFINITY]));
     }
 
     #[test]

@@ -34,12 +34,15 @@ pub mod par_map;
 pub mod preview;
 mod probe;
 pub mod store;
+mod tier;
 
 pub use error::Error;
 pub use function::EntryMeta;
 pub use inventory::{EntryInfo, FunctionInfo, VersionInfo};
 pub use key::CacheKey;
-pub use memory::{AsMemory, Memory, Stats, DEFAULT_LOCK_TIMEOUT, MEMO_DIR, MEMO_DISABLE};
+pub use memory::{
+    AsMemory, Memory, Stats, DEFAULT_LOCK_TIMEOUT, DEFAULT_MEMORY_TIER, MEMO_DIR, MEMO_DISABLE,
+};
 pub use par_map::{CachedMap, ItemFailure, MapError, MapOutcome, ParCachedMap, ParCachedMapSlice};
 pub use store::{Cleanup, VerifyReport};
 
@@ -49,10 +52,10 @@ pub mod __private {
     pub use crate::deps::DepNode;
     pub use crate::error::Error;
     pub use crate::function::{
-        hash_arg, CacheArg, CacheValue, CachedFunction, CallMode, Compression, EntryMeta,
-        Freshness, FunctionDef, OkOnly, Plain, SomeOnly, StorePolicy,
+        hash_arg, Arg, CacheArg, CacheValue, CachedFunction, CallMode, Compression, EntryMeta,
+        Freshness, FunctionDef, NumbersArg, OkOnly, Plain, SerdeArg, SomeOnly, StorePolicy,
     };
-    pub use crate::key::{ArgsHasher, CacheKey};
+    pub use crate::key::{ArgsHasher, CacheKey, FunctionKey};
     pub use crate::memory::{AsMemory, Memory};
     pub use crate::preview::{Preview, PreviewDebug, PreviewNone};
 }

@@ -13,12 +13,16 @@ use crate::flight::InFlight;
 use crate::gc::{self, GcReport, Limits};
 use crate::inventory::{EntryInfo, FunctionInfo};
 use crate::store::{Cleanup, DirStore, Store, VerifyReport};
+use crate::tier::Tier;
 
 /// Temporary and lock files older than this are removed by the automatic clean-up.
 const STALE_AFTER: Duration = Duration::from_secs(3600);
 
 /// How long a process waits, by default, for another process computing the same key.
 pub const DEFAULT_LOCK_TIMEOUT: Duration = Duration::from_secs(3600);
+
+/// The default size of the in-process memory tier ([`Memory::memory_tier`]): 64 MiB.
+pub const DEFAULT_MEMORY_TIER: u64 = 64 << 20;
 
 /// Environment variable naming the cache folder of [`Memory::from_env`] (and so of every
 /// `#[cached]` function without a `memory = ...` option).
@@ -58,6 +62,9 @@ pub struct Memory {
     pub(crate) counters: Counters,
     /// Function versions (by the address of their static) whose source is already recorded.
     sources_saved: Mutex<HashSet<usize>>,
+    /// Recently used payloads, in memory; `None` when turned off.
+    pub(crate) tier: Option<Tier>,
+    tier_size: u64,
 }
 
 impl fmt::Debug for Memory {
@@ -76,6 +83,7 @@ pub(crate) struct Counters {
     pub(crate) misses: AtomicU64,
     pub(crate) stores: AtomicU64,
     pub(crate) errors: AtomicU64,
+    pub(crate) memory_hits: AtomicU64,
 }
 
 impl Counters {
@@ -96,6 +104,8 @@ pub struct Stats {
     pub stores: u64,
     /// Problems met and tolerated: unreadable or broken entries, failed writes.
     pub errors: u64,
+    /// Of the hits, those answered by the in-process memory tier without reading the disk.
+    pub memory_hits: u64,
 }
 
 impl Memory {
@@ -132,6 +142,37 @@ impl Memory {
             flights: InFlight::default(),
             counters: Counters::default(),
             sources_saved: Mutex::new(HashSet::new()),
+            tier: Tier::new(DEFAULT_MEMORY_TIER),
+            tier_size: DEFAULT_MEMORY_TIER,
+        }
+    }
+
+    /// The size of the in-process memory tier, in bytes: recently used values are kept in memory
+    /// (as their encoded bytes, looked up by their full 256-bit key) so that a repeated call in
+    /// the same process does not read the disk. Values larger than 1/128 of it are always read
+    /// from disk. `0` turns it off. Default: [`DEFAULT_MEMORY_TIER`] (64 MiB).
+    ///
+    /// The tier serves what this process stored or read; an entry deleted on disk by another
+    /// process (or by hand) is still served from memory until it is pushed out or this process
+    /// clears it (`f::clear()`, [`Memory::clear`]). Expiry (`expire = ...`) and validation
+    /// callbacks are checked on every hit, in memory too.
+    ///
+    /// ```
+    /// let memory = memo_runtime::Memory::new("/tmp/cache").memory_tier(0);
+    /// assert_eq!(memory.memory_tier_size(), 0);
+    /// ```
+    pub fn memory_tier(mut self, bytes: u64) -> Self {
+        self.tier = Tier::new(bytes);
+        self.tier_size = bytes;
+        self
+    }
+
+    /// The size of the memory tier in bytes (`0`: off).
+    pub fn memory_tier_size(&self) -> u64 {
+        if self.tier.is_some() {
+            self.tier_size
+        } else {
+            0
         }
     }
 
@@ -334,6 +375,7 @@ impl Memory {
             misses: load(&self.counters.misses),
             stores: load(&self.counters.stores),
             errors: load(&self.counters.errors),
+            memory_hits: load(&self.counters.memory_hits),
         }
     }
 
@@ -345,6 +387,7 @@ impl Memory {
     /// memory.clear().unwrap();
     /// ```
     pub fn clear(&self) -> Result<(), Error> {
+        self.forget_in_memory();
         match &self.store {
             Some(store) => store.clear(),
             None => Ok(()),
@@ -403,6 +446,7 @@ impl Memory {
     /// Removes every entry of one function (a name as [`Memory::functions`] gives it), all
     /// versions.
     pub fn clear_function(&self, function: &str) -> Result<(), Error> {
+        self.forget_in_memory();
         match &self.store {
             Some(store) => store.clear_function(function),
             None => Ok(()),
@@ -441,6 +485,13 @@ impl Memory {
     }
 
     /// [`Memory::store`], shared, for work on other threads.
+    /// Empties the memory tier (after this process removed entries on purpose).
+    pub(crate) fn forget_in_memory(&self) {
+        if let Some(tier) = &self.tier {
+            tier.clear();
+        }
+    }
+
     pub(crate) fn store_arc(&self) -> Option<Arc<dyn Store>> {
         if disabled_by_env() {
             return None;

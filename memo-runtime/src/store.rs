@@ -45,7 +45,7 @@ const LOCK_SUFFIX: &str = ".lock";
 const READ_WHOLE: u64 = 64 * 1024;
 /// A hit refreshes its entry's modification time (its "last used" time) when it is older than
 /// this: recency stays reliable (access times are often off) and cheap (no write on most hits).
-const TOUCH_AFTER: Duration = Duration::from_secs(3600);
+pub const TOUCH_AFTER: Duration = Duration::from_secs(3600);
 
 /// Where one entry lives, independent of the storage backend.
 #[derive(Debug, Clone, Copy)]
@@ -69,6 +69,9 @@ pub(crate) trait Store: Send + Sync {
     fn read(&self, at: &EntryAddress<'_>) -> Result<Option<Vec<u8>>, Error>;
     /// Stores an entry atomically: readers see the old state or the complete new entry.
     fn write(&self, at: &EntryAddress<'_>, header: &[u8], payload: &[u8]) -> Result<(), Error>;
+    /// Marks an entry as just used (for least-recently-used eviction), best effort: called
+    /// when a value served from memory was last marked long ago ([`TOUCH_AFTER`]).
+    fn touch(&self, at: &EntryAddress<'_>);
     /// Records the argument preview of an entry.
     fn save_preview(&self, at: &EntryAddress<'_>, preview: &str) -> Result<(), Error>;
     /// Records the source text of a function version, if it is not recorded yet.
@@ -652,6 +655,13 @@ impl Store for DirStore {
         let path = self.entry_path(at);
         let dir = path.parent().unwrap_or(&self.base).to_path_buf();
         self.write_atomic(&dir, &path, &[header, payload])
+    }
+
+    fn touch(&self, at: &EntryAddress<'_>) {
+        if let Ok(file) = open_entry(&self.entry_path(at)) {
+            // Best effort, as for a read: an entry whose time cannot be set is older for eviction.
+            let _ = file.set_modified(SystemTime::now());
+        }
     }
 
     fn save_preview(&self, at: &EntryAddress<'_>, preview: &str) -> Result<(), Error> {

@@ -1,0 +1,285 @@
+//! The in-process memory tier: recently used entries' payloads, in front of the disk.
+//!
+//! Looked up by the full 256-bit [`CacheKey`] (which covers the function, its version and the
+//! arguments), so two different calls can never share a slot. Bounded in bytes: each of
+//! [`SHARDS`] shards holds an equal share and forgets its oldest insertions first. Values larger
+//! than an eighth of a shard's share are not kept (they would push out many small ones); they
+//! are read from disk on every hit.
+
+use std::collections::VecDeque;
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant, SystemTime};
+
+use rustc_hash::FxHashMap;
+
+use crate::flight::Payload;
+use crate::key::CacheKey;
+
+/// Independent locks, so that threads hitting different keys rarely wait for each other.
+const SHARDS: usize = 16;
+/// What a slot costs beyond its payload (map and queue bookkeeping), for the byte budget.
+const SLOT_OVERHEAD: u64 = 128;
+
+/// One entry in memory: its payload (plain MessagePack) and what its header said.
+pub(crate) struct Slot {
+    pub(crate) payload: Payload,
+    pub(crate) created: SystemTime,
+    pub(crate) duration: Duration,
+    /// The entry's size on disk (for validation callbacks).
+    pub(crate) size: u64,
+    /// Which function it belongs to (the address of its static), for [`Tier::remove_function`].
+    function: usize,
+    /// When this process last refreshed the entry's time on disk (for least-recently-used
+    /// eviction across processes).
+    touched: Instant,
+    generation: u64,
+}
+
+#[derive(Default)]
+struct Shard {
+    slots: FxHashMap<CacheKey, Slot>,
+    /// Insertion order, with the generation each insertion had (a replaced slot's old place in
+    /// the queue is skipped).
+    order: VecDeque<(CacheKey, u64)>,
+    bytes: u64,
+    generation: u64,
+}
+
+/// What a look-up in the tier tells the caller besides the value.
+pub(crate) struct TierHit<T> {
+    pub(crate) value: T,
+    pub(crate) duration: Duration,
+    /// The entry's time on disk should be refreshed: it was last refreshed long ago.
+    pub(crate) touch: bool,
+}
+
+/// The memory tier of one [`Memory`](crate::Memory).
+pub(crate) struct Tier {
+    shards: Box<[Mutex<Shard>]>,
+    shard_budget: u64,
+}
+
+impl Tier {
+    /// A tier holding at most about `bytes` bytes of payloads; `None` for 0.
+    pub(crate) fn new(bytes: u64) -> Option<Self> {
+        if bytes == 0 {
+            return None;
+        }
+        Some(Tier {
+            shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
+            shard_budget: (bytes / SHARDS as u64).max(1),
+        })
+    }
+
+    fn shard(&self, key: &CacheKey) -> MutexGuard<'_, Shard> {
+        let index = key.as_bytes()[31] as usize % SHARDS;
+        self.shards[index]
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Looks `key` up and, when present, runs `read` on its slot under the shard's lock (so a
+    /// small value is decoded without touching the reference count). `read` returning `None`
+    /// (a value that is not fresh any more, or does not decode) removes the slot.
+    pub(crate) fn get<T>(
+        &self,
+        key: &CacheKey,
+        touch_after: Duration,
+        read: impl FnOnce(&Slot) -> Option<T>,
+    ) -> Option<TierHit<T>> {
+        let mut shard = self.shard(key);
+        let slot = shard.slots.get_mut(key)?;
+        match read(slot) {
+            Some(value) => {
+                let duration = slot.duration;
+                let touch = slot.touched.elapsed() > touch_after;
+                if touch {
+                    slot.touched = Instant::now();
+                }
+                Some(TierHit {
+                    value,
+                    duration,
+                    touch,
+                })
+            }
+            None => {
+                if let Some(slot) = shard.slots.remove(key) {
+                    shard.bytes -= cost(&slot.payload);
+                }
+                None
+            }
+        }
+    }
+
+    /// Keeps a payload, replacing any slot of the same key, and forgets the oldest slots of its
+    /// shard beyond the budget. Too large a payload is not kept (and replaces nothing: a slot of
+    /// the same key holds the same value).
+    pub(crate) fn insert(
+        &self,
+        key: CacheKey,
+        function: usize,
+        payload: Payload,
+        created: SystemTime,
+        duration: Duration,
+        size: u64,
+    ) {
+        let bytes = cost(&payload);
+        if bytes > self.shard_budget / 8 {
+            return;
+        }
+        let mut shard = self.shard(&key);
+        let shard = &mut *shard;
+        shard.generation += 1;
+        let generation = shard.generation;
+        let slot = Slot {
+            payload,
+            created,
+            duration,
+            size,
+            function,
+            touched: Instant::now(),
+            generation,
+        };
+        if let Some(old) = shard.slots.insert(key, slot) {
+            shard.bytes -= cost(&old.payload);
+        }
+        shard.bytes += bytes;
+        shard.order.push_back((key, generation));
+        while shard.bytes > self.shard_budget {
+            let Some((oldest, generation)) = shard.order.pop_front() else {
+                break;
+            };
+            let current = shard
+                .slots
+                .get(&oldest)
+                .is_some_and(|slot| slot.generation == generation);
+            if current {
+                if let Some(slot) = shard.slots.remove(&oldest) {
+                    shard.bytes -= cost(&slot.payload);
+                }
+            }
+        }
+        // Replaced slots leave stale places in the queue: drop them when they dominate.
+        if shard.order.len() > 2 * shard.slots.len() + 64 {
+            let slots = &shard.slots;
+            shard.order.retain(|(key, generation)| {
+                slots.get(key).is_some_and(|s| s.generation == *generation)
+            });
+        }
+    }
+
+    /// Forgets every slot of one function (by the address of its static).
+    pub(crate) fn remove_function(&self, function: usize) {
+        self.retain(|slot| slot.function != function);
+    }
+
+    /// Forgets everything.
+    pub(crate) fn clear(&self) {
+        self.retain(|_| false);
+    }
+
+    fn retain(&self, keep: impl Fn(&Slot) -> bool) {
+        for shard in self.shards.iter() {
+            let mut shard = shard.lock().unwrap_or_else(PoisonError::into_inner);
+            let shard = &mut *shard;
+            let mut freed = 0;
+            shard.slots.retain(|_, slot| {
+                let kept = keep(slot);
+                if !kept {
+                    freed += cost(&slot.payload);
+                }
+                kept
+            });
+            shard.bytes -= freed;
+            if shard.slots.is_empty() {
+                shard.order.clear();
+            }
+        }
+    }
+
+    /// Bytes held, with bookkeeping.
+    #[cfg(test)]
+    pub(crate) fn bytes(&self) -> u64 {
+        self.shards
+            .iter()
+            .map(|s| s.lock().unwrap_or_else(PoisonError::into_inner).bytes)
+            .sum()
+    }
+}
+
+fn cost(payload: &Payload) -> u64 {
+    payload.len() as u64 + SLOT_OVERHEAD
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    fn key(n: u8) -> CacheKey {
+        let mut bytes = [0u8; 32];
+        bytes[0] = n;
+        bytes[31] = 0; // one shard, so the budget is easy to reason about
+        CacheKey::from_bytes(bytes)
+    }
+
+    fn put(tier: &Tier, n: u8, len: usize) {
+        let payload = Arc::new(vec![n; len]);
+        tier.insert(key(n), 1, payload, SystemTime::now(), Duration::ZERO, 0);
+    }
+
+    fn value(tier: &Tier, n: u8) -> Option<Vec<u8>> {
+        tier.get(&key(n), Duration::MAX, |slot| Some(slot.payload.to_vec()))
+            .map(|hit| hit.value)
+    }
+
+    #[test]
+    fn keys_never_share_a_slot() {
+        let tier = Tier::new(1 << 20).unwrap();
+        put(&tier, 1, 10);
+        put(&tier, 2, 10);
+        assert_eq!(value(&tier, 1), Some(vec![1; 10]));
+        assert_eq!(value(&tier, 2), Some(vec![2; 10]));
+        assert_eq!(value(&tier, 3), None);
+    }
+
+    #[test]
+    fn the_budget_is_kept_by_forgetting_the_oldest() {
+        // One shard's share: 64 KiB / 16 = 4 KiB; each slot costs 100 + 128 bytes.
+        let tier = Tier::new(64 * 1024).unwrap();
+        for n in 0..30 {
+            put(&tier, n, 100);
+        }
+        assert!(tier.bytes() <= 4096, "{} bytes", tier.bytes());
+        assert!(tier.bytes() > 4096 - 228, "{} bytes", tier.bytes());
+        assert_eq!(value(&tier, 0), None);
+        assert_eq!(value(&tier, 29), Some(vec![29; 100]));
+        // Replacing a key does not count it twice.
+        let before = tier.bytes();
+        put(&tier, 29, 100);
+        assert_eq!(tier.bytes(), before);
+    }
+
+    #[test]
+    fn large_values_are_not_kept_and_zero_means_no_tier() {
+        let tier = Tier::new(16 * 1024).unwrap();
+        put(&tier, 1, 200);
+        assert_eq!(value(&tier, 1), None);
+        assert!(Tier::new(0).is_none());
+    }
+
+    #[test]
+    fn a_refused_value_and_removals_free_their_bytes() {
+        let tier = Tier::new(1 << 20).unwrap();
+        put(&tier, 1, 10);
+        put(&tier, 2, 10);
+        assert!(tier.get(&key(1), Duration::MAX, |_| None::<()>).is_none());
+        assert_eq!(value(&tier, 1), None);
+        tier.remove_function(1);
+        assert_eq!(tier.bytes(), 0);
+        put(&tier, 3, 10);
+        tier.remove_function(1);
+        assert_eq!(value(&tier, 3), None);
+        assert_eq!(tier.bytes(), 0);
+    }
+}

@@ -1,0 +1,208 @@
+//! The fast paths: the in-process memory tier in front of the disk, and slices of numbers keyed
+//! as raw bytes. Each test has its own functions and cache, so counts are exact.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::LazyLock;
+
+use common::{entry_files, fresh_dir, Counter};
+use memo::prelude::*;
+use memo::EntryMeta;
+
+static TIERED: LazyLock<Memory> = LazyLock::new(|| Memory::new(fresh_dir("tiered")));
+/// Its own memory: the test counts its hits.
+static SQUARE_MEMORY: LazyLock<Memory> = LazyLock::new(|| Memory::new(fresh_dir("square")));
+
+static SQUARES: Counter = Counter::new();
+
+#[cached(memory = SQUARE_MEMORY)]
+fn square(x: u64) -> u64 {
+    SQUARES.bump();
+    x * x
+}
+
+#[test]
+fn a_repeated_call_is_served_from_memory_and_never_confuses_arguments() {
+    let before = SQUARE_MEMORY.stats();
+    for x in 0..500 {
+        assert_eq!(square(x), x * x);
+    }
+    for round in 0..3 {
+        for x in (0..500).rev() {
+            assert_eq!(square(x), x * x, "round {round}");
+        }
+    }
+    assert_eq!(SQUARES.get(), 500);
+    let after = SQUARE_MEMORY.stats();
+    assert_eq!(after.memory_hits - before.memory_hits, 1500);
+    assert_eq!(entry_files(&square::location().unwrap()).len(), 500);
+}
+
+static GONE: Counter = Counter::new();
+
+#[cached(memory = TIERED)]
+fn deleted_on_disk(x: u64) -> u64 {
+    GONE.bump();
+    x + 1
+}
+
+#[test]
+fn memory_keeps_serving_what_the_disk_lost_until_the_function_is_cleared() {
+    assert_eq!(deleted_on_disk(1), 2);
+    for entry in entry_files(&deleted_on_disk::location().unwrap()) {
+        std::fs::remove_file(entry).unwrap();
+    }
+    // Documented: the tier serves what this process stored, whatever happens on disk.
+    assert_eq!(deleted_on_disk(1), 2);
+    assert_eq!(GONE.get(), 1);
+    deleted_on_disk::clear().unwrap();
+    assert_eq!(deleted_on_disk(1), 2);
+    assert_eq!(GONE.get(), 2);
+}
+
+static FRESH: AtomicBool = AtomicBool::new(true);
+static VALIDATED: Counter = Counter::new();
+
+fn still_fresh(_: &EntryMeta) -> bool {
+    FRESH.load(Ordering::SeqCst)
+}
+
+#[cached(memory = TIERED, validate = still_fresh)]
+fn validated(x: u64) -> u64 {
+    VALIDATED.bump();
+    x * 3
+}
+
+#[test]
+fn validation_is_checked_on_memory_hits_too() {
+    assert_eq!(validated(2), 6);
+    assert_eq!(validated(2), 6);
+    assert_eq!(VALIDATED.get(), 1);
+    FRESH.store(false, Ordering::SeqCst);
+    assert_eq!(validated(2), 6);
+    assert_eq!(VALIDATED.get(), 2);
+    FRESH.store(true, Ordering::SeqCst);
+    assert_eq!(validated(2), 6);
+    assert_eq!(VALIDATED.get(), 2);
+}
+
+static DRAWS: Counter = Counter::new();
+
+/// Not deterministic on purpose: each computation gives a new value.
+#[cached(memory = TIERED)]
+fn draw(x: u64) -> u64 {
+    DRAWS.bump();
+    x * 100 + DRAWS.get() as u64
+}
+
+#[test]
+fn recompute_replaces_the_value_in_memory() {
+    let first = draw(1);
+    assert_eq!(draw(1), first);
+    let second = draw::recompute(1);
+    assert_ne!(second, first);
+    assert_eq!(draw(1), second);
+    assert_eq!(DRAWS.get(), 2);
+}
+
+static SMALL_TIER: LazyLock<Memory> =
+    LazyLock::new(|| Memory::new(fresh_dir("small-tier")).memory_tier(128 * 1024));
+static NO_TIER: LazyLock<Memory> =
+    LazyLock::new(|| Memory::new(fresh_dir("no-tier")).memory_tier(0));
+
+#[cached(memory = SMALL_TIER)]
+fn big_in_small_tier(n: usize) -> Vec<u8> {
+    vec![7; n]
+}
+
+#[cached(memory = SMALL_TIER)]
+fn many_in_small_tier(x: u64) -> u64 {
+    x ^ 0x5555
+}
+
+#[cached(memory = NO_TIER)]
+fn without_tier(x: u64) -> u64 {
+    x + 5
+}
+
+#[test]
+fn the_tier_is_bounded_and_can_be_turned_off() {
+    assert_eq!(SMALL_TIER.memory_tier_size(), 128 * 1024);
+    // 4 KiB is more than 1/128 of the tier: read from disk every time.
+    assert_eq!(big_in_small_tier(4096).len(), 4096);
+    let before = SMALL_TIER.stats();
+    assert_eq!(big_in_small_tier(4096), vec![7; 4096]);
+    let after = SMALL_TIER.stats();
+    assert_eq!(
+        (
+            after.hits - before.hits,
+            after.memory_hits - before.memory_hits
+        ),
+        (1, 0)
+    );
+
+    // Far more small values than fit: the oldest fall back to disk hits, all values right.
+    for x in 0..3000 {
+        many_in_small_tier(x);
+    }
+    let before = SMALL_TIER.stats();
+    for x in (0..3000).rev() {
+        assert_eq!(many_in_small_tier(x), x ^ 0x5555);
+    }
+    let after = SMALL_TIER.stats();
+    assert_eq!(after.hits - before.hits, 3000);
+    let in_memory = after.memory_hits - before.memory_hits;
+    assert!(in_memory > 0 && in_memory < 3000, "{in_memory} memory hits");
+
+    assert_eq!(NO_TIER.memory_tier_size(), 0);
+    without_tier(1);
+    assert_eq!(without_tier(1), 6);
+    assert_eq!(NO_TIER.stats().memory_hits, 0);
+    assert_eq!(NO_TIER.stats().hits, 1);
+}
+
+static NUMBERS: LazyLock<Memory> =
+    LazyLock::new(|| Memory::new(fresh_dir("numbers")).memory_tier(0));
+static SUMS: Counter = Counter::new();
+static OWNED_SUMS: Counter = Counter::new();
+
+#[cached(memory = NUMBERS)]
+fn sum(values: &[f64]) -> f64 {
+    SUMS.bump();
+    values.iter().sum()
+}
+
+#[cached(memory = NUMBERS)]
+fn owned_sum(values: Vec<i32>, scale: i32) -> i64 {
+    OWNED_SUMS.bump();
+    values.iter().map(|&v| i64::from(v * scale)).sum()
+}
+
+#[test]
+fn slices_of_numbers_are_keyed_by_every_element() {
+    let mut values: Vec<f64> = (0..300_000).map(f64::from).collect();
+    let total = sum(&values);
+    assert_eq!(sum(&values), total);
+    assert_eq!(SUMS.get(), 1);
+    values[299_999] += 1.0;
+    assert_eq!(sum(&values), total + 1.0);
+    assert_eq!(SUMS.get(), 2);
+    // One NaN is any NaN; -0.0 is not 0.0.
+    let nan = [1.0, f64::NAN];
+    let other_nan = [1.0, f64::from_bits(f64::NAN.to_bits() | 1)];
+    assert!(sum(&nan).is_nan());
+    assert!(sum(&other_nan).is_nan());
+    assert_eq!(SUMS.get(), 3);
+    sum(&[0.0]);
+    sum(&[-0.0]);
+    assert_eq!(SUMS.get(), 5);
+    assert!(sum::is_cached(&[-0.0]));
+    assert!(!sum::is_cached(&[-1.0]));
+
+    assert_eq!(owned_sum(vec![1, 2, 3], 2), 12);
+    assert_eq!(owned_sum(vec![1, 2, 3], 2), 12);
+    assert_eq!(owned_sum(vec![1, 2, 3], 3), 18);
+    assert_eq!(owned_sum(vec![1, 2], 2), 6);
+    assert_eq!(OWNED_SUMS.get(), 3);
+}
