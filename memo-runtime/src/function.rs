@@ -13,12 +13,13 @@ use crate::deps::{combined_version, DepNode};
 use crate::entry::{self, CorruptEntry};
 use crate::error::Error;
 use crate::flight::{AsyncClaim, Claim, Payload};
-use crate::key::{ArgsHasher, CacheKey, FunctionKey, Number};
+use crate::key::{ArgsHasher, CacheKey, CallKey, FunctionKey, Number};
 use crate::lock::{Acquired, KeyLock};
 use crate::log;
 use crate::memory::{Counters, Memory};
 use crate::probe;
 use crate::store::{function_dir_name, EntryAddress, Store, TOUCH_AFTER, VERSION_DIR_DIGITS};
+use crate::tier::TierKey;
 
 /// What the `#[cached]` macro knows about a function at compile time.
 #[derive(Debug)]
@@ -279,6 +280,14 @@ struct NewEntry<'a> {
     preview: Option<&'a str>,
 }
 
+/// A value just computed, to store.
+struct Computed<'v, S> {
+    value: &'v S,
+    duration: Duration,
+    /// A short `Debug` form of the arguments, when there is one.
+    preview: Option<&'v str>,
+}
+
 /// Payloads smaller than this are stored as they are: compressing them saves nothing.
 const COMPRESS_FROM: usize = 128;
 
@@ -470,7 +479,7 @@ impl CachedFunction {
         memory: &Memory,
         mode: CallMode,
         args: impl FnOnce(&mut ArgsHasher),
-    ) -> Option<CacheKey> {
+    ) -> Option<CallKey> {
         if mode == CallMode::Uncached || memory.store().is_none() {
             return None;
         }
@@ -479,7 +488,7 @@ impl CachedFunction {
             .get_or_init(|| FunctionKey::new(self.identity(), self.version()));
         let mut hasher = ArgsHasher::for_function(function);
         args(&mut hasher);
-        match hasher.finish() {
+        match hasher.finish_call() {
             Ok(key) => Some(key),
             Err(source) => {
                 let function = self.identity().to_owned();
@@ -495,7 +504,7 @@ impl CachedFunction {
         &self,
         memory: &Memory,
         mode: CallMode,
-        key: Option<CacheKey>,
+        key: Option<CallKey>,
         preview: &OnceLock<String>,
         compute: F,
     ) -> R
@@ -505,21 +514,26 @@ impl CachedFunction {
     {
         let probing = probe::probing();
         probe::record_call();
-        let (Some(key), Some(store)) = (key, memory.store()) else {
+        let (Some(call), Some(store)) = (key, memory.store()) else {
             if probing {
                 probe::miss(None);
             }
             return compute();
         };
+        let mut digest = None;
+        let tier_key = TierKey::new(self.id(), &call, || *digest.insert(call.digest()));
+        if mode == CallMode::Cached {
+            if let Some(value) = self.memory_hit(memory, store, &tier_key, &call) {
+                return P::rebuild(value);
+            }
+        }
+        let key = digest.unwrap_or_else(|| call.digest());
         let at = self.address(&key);
         // Whether the value may appear on disk while we wait to compute: only when nothing was
         // there (a broken entry is not rewritten by anyone but its next computer).
         let mut absent = true;
         if mode == CallMode::Cached {
-            if let Some(value) = self.memory_hit(memory, store, &at) {
-                return P::rebuild(value);
-            }
-            match self.lookup::<P::Stored>(memory, store, &at) {
+            match self.lookup::<P::Stored>(memory, store, &at, &tier_key) {
                 Lookup::Hit(value) => return P::rebuild(value),
                 Lookup::Absent => {}
                 Lookup::Broken => absent = false,
@@ -546,7 +560,7 @@ impl CachedFunction {
                     // compute if the value is still missing.
                     absent = false;
                     if mode == CallMode::Cached {
-                        if let Lookup::Hit(value) = self.lookup(memory, store, &at) {
+                        if let Lookup::Hit(value) = self.lookup(memory, store, &at, &tier_key) {
                             return P::rebuild(value);
                         }
                     }
@@ -558,7 +572,7 @@ impl CachedFunction {
                     let lock = self.take_lock(memory, acquired, &mut may_be_stored);
                     // Another thread or process may have stored the value meanwhile.
                     if mode == CallMode::Cached && may_be_stored {
-                        if let Lookup::Hit(value) = self.lookup(memory, store, &at) {
+                        if let Lookup::Hit(value) = self.lookup(memory, store, &at, &tier_key) {
                             drop(lock);
                             flight.finish(None);
                             return P::rebuild(value);
@@ -570,8 +584,12 @@ impl CachedFunction {
                     Counters::bump(&memory.counters.misses);
                     let payload = match P::stored(&value) {
                         Some(stored) => {
-                            let preview = preview.get().map(String::as_str);
-                            self.save(memory, store, &at, stored, duration, preview)
+                            let computed = Computed {
+                                value: stored,
+                                duration,
+                                preview: preview.get().map(String::as_str),
+                            };
+                            self.save(memory, store, &at, &tier_key, computed)
                         }
                         None => None,
                     };
@@ -592,7 +610,7 @@ impl CachedFunction {
         &self,
         memory: &Memory,
         mode: CallMode,
-        key: Option<CacheKey>,
+        key: Option<CallKey>,
         preview: &OnceLock<String>,
         compute: Fut,
     ) -> R
@@ -602,15 +620,20 @@ impl CachedFunction {
         Fut: Future<Output = R>,
     {
         probe::record_call();
-        let (Some(key), Some(store)) = (key, memory.store_arc()) else {
+        let (Some(call), Some(store)) = (key, memory.store_arc()) else {
             return compute.await;
         };
+        let key = call.digest();
+        let tier_key = TierKey::new(self.id(), &call, || key);
         let mut absent = true;
         if mode == CallMode::Cached {
-            if let Some(value) = self.memory_hit(memory, &*store, &self.address(&key)) {
+            if let Some(value) = self.memory_hit(memory, &*store, &tier_key, &call) {
                 return P::rebuild(value);
             }
-            match self.lookup_async::<P::Stored>(memory, &store, key).await {
+            match self
+                .lookup_async::<P::Stored>(memory, &store, key, tier_key)
+                .await
+            {
                 Lookup::Hit(value) => return P::rebuild(value),
                 Lookup::Absent => {}
                 Lookup::Broken => absent = false,
@@ -627,7 +650,9 @@ impl CachedFunction {
                         }
                     } else if mode == CallMode::Cached {
                         absent = false;
-                        if let Lookup::Hit(value) = self.lookup_async(memory, &store, key).await {
+                        if let Lookup::Hit(value) =
+                            self.lookup_async(memory, &store, key, tier_key).await
+                        {
                             return P::rebuild(value);
                         }
                     }
@@ -641,7 +666,9 @@ impl CachedFunction {
                         blocking::unblock(move || locking.lock(&address.at(), timeout)).await;
                     let lock = self.take_lock(memory, acquired, &mut may_be_stored);
                     if mode == CallMode::Cached && may_be_stored {
-                        if let Lookup::Hit(value) = self.lookup_async(memory, &store, key).await {
+                        if let Lookup::Hit(value) =
+                            self.lookup_async(memory, &store, key, tier_key).await
+                        {
                             drop(lock);
                             flight.finish(None);
                             return P::rebuild(value);
@@ -651,10 +678,14 @@ impl CachedFunction {
                     let value = compute.await;
                     let duration = started.elapsed();
                     Counters::bump(&memory.counters.misses);
-                    let preview = preview.get().cloned();
                     let payload = match P::stored(&value) {
                         Some(stored) => {
-                            self.save_async(memory, &store, key, stored, duration, preview)
+                            let computed = Computed {
+                                value: stored,
+                                duration,
+                                preview: preview.get().map(String::as_str),
+                            };
+                            self.save_async(memory, &store, key, tier_key, computed)
                                 .await
                         }
                         None => None,
@@ -678,18 +709,19 @@ impl CachedFunction {
         &self,
         memory: &Memory,
         store: &dyn Store,
-        at: &EntryAddress<'_>,
+        tier_key: &TierKey,
+        call: &CallKey,
     ) -> Option<R> {
         let tier = memory.tier.as_ref()?;
         let freshness = self.def.freshness;
-        let hit = tier.get(at.key, TOUCH_AFTER, |slot| {
+        let hit = tier.get(tier_key, TOUCH_AFTER, |slot| {
             if !freshness.accepts_meta(slot.created, slot.duration, slot.size) {
                 return None;
             }
             rmp_serde::from_slice(&slot.payload).ok()
         })?;
         if hit.touch {
-            store.touch(at);
+            store.touch(&self.address(&call.digest()));
         }
         Counters::bump(&memory.counters.hits);
         Counters::bump(&memory.counters.memory_hits);
@@ -701,7 +733,7 @@ impl CachedFunction {
     fn remember(
         &self,
         memory: &Memory,
-        key: CacheKey,
+        key: TierKey,
         payload: &Payload,
         created: SystemTime,
         duration: Duration,
@@ -755,6 +787,7 @@ impl CachedFunction {
         memory: &Memory,
         store: &Arc<dyn Store>,
         key: CacheKey,
+        tier_key: TierKey,
     ) -> Lookup<S> {
         let address = self.owned_address(key);
         let store = Arc::clone(store);
@@ -763,7 +796,7 @@ impl CachedFunction {
         let found =
             blocking::unblock(move || read_stored::<S>(&*store, &address.at(), freshness, keep))
                 .await;
-        let found = self.report(memory, &key, found);
+        let found = self.report(memory, &tier_key, found);
         if let Lookup::Hit(_) = found {
             Counters::bump(&memory.counters.hits);
         }
@@ -777,10 +810,15 @@ impl CachedFunction {
         memory: &Memory,
         store: &Arc<dyn Store>,
         key: CacheKey,
-        value: &S,
-        duration: Duration,
-        preview: Option<String>,
+        tier_key: TierKey,
+        computed: Computed<'_, S>,
     ) -> Option<Payload> {
+        let Computed {
+            value,
+            duration,
+            preview,
+        } = computed;
+        let preview = preview.map(str::to_owned);
         let payload = self.encode(memory, value)?;
         let source = self.source_to_save(memory);
         let first = source.is_some();
@@ -802,7 +840,7 @@ impl CachedFunction {
         })
         .await;
         if let Ok(size) = result {
-            self.remember(memory, key, &payload, created, duration, size);
+            self.remember(memory, tier_key, &payload, created, duration, size);
         }
         self.stored(memory, result, first);
         Some(payload)
@@ -810,10 +848,11 @@ impl CachedFunction {
 
     /// Whether an intact entry for `key` is stored: present, of this format, for this key, with a
     /// matching checksum. (Its payload is not decoded: that happens on the call.)
-    pub fn is_cached(&self, memory: &Memory, key: Option<CacheKey>) -> bool {
-        let (Some(key), Some(store)) = (key, memory.store()) else {
+    pub fn is_cached(&self, memory: &Memory, key: Option<CallKey>) -> bool {
+        let (Some(call), Some(store)) = (key, memory.store()) else {
             return false;
         };
+        let key = call.digest();
         match store.read(&self.address(&key)) {
             Ok(Some(bytes)) => entry::decode(&bytes, &key)
                 .is_ok_and(|(header, _)| self.def.freshness.accepts(&header, bytes.len())),
@@ -863,8 +902,9 @@ impl CachedFunction {
         memory: &Memory,
         store: &dyn Store,
         at: &EntryAddress<'_>,
+        tier_key: &TierKey,
     ) -> Lookup<R> {
-        let found = self.read_entry(memory, store, at);
+        let found = self.read_entry(memory, store, at, tier_key);
         if let Lookup::Hit(_) = found {
             Counters::bump(&memory.counters.hits);
         }
@@ -876,17 +916,15 @@ impl CachedFunction {
         memory: &Memory,
         store: &dyn Store,
         at: &EntryAddress<'_>,
+        tier_key: &TierKey,
     ) -> Lookup<R> {
         let keep = memory.tier.is_some();
-        self.report(
-            memory,
-            at.key,
-            read_stored(store, at, self.def.freshness, keep),
-        )
+        let found = read_stored(store, at, self.def.freshness, keep);
+        self.report(memory, tier_key, found)
     }
 
     /// Turns what [`read_stored`] found into a look-up, reporting a broken entry.
-    fn report<R>(&self, memory: &Memory, key: &CacheKey, found: Stored<R>) -> Lookup<R> {
+    fn report<R>(&self, memory: &Memory, key: &TierKey, found: Stored<R>) -> Lookup<R> {
         match found {
             Stored::Hit(hit) => {
                 probe::record_hit(hit.duration);
@@ -939,10 +977,14 @@ impl CachedFunction {
         memory: &Memory,
         store: &dyn Store,
         at: &EntryAddress<'_>,
-        value: &S,
-        duration: Duration,
-        preview: Option<&str>,
+        tier_key: &TierKey,
+        computed: Computed<'_, S>,
     ) -> Option<Payload> {
+        let Computed {
+            value,
+            duration,
+            preview,
+        } = computed;
         let payload = self.encode(memory, value)?;
         let source = self.source_to_save(memory);
         let created = SystemTime::now();
@@ -956,7 +998,7 @@ impl CachedFunction {
         };
         let result = write_entry(store, at, &entry);
         if let Ok(size) = result {
-            self.remember(memory, *at.key, &payload, created, duration, size);
+            self.remember(memory, *tier_key, &payload, created, duration, size);
         }
         self.stored(memory, result, source.is_some());
         Some(payload)

@@ -117,10 +117,15 @@ const SMALL_BUFFER: usize = 256;
 /// Slices at least this long are hashed by BLAKE3 on several threads.
 const PARALLEL_FROM: usize = 1 << 20;
 
-/// A buffered BLAKE3 writer: small keys never touch the heap, large ones are hashed in 64 KiB
-/// blocks so that BLAKE3 can use its wide SIMD paths.
+/// A buffered BLAKE3 writer: small keys never touch the heap (they are hashed in one call at the
+/// end, without a `blake3::Hasher`, whose 1.9 KB state would cost more to build and move than a
+/// small key costs to hash); large ones are hashed in 64 KiB blocks so that BLAKE3 can use its
+/// wide SIMD paths.
 struct Sink {
-    hasher: blake3::Hasher,
+    /// The BLAKE3 key, for keyed mode.
+    key: Option<[u8; 32]>,
+    /// Created when the input outgrows the small buffer.
+    hasher: Option<Box<blake3::Hasher>>,
     /// The active buffer's bytes: `small` until it overflows, then `large` for good.
     small: [u8; SMALL_BUFFER],
     large: Vec<u8>,
@@ -130,15 +135,34 @@ struct Sink {
 
 impl Sink {
     fn new() -> Self {
-        Sink::with(blake3::Hasher::new())
+        Sink::with(None)
     }
 
-    fn with(hasher: blake3::Hasher) -> Self {
+    fn with(key: Option<[u8; 32]>) -> Self {
         Sink {
-            hasher,
+            key,
+            hasher: None,
             small: [0; SMALL_BUFFER],
             large: Vec::new(),
             len: 0,
+        }
+    }
+
+    /// The incremental hasher, created on first use.
+    fn hasher(&mut self) -> &mut blake3::Hasher {
+        let key = self.key;
+        self.hasher.get_or_insert_with(|| new_hasher(key))
+    }
+
+    /// Hashes what the active buffer holds and empties it.
+    fn flush(&mut self) {
+        let len = std::mem::take(&mut self.len);
+        let key = self.key;
+        let hasher = self.hasher.get_or_insert_with(|| new_hasher(key));
+        if self.large.is_empty() {
+            hasher.update(&self.small[..len]);
+        } else {
+            hasher.update(&self.large[..len]);
         }
     }
 
@@ -173,13 +197,11 @@ impl Sink {
             self.large = vec![0; LARGE_BUFFER];
             self.large[..self.len].copy_from_slice(&self.small[..self.len]);
         } else {
-            self.hasher.update(&self.large[..self.len]);
-            self.len = 0;
+            self.flush();
         }
         if bytes.len() > LARGE_BUFFER - self.len {
-            self.hasher.update(&self.large[..self.len]);
-            self.len = 0;
-            self.hasher.update(bytes);
+            self.flush();
+            self.hasher().update(bytes);
         } else {
             self.large[self.len..self.len + bytes.len()].copy_from_slice(bytes);
             self.len += bytes.len();
@@ -208,17 +230,11 @@ impl Sink {
             self.write(bytes);
             return;
         }
-        let buffered = if self.large.is_empty() {
-            &self.small[..self.len]
-        } else {
-            &self.large[..self.len]
-        };
-        self.hasher.update(buffered);
-        self.len = 0;
+        self.flush();
         if bytes.len() >= PARALLEL_FROM {
-            self.hasher.update_rayon(bytes);
+            self.hasher().update_rayon(bytes);
         } else {
-            self.hasher.update(bytes);
+            self.hasher().update(bytes);
         }
     }
 
@@ -228,13 +244,24 @@ impl Sink {
     }
 
     fn finish(mut self) -> [u8; 32] {
-        if self.large.is_empty() {
-            self.hasher.update(&self.small[..self.len]);
-        } else {
-            self.hasher.update(&self.large[..self.len]);
+        if self.hasher.is_none() && self.large.is_empty() {
+            let bytes = &self.small[..self.len];
+            let hash = match &self.key {
+                Some(key) => blake3::keyed_hash(key, bytes),
+                None => blake3::hash(bytes),
+            };
+            return *hash.as_bytes();
         }
-        *self.hasher.finalize().as_bytes()
+        self.flush();
+        *self.hasher().finalize().as_bytes()
     }
+}
+
+fn new_hasher(key: Option<[u8; 32]>) -> Box<blake3::Hasher> {
+    Box::new(match key {
+        Some(key) => blake3::Hasher::new_keyed(&key),
+        None => blake3::Hasher::new(),
+    })
 }
 
 /// The part of every key that depends on the function only: BLAKE3 of the key domain, the
@@ -349,7 +376,7 @@ impl ArgsHasher {
     /// function key once).
     pub fn for_function(function: &FunctionKey) -> Self {
         ArgsHasher {
-            sink: Sink::with(blake3::Hasher::new_keyed(&function.0)),
+            sink: Sink::with(Some(function.0)),
             error: None,
         }
     }
@@ -393,12 +420,82 @@ impl ArgsHasher {
         }
     }
 
+    /// The call's key, keeping short encoded arguments as they are so that the memory tier can
+    /// look them up without hashing; or the first error an argument's `Serialize`
+    /// implementation returned.
+    pub fn finish_call(self) -> Result<CallKey, KeyError> {
+        if let Some(error) = self.error {
+            return Err(error);
+        }
+        let sink = self.sink;
+        let function = sink.key.unwrap_or_default();
+        if sink.hasher.is_none() && sink.large.is_empty() && sink.len <= SHORT_ARGS {
+            let mut args = [0u8; SHORT_ARGS];
+            args[..sink.len].copy_from_slice(&sink.small[..sink.len]);
+            return Ok(CallKey {
+                function,
+                form: KeyForm::Short {
+                    len: sink.len as u8,
+                    args,
+                },
+            });
+        }
+        Ok(CallKey {
+            function,
+            form: KeyForm::Digest(CacheKey(sink.finish())),
+        })
+    }
+
     /// The key, or the first error an argument's `Serialize` implementation returned.
     pub fn finish(self) -> Result<CacheKey, KeyError> {
         match self.error {
             Some(error) => Err(error),
             None => Ok(CacheKey(self.sink.finish())),
         }
+    }
+}
+
+/// Encoded arguments up to this many bytes are kept as they are in a [`CallKey`].
+const SHORT_ARGS: usize = 48;
+
+/// One call's key, as [`ArgsHasher::finish_call`] leaves it: short encoded arguments as they are
+/// (the memory tier compares them byte for byte, so a hit there needs no hashing), longer ones
+/// already hashed. [`CallKey::digest`] gives the [`CacheKey`] either way.
+#[derive(Clone, Copy)]
+pub struct CallKey {
+    function: [u8; 32],
+    form: KeyForm,
+}
+
+#[derive(Clone, Copy)]
+enum KeyForm {
+    Short { len: u8, args: [u8; SHORT_ARGS] },
+    Digest(CacheKey),
+}
+
+impl CallKey {
+    /// The entry's key: BLAKE3 keyed by the function key over the encoded arguments.
+    pub fn digest(&self) -> CacheKey {
+        match &self.form {
+            KeyForm::Short { len, args } => {
+                CacheKey(*blake3::keyed_hash(&self.function, &args[..*len as usize]).as_bytes())
+            }
+            KeyForm::Digest(key) => *key,
+        }
+    }
+
+    /// The encoded arguments, when they are short enough to be kept.
+    pub fn short_args(&self) -> Option<&[u8]> {
+        match &self.form {
+            KeyForm::Short { len, args } => Some(&args[..*len as usize]),
+            KeyForm::Digest(_) => None,
+        }
+    }
+}
+
+impl fmt::Debug for CallKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "CallKey({})", self.digest())
     }
 }
 
@@ -1006,6 +1103,29 @@ mod tests {
         other_nan[5] = f64::from_bits(f64::NAN.to_bits() | 1);
         assert_eq!(numbers_key(&nan), numbers_key(&other_nan));
         assert_ne!(numbers_key(&[f32::NAN]), numbers_key(&[f32::INFINITY]));
+    }
+
+    #[test]
+    fn a_call_key_digests_to_the_key_whatever_its_form() {
+        for text in [
+            "".to_owned(),
+            "a".repeat(30),
+            "b".repeat(SHORT_ARGS),
+            "c".repeat(300),
+        ] {
+            let mut one = ArgsHasher::new("crate::f", "v");
+            one.arg(text.as_str());
+            let mut two = ArgsHasher::new("crate::f", "v");
+            two.arg(text.as_str());
+            let call = one.finish_call().unwrap();
+            assert_eq!(
+                call.digest(),
+                two.finish().unwrap(),
+                "length {}",
+                text.len()
+            );
+            assert_eq!(call.short_args().is_some(), text.len() + 10 <= SHORT_ARGS);
+        }
     }
 
     #[test]

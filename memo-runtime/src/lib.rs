@@ -55,7 +55,7 @@ pub mod __private {
         hash_arg, Arg, CacheArg, CacheValue, CachedFunction, CallMode, Compression, EntryMeta,
         Freshness, FunctionDef, NumbersArg, OkOnly, Plain, SerdeArg, SomeOnly, StorePolicy,
     };
-    pub use crate::key::{ArgsHasher, CacheKey, FunctionKey};
+    pub use crate::key::{ArgsHasher, CacheKey, CallKey, FunctionKey};
     pub use crate::memory::{AsMemory, Memory};
     pub use crate::preview::{Preview, PreviewDebug, PreviewNone};
 }
