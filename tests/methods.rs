@@ -21,6 +21,7 @@ static CONSTANT: Counter = Counter::new();
 static SEEDED: Counter = Counter::new();
 static DESCRIBE: Counter = Counter::new();
 static CONSUME: Counter = Counter::new();
+static PARALLEL: Counter = Counter::new();
 
 impl Model {
     /// The receiver is part of the key.
@@ -50,6 +51,13 @@ impl Model {
     fn describe(n: u32) -> String {
         DESCRIBE.bump();
         format!("model #{n}")
+    }
+
+    /// `predict` again, for the parallel test (tests run at once; each counts its own calls).
+    #[cached(memory = MEMORY)]
+    fn predict_in_parallel(&self, x: f64) -> f64 {
+        PARALLEL.bump();
+        self.weights.iter().map(|w| w * x).sum()
     }
 
     #[cached(memory = MEMORY)]
@@ -149,10 +157,11 @@ fn methods_map_in_parallel() {
     let model = Model { weights: vec![0.5] };
     let results: Vec<f64> = (0..20u32)
         .map(f64::from)
-        .par_cached_map(|x| model.predict(x))
+        .par_cached_map(|x| model.predict_in_parallel(x))
         .collect();
     assert_eq!(
         results,
         (0..20).map(|x| f64::from(x) * 0.5).collect::<Vec<_>>()
     );
+    assert_eq!(PARALLEL.get(), 20);
 }

@@ -1,5 +1,14 @@
-//! Cross-process single flight: one lock file per key being computed.
+//! Cross-process single flight: a lock per key being computed.
 //!
+//! On Linux a key's lock is one byte of a per-version lock file (`.locks`), locked with an
+//! open-file-description lock (`F_OFD_SETLK`): one `fcntl` to take, one to release, no file
+//! created or deleted per key. The byte's offset is 62 bits of the key, so two keys share a byte
+//! with negligible probability (and then only wait for each other). Like `flock`, such a lock
+//! belongs to the open file, and the kernel releases it when its process dies. After locking,
+//! the holder checks that the path still names the file it locked (the version folder may have
+//! been removed and made again), and starts again otherwise.
+//!
+//! Elsewhere, one lock file per key:
 //! A process that misses takes an exclusive lock (`flock` on Unix, `LockFileEx` on Windows) on
 //! `<entry>.lock` before computing; a second process that misses on the same key waits for that
 //! lock, then finds the value stored. The operating system releases the lock of a process that
@@ -21,19 +30,111 @@ use std::path::{Path, PathBuf};
 use std::thread;
 use std::time::{Duration, Instant};
 
-/// A held lock; deleting its file and releasing it when dropped.
+/// A held lock, released when dropped.
 #[derive(Debug)]
-pub(crate) struct KeyLock {
-    path: PathBuf,
-    file: File,
+pub(crate) enum KeyLock {
+    /// A lock file of its own, deleted on release (not Linux).
+    #[cfg_attr(target_os = "linux", allow(dead_code))]
+    File { path: PathBuf, file: File },
+    /// One byte of a shared lock file.
+    #[cfg(target_os = "linux")]
+    Range {
+        file: std::sync::Arc<File>,
+        offset: i64,
+    },
 }
 
 impl Drop for KeyLock {
     fn drop(&mut self) {
-        // Delete first, release second: nobody can lock the file between the two and believe it
-        // is current, because they check the path afterwards.
-        let _ = fs::remove_file(&self.path);
-        let _ = self.file.unlock();
+        match self {
+            KeyLock::File { path, file } => {
+                // Delete first, release second: nobody can lock the file between the two and
+                // believe it is current, because they check the path afterwards.
+                let _ = fs::remove_file(path);
+                let _ = file.unlock();
+            }
+            #[cfg(target_os = "linux")]
+            KeyLock::Range { file, offset } => {
+                let _ = range::set(file, *offset, libc::F_UNLCK);
+            }
+        }
+    }
+}
+
+/// Open-file-description byte-range locks (Linux).
+#[cfg(target_os = "linux")]
+pub(crate) mod range {
+    use std::fs::File;
+    use std::io;
+    use std::os::fd::AsRawFd;
+    use std::path::Path;
+    use std::sync::Arc;
+    use std::thread;
+    use std::time::{Duration, Instant};
+
+    use super::{still_current, Acquired, KeyLock};
+
+    /// The byte of the lock file that stands for a key: 62 bits of it.
+    pub(crate) fn offset(key: &[u8; 32]) -> i64 {
+        let mut bytes = [0u8; 8];
+        bytes.copy_from_slice(&key[..8]);
+        (u64::from_le_bytes(bytes) >> 2) as i64
+    }
+
+    /// Sets (`F_WRLCK`) or clears (`F_UNLCK`) the lock on one byte without waiting; `Ok(false)`
+    /// when another open file holds it.
+    pub(crate) fn set(file: &File, offset: i64, kind: libc::c_int) -> io::Result<bool> {
+        // SAFETY: an all-zero `flock` is a valid value of this plain C struct.
+        let mut request: libc::flock = unsafe { std::mem::zeroed() };
+        request.l_type = kind as libc::c_short;
+        request.l_whence = libc::SEEK_SET as libc::c_short;
+        request.l_start = offset;
+        request.l_len = 1;
+        // SAFETY: a valid descriptor and a pointer to an initialized `flock` that outlives the call.
+        let done = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &request) };
+        if done == 0 {
+            return Ok(true);
+        }
+        let error = io::Error::last_os_error();
+        match error.raw_os_error() {
+            Some(libc::EAGAIN) | Some(libc::EACCES) => Ok(false),
+            _ => Err(error),
+        }
+    }
+
+    /// What [`acquire`] needs from its caller: the lock file as currently open, and a way to
+    /// open it again when the path no longer names it.
+    pub(crate) fn acquire(
+        path: &Path,
+        open: impl Fn(bool) -> io::Result<Arc<File>>,
+        offset: i64,
+        timeout: Option<Duration>,
+    ) -> io::Result<Acquired> {
+        let started = Instant::now();
+        let mut pause = Duration::from_millis(1);
+        let mut waited = false;
+        let mut reopen = false;
+        loop {
+            let file = open(reopen)?;
+            if set(&file, offset, libc::F_WRLCK)? {
+                if still_current(path, &file)? {
+                    return Ok(Acquired::Lock {
+                        lock: KeyLock::Range { file, offset },
+                        waited,
+                    });
+                }
+                // The folder was removed (and perhaps made again): lock the file there now.
+                let _ = set(&file, offset, libc::F_UNLCK);
+                reopen = true;
+                continue;
+            }
+            waited = true;
+            if timeout.is_some_and(|limit| started.elapsed() >= limit) {
+                return Ok(Acquired::TimedOut);
+            }
+            thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_millis(50));
+        }
     }
 }
 
@@ -47,7 +148,8 @@ pub(crate) enum Acquired {
     TimedOut,
 }
 
-fn open(path: &Path) -> io::Result<File> {
+/// Opens (creating it if needed) a lock file, without following a link.
+pub(crate) fn open(path: &Path) -> io::Result<File> {
     let mut options = OpenOptions::new();
     options.read(true).write(true).create(true).truncate(false);
     #[cfg(unix)]
@@ -80,6 +182,7 @@ fn still_current(path: &Path, file: &File) -> io::Result<bool> {
 
 /// Takes the lock at `path` (its folder must exist), waiting while another process holds it, for
 /// at most `timeout`.
+#[cfg_attr(target_os = "linux", allow(dead_code))]
 pub(crate) fn acquire(path: &Path, timeout: Option<Duration>) -> io::Result<Acquired> {
     let started = Instant::now();
     let mut pause = Duration::from_millis(1);
@@ -91,7 +194,7 @@ pub(crate) fn acquire(path: &Path, timeout: Option<Duration>) -> io::Result<Acqu
                 if still_current(path, &file)? {
                     let path = path.to_path_buf();
                     return Ok(Acquired::Lock {
-                        lock: KeyLock { path, file },
+                        lock: KeyLock::File { path, file },
                         waited,
                     });
                 }
@@ -165,6 +268,56 @@ mod tests {
         let outcome = acquire(&path, Some(Duration::from_millis(50))).unwrap();
         assert!(matches!(outcome, Acquired::TimedOut));
         assert!(started.elapsed() >= Duration::from_millis(50));
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_byte_range_lock_excludes_other_open_files_and_follows_a_replaced_file() {
+        use std::sync::Arc;
+        let dir = folder();
+        let path = dir.path().join(".locks");
+        let mine = || -> io::Result<Arc<File>> { open(&path).map(Arc::new) };
+        let (first, second) = (mine().unwrap(), mine().unwrap());
+        let Acquired::Lock { lock, waited } =
+            range::acquire(&path, |_| Ok(Arc::clone(&first)), 5, None).unwrap()
+        else {
+            panic!("free lock");
+        };
+        assert!(!waited);
+        // Another open file (as another process has) cannot take the same byte, but can another.
+        let outcome =
+            range::acquire(&path, |_| Ok(Arc::clone(&second)), 5, Some(Duration::ZERO)).unwrap();
+        assert!(matches!(outcome, Acquired::TimedOut));
+        assert!(matches!(
+            range::acquire(&path, |_| Ok(Arc::clone(&second)), 6, None).unwrap(),
+            Acquired::Lock { waited: false, .. }
+        ));
+        drop(lock);
+        assert!(matches!(
+            range::acquire(&path, |_| Ok(Arc::clone(&second)), 5, None).unwrap(),
+            Acquired::Lock { .. }
+        ));
+        // The file replaced under a holder of an old descriptor: it reopens.
+        std::fs::remove_file(&path).unwrap();
+        let stale = mine().unwrap();
+        std::fs::remove_file(&path).unwrap();
+        let reopened = std::cell::Cell::new(false);
+        let outcome = range::acquire(
+            &path,
+            |again| {
+                if again {
+                    reopened.set(true);
+                    mine()
+                } else {
+                    Ok(Arc::clone(&stale))
+                }
+            },
+            9,
+            None,
+        )
+        .unwrap();
+        assert!(matches!(outcome, Acquired::Lock { .. }));
+        assert!(reopened.get() && path.exists());
     }
 
     #[test]

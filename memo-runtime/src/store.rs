@@ -41,6 +41,8 @@ pub const VERSION_DIR_DIGITS: usize = 16;
 const TEMP_PREFIX: &str = ".tmp-";
 /// Suffix of the lock file of an entry being computed: `<key>.lock`.
 const LOCK_SUFFIX: &str = ".lock";
+/// A version folder's shared lock file, whose bytes are its keys' locks (Linux).
+pub const LOCKS_FILE: &str = ".locks";
 /// Entries up to this size are read in one go; larger ones header first.
 const READ_WHOLE: u64 = 64 * 1024;
 /// A hit refreshes its entry's modification time (its "last used" time) when it is older than
@@ -135,6 +137,9 @@ pub(crate) struct DirStore {
     base: PathBuf,
     /// Folders below `base` already checked not to be symbolic links, in this process.
     checked: Mutex<HashSet<PathBuf>>,
+    /// The version folders' lock files, kept open (Linux).
+    #[cfg(target_os = "linux")]
+    lock_files: Mutex<std::collections::HashMap<PathBuf, std::sync::Arc<File>>>,
 }
 
 /// What [`Memory::clean`](crate::Memory::clean) removed.
@@ -168,7 +173,37 @@ impl DirStore {
             root,
             base,
             checked: Mutex::new(HashSet::new()),
+            #[cfg(target_os = "linux")]
+            lock_files: Mutex::default(),
         }
+    }
+
+    /// The open lock file of a version folder: the one kept, unless `again`; else opened (and
+    /// the folder created) now.
+    #[cfg(target_os = "linux")]
+    fn lock_file(&self, dir: &Path, again: bool) -> Result<std::sync::Arc<File>, Error> {
+        let mut files = self
+            .lock_files
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if !again {
+            if let Some(file) = files.get(dir) {
+                return Ok(std::sync::Arc::clone(file));
+            }
+        }
+        let path = dir.join(LOCKS_FILE);
+        let file = match lock::open(&path) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                self.create_dir(dir)?;
+                self.check_no_links(dir)?;
+                lock::open(&path)
+            }
+            other => other,
+        }
+        .map_err(|e| Error::io("opening the lock file", &path, e))?;
+        let file = std::sync::Arc::new(file);
+        files.insert(dir.to_path_buf(), std::sync::Arc::clone(&file));
+        Ok(file)
     }
 
     /// Refuses folders below the layout folder that are symbolic links, so that nothing is read
@@ -204,6 +239,7 @@ impl DirStore {
         Ok(())
     }
 
+    #[cfg_attr(target_os = "linux", allow(dead_code))]
     fn lock_path(&self, at: &EntryAddress<'_>) -> PathBuf {
         let mut path = self.entry_path(at).into_os_string();
         path.push(LOCK_SUFFIX);
@@ -469,6 +505,29 @@ impl Store for DirStore {
         }
     }
 
+    #[cfg(target_os = "linux")]
+    fn lock(&self, at: &EntryAddress<'_>, timeout: Option<Duration>) -> Result<Acquired, Error> {
+        let dir = self.version_dir(at.function, at.version);
+        self.check_no_links(&dir)?;
+        let path = dir.join(LOCKS_FILE);
+        // The opening errors are this store's own; only the locking ones come back as io errors.
+        let failed = std::cell::RefCell::new(None);
+        let open = |again: bool| {
+            self.lock_file(&dir, again).map_err(|error| {
+                *failed.borrow_mut() = Some(error);
+                io::Error::other("cannot open the lock file")
+            })
+        };
+        let outcome =
+            lock::range::acquire(&path, open, lock::range::offset(at.key.as_bytes()), timeout);
+        match (outcome, failed.into_inner()) {
+            (Ok(acquired), _) => Ok(acquired),
+            (Err(_), Some(error)) => Err(error),
+            (Err(e), None) => Err(Error::io("locking cache entry in", &path, e)),
+        }
+    }
+
+    #[cfg(not(target_os = "linux"))]
     fn lock(&self, at: &EntryAddress<'_>, timeout: Option<Duration>) -> Result<Acquired, Error> {
         let path = self.lock_path(at);
         let dir = path.parent().unwrap_or(&self.base).to_path_buf();
