@@ -137,6 +137,8 @@ pub(crate) struct DirStore {
     base: PathBuf,
     /// Folders below `base` already checked not to be symbolic links, in this process.
     checked: Mutex<HashSet<PathBuf>>,
+    /// The version folders' preview files, kept open for appending.
+    preview_files: Mutex<std::collections::HashMap<PathBuf, std::sync::Arc<File>>>,
     /// The version folders' lock files, kept open (Linux).
     #[cfg(target_os = "linux")]
     lock_files: Mutex<std::collections::HashMap<PathBuf, std::sync::Arc<File>>>,
@@ -173,9 +175,20 @@ impl DirStore {
             root,
             base,
             checked: Mutex::new(HashSet::new()),
+            preview_files: Mutex::default(),
             #[cfg(target_os = "linux")]
             lock_files: Mutex::default(),
         }
+    }
+
+    /// Closes the files kept open, before this store removes folders.
+    fn forget_open_files(&self) {
+        let lock = |m: &Mutex<std::collections::HashMap<PathBuf, std::sync::Arc<File>>>| {
+            m.lock().unwrap_or_else(PoisonError::into_inner).clear();
+        };
+        lock(&self.preview_files);
+        #[cfg(target_os = "linux")]
+        lock(&self.lock_files);
     }
 
     /// The open lock file of a version folder: the one kept, unless `again`; else opened (and
@@ -316,6 +329,22 @@ impl DirStore {
     /// Writes `parts` to a temporary file in `dir` and renames it to `path`.
     fn write_atomic(&self, dir: &Path, path: &Path, parts: &[&[u8]]) -> Result<(), Error> {
         self.check_no_links(dir)?;
+        #[cfg(target_os = "linux")]
+        {
+            match unnamed::create(dir, path, parts) {
+                Ok(true) => return Ok(()),
+                // Present already, or not supported here: the portable way below.
+                Ok(false) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    self.create_dir(dir)?;
+                    self.check_no_links(dir)?;
+                    if let Ok(true) = unnamed::create(dir, path, parts) {
+                        return Ok(());
+                    }
+                }
+                Err(e) => return Err(Error::io("writing cache entry", path, e)),
+            }
+        }
         let mut file = match tempfile::Builder::new()
             .prefix(TEMP_PREFIX)
             .tempfile_in(dir)
@@ -339,6 +368,90 @@ impl DirStore {
         file.persist(path)
             .map_err(|e| Error::io("renaming cache entry into place at", path, e.error))?;
         Ok(())
+    }
+}
+
+/// New entries written without a temporary name (Linux): the file is made unnamed in its folder
+/// (`O_TMPFILE`), written, then given its name with `linkat`, which fails if the name exists. One
+/// change to the folder instead of two (create, rename), and a crash leaves nothing behind.
+#[cfg(target_os = "linux")]
+mod unnamed {
+    use std::ffi::CString;
+    use std::fs::OpenOptions;
+    use std::io::{self, Write};
+    use std::os::fd::AsRawFd;
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::OpenOptionsExt;
+    use std::path::Path;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::OnceLock;
+
+    /// Set when the file system (or the kernel) turned `O_TMPFILE` or `linkat` down once.
+    static UNSUPPORTED: AtomicBool = AtomicBool::new(false);
+
+    /// Writes `parts` as the new file `path` in `dir`. `Ok(false)`: nothing was written, because
+    /// `path` exists or this way is not available; the caller writes it the portable way.
+    pub(super) fn create(dir: &Path, path: &Path, parts: &[&[u8]]) -> io::Result<bool> {
+        static PROC: OnceLock<bool> = OnceLock::new();
+        if UNSUPPORTED.load(Ordering::Relaxed)
+            || !*PROC.get_or_init(|| Path::new("/proc/self/fd").is_dir())
+        {
+            return Ok(false);
+        }
+        let mut file = match OpenOptions::new()
+            .write(true)
+            .mode(0o600)
+            .custom_flags(libc::O_TMPFILE)
+            .open(dir)
+        {
+            Ok(file) => file,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(e),
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EOPNOTSUPP | libc::EISDIR | libc::EINVAL)
+                ) =>
+            {
+                UNSUPPORTED.store(true, Ordering::Relaxed);
+                return Ok(false);
+            }
+            Err(e) => return Err(e),
+        };
+        let total: usize = parts.iter().map(|part| part.len()).sum();
+        if total <= 64 * 1024 {
+            // One write for a small entry.
+            file.write_all(&parts.concat())?;
+        } else {
+            for part in parts {
+                file.write_all(part)?;
+            }
+        }
+        let source = CString::new(format!("/proc/self/fd/{}", file.as_raw_fd()))?;
+        let target = CString::new(path.as_os_str().as_bytes())?;
+        // SAFETY: two valid NUL-terminated paths that outlive the call.
+        let linked = unsafe {
+            libc::linkat(
+                libc::AT_FDCWD,
+                source.as_ptr(),
+                libc::AT_FDCWD,
+                target.as_ptr(),
+                libc::AT_SYMLINK_FOLLOW,
+            )
+        };
+        if linked == 0 {
+            return Ok(true);
+        }
+        let error = io::Error::last_os_error();
+        match error.raw_os_error() {
+            // Present already, or its folder removed meanwhile: the portable way, this time.
+            Some(libc::EEXIST | libc::ENOENT) => Ok(false),
+            // A file system without links: the portable way from now on.
+            Some(libc::EPERM | libc::EOPNOTSUPP | libc::EXDEV) => {
+                UNSUPPORTED.store(true, Ordering::Relaxed);
+                Ok(false)
+            }
+            _ => Err(error),
+        }
     }
 }
 
@@ -726,15 +839,29 @@ impl Store for DirStore {
     fn save_preview(&self, at: &EntryAddress<'_>, preview: &str) -> Result<(), Error> {
         let path = self.version_dir(at.function, at.version).join(PREVIEW_FILE);
         let line = crate::preview::line(&at.key.to_hex(), preview);
-        let mut options = fs::OpenOptions::new();
-        options.create(true).append(true);
-        #[cfg(unix)]
-        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+        let fail = |e| Error::io("recording an argument preview in", &path, e);
+        // Kept open: a miss appends one line with one write. (Should another process remove the
+        // version folder meanwhile, the lines go to the removed file: previews are best effort.)
+        let file = {
+            let mut files = self
+                .preview_files
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            match files.get(&path) {
+                Some(file) => std::sync::Arc::clone(file),
+                None => {
+                    let mut options = fs::OpenOptions::new();
+                    options.create(true).append(true);
+                    #[cfg(unix)]
+                    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+                    let file = std::sync::Arc::new(options.open(&path).map_err(fail)?);
+                    files.insert(path.clone(), std::sync::Arc::clone(&file));
+                    file
+                }
+            }
+        };
         // One write per line: lines of concurrent writers never interleave.
-        options
-            .open(&path)
-            .and_then(|mut file| file.write_all(line.as_bytes()))
-            .map_err(|e| Error::io("recording an argument preview in", path, e))
+        (&*file).write_all(line.as_bytes()).map_err(fail)
     }
 
     fn save_source(&self, function: &str, version: &str, text: &str) -> Result<(), Error> {
@@ -748,14 +875,17 @@ impl Store for DirStore {
 
     fn remove_version(&self, function: &str, version: &str) -> Result<(), Error> {
         let (function, version) = (plain_name(function)?, plain_name(version)?);
+        self.forget_open_files();
         remove_dir(&self.version_dir(function, version))
     }
 
     fn clear_function(&self, function: &str) -> Result<(), Error> {
+        self.forget_open_files();
         remove_dir(&self.base.join(plain_name(function)?))
     }
 
     fn clear(&self) -> Result<(), Error> {
+        self.forget_open_files();
         remove_dir(&self.base)
     }
 }
