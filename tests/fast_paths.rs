@@ -206,3 +206,83 @@ fn slices_of_numbers_are_keyed_by_every_element() {
     assert_eq!(owned_sum(vec![1, 2], 2), 6);
     assert_eq!(OWNED_SUMS.get(), 3);
 }
+
+static ARRAYS: LazyLock<Memory> = LazyLock::new(|| Memory::new(fresh_dir("arrays")).memory_tier(0));
+static PACKED: LazyLock<Memory> = LazyLock::new(|| {
+    Memory::new(fresh_dir("arrays-packed"))
+        .memory_tier(0)
+        .compression(Some(3))
+});
+static MADE: Counter = Counter::new();
+
+#[cached(memory = ARRAYS)]
+fn make(n: u64) -> Vec<f64> {
+    MADE.bump();
+    let mut values: Vec<f64> = (0..n).map(|i| i as f64 * 0.25).collect();
+    if n > 2 {
+        values[1] = -0.0;
+        values[2] = f64::from_bits(f64::NAN.to_bits() | 7);
+    }
+    values
+}
+
+#[cached(memory = PACKED)]
+fn make_packed(n: u32) -> Vec<u32> {
+    (0..n).map(|i| i * 3).collect()
+}
+
+#[cached(memory = ARRAYS)]
+fn pairs(n: u8) -> Vec<(u8, u8)> {
+    (0..n).map(|i| (i, i)).collect()
+}
+
+#[test]
+fn vecs_of_numbers_are_stored_raw_and_come_back_bit_for_bit() {
+    let first = make(100_000);
+    let again = make(100_000);
+    assert_eq!(MADE.get(), 1);
+    let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(&first), bits(&again));
+    assert_eq!(again[2].to_bits(), f64::NAN.to_bits() | 7);
+
+    // The entry says so in its header (flags, offset 6: bit 1), and holds the raw bytes.
+    let entry = &entry_files(&make::location().unwrap())[0];
+    let bytes = std::fs::read(entry).unwrap();
+    assert_eq!(u16::from_le_bytes([bytes[6], bytes[7]]), 2);
+    assert_eq!(bytes.len(), 72 + 8 + 100_000 * 8);
+    assert_eq!(&bytes[80 + 8..88 + 8], &(-0.0f64).to_le_bytes());
+
+    // Compressed: both flags, same values.
+    assert_eq!(make_packed(50_000), make_packed(50_000));
+    let entry = &entry_files(&make_packed::location().unwrap())[0];
+    let bytes = std::fs::read(entry).unwrap();
+    assert_eq!(u16::from_le_bytes([bytes[6], bytes[7]]), 3);
+    assert!(bytes.len() < 50_000 * 4);
+
+    // Other element types go through MessagePack.
+    assert_eq!(pairs(3), vec![(0, 0), (1, 1), (2, 2)]);
+    let entry = &entry_files(&pairs::location().unwrap())[0];
+    let bytes = std::fs::read(entry).unwrap();
+    assert_eq!(u16::from_le_bytes([bytes[6], bytes[7]]), 0);
+    assert_eq!(pairs(3), vec![(0, 0), (1, 1), (2, 2)]);
+}
+
+static CUT: Counter = Counter::new();
+
+#[cached(memory = ARRAYS)]
+fn cut_short(n: u64) -> Vec<u64> {
+    CUT.bump();
+    (0..n).collect()
+}
+
+#[test]
+fn a_numbers_entry_whose_payload_is_not_whole_elements_is_a_miss() {
+    assert_eq!(cut_short(10).len(), 10);
+    let entry = entry_files(&cut_short::location().unwrap())[0].clone();
+    let bytes = std::fs::read(&entry).unwrap();
+    // Drop 3 bytes of the last element and re-checksum: a valid entry whose payload is not a
+    // whole number of u64.
+    common::rewrite_entry(&entry, None, Some(&bytes[72..bytes.len() - 3]));
+    assert_eq!(cut_short(10), (0..10).collect::<Vec<_>>());
+    assert_eq!(CUT.get(), 2);
+}

@@ -364,12 +364,22 @@ fn compute_call(names: &Names<'_>, mode: TokenStream) -> TokenStream {
         {
             let __memo_preview = ::std::sync::OnceLock::<::std::string::String>::new();
             let __memo_preview_slot = &__memo_preview;
+            // A `Vec` of numbers is stored as raw bytes, anything else as MessagePack: method
+            // resolution on the stored type picks (the `&` lets it try `NumbersCodec` first).
+            #[allow(clippy::needless_borrow)]
+            let __memo_codec = {
+                #[allow(unused_imports)]
+                use #private::{NumbersCodec as _, SerdeCodec as _};
+                (&#private::CodecFor::<<#policy as #private::StorePolicy<#output>>::Stored>::NEW)
+                    .codec()
+            };
             #private::CachedFunction::#call::<#output, #policy, _>(
                 __memo_function,
                 __memo_memory,
                 #mode,
                 __memo_key,
                 &__memo_preview,
+                __memo_codec,
                 #block {
                     #preview
                     #(#destructure)*

@@ -7,13 +7,13 @@
 //! |---|---|---|
 //! | 0 | 4 | magic `MEMO` |
 //! | 4 | 2 | format version, u16 little-endian ([`FORMAT_VERSION`]) |
-//! | 6 | 2 | flags, u16 little-endian: bit 0 ([`FLAG_ZSTD`]) the payload is zstd-compressed; other bits reserved (an entry with one set is not read) |
+//! | 6 | 2 | flags, u16 little-endian: bit 0 ([`FLAG_ZSTD`]) the payload is zstd-compressed; bit 1 ([`FLAG_NUMBERS`]) the (plain) payload is raw numbers instead of MessagePack; other bits reserved (an entry with one set is not read) |
 //! | 8 | 32 | the entry's [`CacheKey`] |
 //! | 40 | 8 | created, nanoseconds since the Unix epoch, u64 little-endian |
 //! | 48 | 8 | compute duration in nanoseconds, u64 little-endian |
 //! | 56 | 8 | payload length in bytes, u64 little-endian |
 //! | 64 | 8 | checksum: XXH3-64 of bytes 0..64 followed by the payload, u64 little-endian |
-//! | 72 | n | payload: the value in MessagePack, structs as maps with field names |
+//! | 72 | n | payload: the value in MessagePack, structs as maps with field names; or, with [`FLAG_NUMBERS`], a `Vec` of primitive numbers as the element's key tag, 7 zero bytes, then the elements in little-endian |
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -29,7 +29,10 @@ pub const FORMAT_VERSION: u16 = 1;
 pub const HEADER_LEN: usize = 72;
 /// Header flag: the payload is the MessagePack bytes compressed with zstd.
 pub const FLAG_ZSTD: u16 = 1;
-const KNOWN_FLAGS: u16 = FLAG_ZSTD;
+/// Header flag: the plain payload is a `Vec` of primitive numbers as raw little-endian bytes
+/// (after an 8-byte prefix: the element's tag, then zeros), not MessagePack.
+pub const FLAG_NUMBERS: u16 = 2;
+const KNOWN_FLAGS: u16 = FLAG_ZSTD | FLAG_NUMBERS;
 const CHECKSUM_AT: usize = 64;
 
 /// What an entry's header says about it.
@@ -45,6 +48,8 @@ pub struct EntryHeader {
     pub payload_len: u64,
     /// Whether the payload is zstd-compressed ([`FLAG_ZSTD`]).
     pub compressed: bool,
+    /// Whether the plain payload is raw numbers ([`FLAG_NUMBERS`]).
+    pub numbers: bool,
 }
 
 /// Why stored bytes are not a valid entry. Any of these makes the entry a miss.
@@ -166,6 +171,7 @@ pub fn decode_header(bytes: &[u8]) -> Result<EntryHeader, CorruptEntry> {
         duration: Duration::from_nanos(u64_at(bytes, 48)),
         payload_len: u64_at(bytes, 56),
         compressed: flags & FLAG_ZSTD != 0,
+        numbers: flags & FLAG_NUMBERS != 0,
     })
 }
 

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant, SystemTime};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use crate::codec::Codec;
 use crate::deps::{combined_version, DepNode};
 use crate::entry::{self, CorruptEntry};
 use crate::error::Error;
@@ -274,8 +275,10 @@ struct NewEntry<'a> {
     duration: Duration,
     /// zstd level, when entries are compressed.
     level: Option<i32>,
-    /// The MessagePack payload.
+    /// The payload, uncompressed.
     plain: &'a [u8],
+    /// Its codec's header flags.
+    flags: u16,
     /// A short `Debug` form of the arguments, when there is one.
     preview: Option<&'a str>,
 }
@@ -283,6 +286,7 @@ struct NewEntry<'a> {
 /// A value just computed, to store.
 struct Computed<'v, S> {
     value: &'v S,
+    codec: Codec<S>,
     duration: Duration,
     /// A short `Debug` form of the arguments, when there is one.
     preview: Option<&'v str>,
@@ -308,8 +312,8 @@ fn write_entry(
         _ => None,
     };
     let (flags, stored) = match &compressed {
-        Some(bytes) => (entry::FLAG_ZSTD, bytes.as_slice()),
-        None => (0, entry.plain),
+        Some(bytes) => (entry.flags | entry::FLAG_ZSTD, bytes.as_slice()),
+        None => (entry.flags, entry.plain),
     };
     let header =
         entry::encode_header_with_flags(at.key, entry.created, entry.duration, flags, stored);
@@ -346,11 +350,12 @@ enum Stored<R> {
 }
 
 /// Reads, verifies and decodes one entry; reports nothing, so it can run on any thread.
-fn read_stored<R: DeserializeOwned>(
+fn read_stored<R>(
     store: &dyn Store,
     at: &EntryAddress<'_>,
     freshness: Freshness,
     keep_plain: bool,
+    codec: Codec<R>,
 ) -> Stored<R> {
     let bytes = match store.read(at) {
         Ok(Some(bytes)) => bytes,
@@ -367,7 +372,12 @@ fn read_stored<R: DeserializeOwned>(
                     return Stored::Broken(Error::Corrupt { path, reason });
                 }
             };
-            match rmp_serde::from_slice(&plain) {
+            let decoded = if header.numbers == (codec.flags() & entry::FLAG_NUMBERS != 0) {
+                codec.decode(&plain)
+            } else {
+                Err("the entry's payload format is not the one of the return type".to_owned())
+            };
+            match decoded {
                 Ok(value) => Stored::Hit(DiskHit {
                     value,
                     created: header.created,
@@ -376,10 +386,10 @@ fn read_stored<R: DeserializeOwned>(
                     plain: (keep_plain && plain.len() <= KEEP_IN_MEMORY_UP_TO)
                         .then(|| Arc::new(plain.into_owned())),
                 }),
-                Err(error) => Stored::Broken(Error::Decode {
+                Err(message) => Stored::Broken(Error::Decode {
                     path: store.describe(at),
                     type_name: std::any::type_name::<R>(),
-                    message: error.to_string(),
+                    message,
                 }),
             }
         }
@@ -506,6 +516,7 @@ impl CachedFunction {
         mode: CallMode,
         key: Option<CallKey>,
         preview: &OnceLock<String>,
+        codec: Codec<P::Stored>,
         compute: F,
     ) -> R
     where
@@ -523,7 +534,7 @@ impl CachedFunction {
         let mut digest = None;
         let tier_key = TierKey::new(self.id(), &call, || *digest.insert(call.digest()));
         if mode == CallMode::Cached {
-            if let Some(value) = self.memory_hit(memory, store, &tier_key, &call) {
+            if let Some(value) = self.memory_hit(memory, store, &tier_key, &call, codec) {
                 return P::rebuild(value);
             }
         }
@@ -533,7 +544,7 @@ impl CachedFunction {
         // there (a broken entry is not rewritten by anyone but its next computer).
         let mut absent = true;
         if mode == CallMode::Cached {
-            match self.lookup::<P::Stored>(memory, store, &at, &tier_key) {
+            match self.lookup::<P::Stored>(memory, store, &at, &tier_key, codec) {
                 Lookup::Hit(value) => return P::rebuild(value),
                 Lookup::Absent => {}
                 Lookup::Broken => absent = false,
@@ -549,7 +560,7 @@ impl CachedFunction {
                     return compute();
                 }
                 Claim::Waited(Some(payload)) => {
-                    if let Some(value) = self.decode_payload(memory, store, &at, &payload) {
+                    if let Some(value) = self.decode_payload(memory, store, &at, &payload, codec) {
                         Counters::bump(&memory.counters.hits);
                         probe::record_hit(std::time::Duration::ZERO);
                         return P::rebuild(value);
@@ -560,7 +571,9 @@ impl CachedFunction {
                     // compute if the value is still missing.
                     absent = false;
                     if mode == CallMode::Cached {
-                        if let Lookup::Hit(value) = self.lookup(memory, store, &at, &tier_key) {
+                        if let Lookup::Hit(value) =
+                            self.lookup(memory, store, &at, &tier_key, codec)
+                        {
                             return P::rebuild(value);
                         }
                     }
@@ -572,7 +585,9 @@ impl CachedFunction {
                     let lock = self.take_lock(memory, acquired, &mut may_be_stored);
                     // Another thread or process may have stored the value meanwhile.
                     if mode == CallMode::Cached && may_be_stored {
-                        if let Lookup::Hit(value) = self.lookup(memory, store, &at, &tier_key) {
+                        if let Lookup::Hit(value) =
+                            self.lookup(memory, store, &at, &tier_key, codec)
+                        {
                             drop(lock);
                             flight.finish(None);
                             return P::rebuild(value);
@@ -586,6 +601,7 @@ impl CachedFunction {
                         Some(stored) => {
                             let computed = Computed {
                                 value: stored,
+                                codec,
                                 duration,
                                 preview: preview.get().map(String::as_str),
                             };
@@ -612,6 +628,7 @@ impl CachedFunction {
         mode: CallMode,
         key: Option<CallKey>,
         preview: &OnceLock<String>,
+        codec: Codec<P::Stored>,
         compute: Fut,
     ) -> R
     where
@@ -627,11 +644,11 @@ impl CachedFunction {
         let tier_key = TierKey::new(self.id(), &call, || key);
         let mut absent = true;
         if mode == CallMode::Cached {
-            if let Some(value) = self.memory_hit(memory, &*store, &tier_key, &call) {
+            if let Some(value) = self.memory_hit(memory, &*store, &tier_key, &call, codec) {
                 return P::rebuild(value);
             }
             match self
-                .lookup_async::<P::Stored>(memory, &store, key, tier_key)
+                .lookup_async::<P::Stored>(memory, &store, key, tier_key, codec)
                 .await
             {
                 Lookup::Hit(value) => return P::rebuild(value),
@@ -644,14 +661,17 @@ impl CachedFunction {
                 AsyncClaim::Wait(wait) => {
                     if let Some(payload) = wait.await {
                         let at = self.address(&key);
-                        if let Some(value) = self.decode_payload(memory, &*store, &at, &payload) {
+                        if let Some(value) =
+                            self.decode_payload(memory, &*store, &at, &payload, codec)
+                        {
                             Counters::bump(&memory.counters.hits);
                             return P::rebuild(value);
                         }
                     } else if mode == CallMode::Cached {
                         absent = false;
-                        if let Lookup::Hit(value) =
-                            self.lookup_async(memory, &store, key, tier_key).await
+                        if let Lookup::Hit(value) = self
+                            .lookup_async(memory, &store, key, tier_key, codec)
+                            .await
                         {
                             return P::rebuild(value);
                         }
@@ -666,8 +686,9 @@ impl CachedFunction {
                         blocking::unblock(move || locking.lock(&address.at(), timeout)).await;
                     let lock = self.take_lock(memory, acquired, &mut may_be_stored);
                     if mode == CallMode::Cached && may_be_stored {
-                        if let Lookup::Hit(value) =
-                            self.lookup_async(memory, &store, key, tier_key).await
+                        if let Lookup::Hit(value) = self
+                            .lookup_async(memory, &store, key, tier_key, codec)
+                            .await
                         {
                             drop(lock);
                             flight.finish(None);
@@ -682,6 +703,7 @@ impl CachedFunction {
                         Some(stored) => {
                             let computed = Computed {
                                 value: stored,
+                                codec,
                                 duration,
                                 preview: preview.get().map(String::as_str),
                             };
@@ -705,12 +727,13 @@ impl CachedFunction {
 
     /// A hit from the memory tier: decoded from the kept payload, when it is there and still
     /// fresh. Refreshes the entry's time on disk when this process last did long ago.
-    fn memory_hit<R: DeserializeOwned>(
+    fn memory_hit<R>(
         &self,
         memory: &Memory,
         store: &dyn Store,
         tier_key: &TierKey,
         call: &CallKey,
+        codec: Codec<R>,
     ) -> Option<R> {
         let tier = memory.tier.as_ref()?;
         let freshness = self.def.freshness;
@@ -718,7 +741,7 @@ impl CachedFunction {
             if !freshness.accepts_meta(slot.created, slot.duration, slot.size) {
                 return None;
             }
-            rmp_serde::from_slice(&slot.payload).ok()
+            codec.decode(&slot.payload).ok()
         })?;
         if hit.touch {
             store.touch(&self.address(&call.digest()));
@@ -788,14 +811,16 @@ impl CachedFunction {
         store: &Arc<dyn Store>,
         key: CacheKey,
         tier_key: TierKey,
+        codec: Codec<S>,
     ) -> Lookup<S> {
         let address = self.owned_address(key);
         let store = Arc::clone(store);
         let freshness = self.def.freshness;
         let keep = memory.tier.is_some();
-        let found =
-            blocking::unblock(move || read_stored::<S>(&*store, &address.at(), freshness, keep))
-                .await;
+        let found = blocking::unblock(move || {
+            read_stored::<S>(&*store, &address.at(), freshness, keep, codec)
+        })
+        .await;
         let found = self.report(memory, &tier_key, found);
         if let Lookup::Hit(_) = found {
             Counters::bump(&memory.counters.hits);
@@ -815,11 +840,13 @@ impl CachedFunction {
     ) -> Option<Payload> {
         let Computed {
             value,
+            codec,
             duration,
             preview,
         } = computed;
         let preview = preview.map(str::to_owned);
-        let payload = self.encode(memory, value)?;
+        let payload = self.encode(memory, value, codec)?;
+        let flags = codec.flags();
         let source = self.source_to_save(memory);
         let first = source.is_some();
         let address = self.owned_address(key);
@@ -834,6 +861,7 @@ impl CachedFunction {
                 duration,
                 level,
                 plain: &writing,
+                flags,
                 preview: preview.as_deref(),
             };
             write_entry(&*writer, &address.at(), &entry)
@@ -897,29 +925,31 @@ impl CachedFunction {
         }
     }
 
-    fn lookup<R: DeserializeOwned>(
+    fn lookup<R>(
         &self,
         memory: &Memory,
         store: &dyn Store,
         at: &EntryAddress<'_>,
         tier_key: &TierKey,
+        codec: Codec<R>,
     ) -> Lookup<R> {
-        let found = self.read_entry(memory, store, at, tier_key);
+        let found = self.read_entry(memory, store, at, tier_key, codec);
         if let Lookup::Hit(_) = found {
             Counters::bump(&memory.counters.hits);
         }
         found
     }
 
-    fn read_entry<R: DeserializeOwned>(
+    fn read_entry<R>(
         &self,
         memory: &Memory,
         store: &dyn Store,
         at: &EntryAddress<'_>,
         tier_key: &TierKey,
+        codec: Codec<R>,
     ) -> Lookup<R> {
         let keep = memory.tier.is_some();
-        let found = read_stored(store, at, self.def.freshness, keep);
+        let found = read_stored(store, at, self.def.freshness, keep, codec);
         self.report(memory, tier_key, found)
     }
 
@@ -950,20 +980,21 @@ impl CachedFunction {
         }
     }
 
-    fn decode_payload<R: DeserializeOwned>(
+    fn decode_payload<R>(
         &self,
         memory: &Memory,
         store: &dyn Store,
         at: &EntryAddress<'_>,
         payload: &[u8],
+        codec: Codec<R>,
     ) -> Option<R> {
-        match rmp_serde::from_slice(payload) {
+        match codec.decode(payload) {
             Ok(value) => Some(value),
-            Err(error) => {
+            Err(message) => {
                 let error = Error::Decode {
                     path: store.describe(at),
                     type_name: std::any::type_name::<R>(),
-                    message: error.to_string(),
+                    message,
                 };
                 self.problem(memory, error, RECOMPUTING);
                 None
@@ -972,7 +1003,7 @@ impl CachedFunction {
     }
 
     /// Encodes and stores a computed value; returns the payload for waiting threads.
-    fn save<S: Serialize>(
+    fn save<S>(
         &self,
         memory: &Memory,
         store: &dyn Store,
@@ -982,10 +1013,11 @@ impl CachedFunction {
     ) -> Option<Payload> {
         let Computed {
             value,
+            codec,
             duration,
             preview,
         } = computed;
-        let payload = self.encode(memory, value)?;
+        let payload = self.encode(memory, value, codec)?;
         let source = self.source_to_save(memory);
         let created = SystemTime::now();
         let entry = NewEntry {
@@ -994,6 +1026,7 @@ impl CachedFunction {
             duration,
             level: self.compression(memory),
             plain: &payload,
+            flags: codec.flags(),
             preview,
         };
         let result = write_entry(store, at, &entry);
@@ -1015,12 +1048,11 @@ impl CachedFunction {
     }
 
     /// The value in the entry payload format, or `None` (reported) when it cannot be encoded.
-    fn encode<S: Serialize>(&self, memory: &Memory, value: &S) -> Option<Payload> {
-        match rmp_serde::to_vec_named(value) {
+    fn encode<S>(&self, memory: &Memory, value: &S, codec: Codec<S>) -> Option<Payload> {
+        match codec.encode(value) {
             Ok(payload) => Some(Arc::new(payload)),
-            Err(error) => {
+            Err(message) => {
                 let function = self.identity().to_owned();
-                let message = error.to_string();
                 self.problem(memory, Error::Encode { function, message }, NOT_CACHED);
                 None
             }

@@ -306,9 +306,16 @@ pub trait Number: bytemuck::Pod + sealed::Sealed {
     /// that the raw bytes cannot be hashed as they are.
     #[doc(hidden)]
     fn needs_canonical(values: &[Self]) -> bool;
-    /// The value's little-endian bytes in canonical form, written to `sink`.
+    /// The value's little-endian bytes in canonical form, appended to `out`.
     #[doc(hidden)]
     fn write_canonical(self, out: &mut Vec<u8>);
+    /// The value's little-endian bytes as they are, appended to `out`.
+    #[doc(hidden)]
+    fn write_le(self, out: &mut Vec<u8>);
+    /// Turns values read as little-endian bytes into native ones (nothing to do on
+    /// little-endian machines).
+    #[doc(hidden)]
+    fn from_le_in_place(values: &mut [Self]);
 }
 
 mod sealed {
@@ -325,6 +332,14 @@ macro_rules! integer_numbers {
             }
             fn write_canonical(self, out: &mut Vec<u8>) {
                 out.extend_from_slice(&self.to_le_bytes());
+            }
+            fn write_le(self, out: &mut Vec<u8>) {
+                out.extend_from_slice(&self.to_le_bytes());
+            }
+            fn from_le_in_place(values: &mut [Self]) {
+                for value in values {
+                    *value = <$ty>::from_le(*value);
+                }
             }
         }
     )*};
@@ -349,6 +364,14 @@ macro_rules! float_numbers {
             fn write_canonical(self, out: &mut Vec<u8>) {
                 let value = if self.is_nan() { <$ty>::NAN } else { self };
                 out.extend_from_slice(&value.to_le_bytes());
+            }
+            fn write_le(self, out: &mut Vec<u8>) {
+                out.extend_from_slice(&self.to_le_bytes());
+            }
+            fn from_le_in_place(values: &mut [Self]) {
+                for value in values {
+                    *value = <$ty>::from_bits(value.to_bits().to_le());
+                }
             }
         }
     )*};

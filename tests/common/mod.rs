@@ -67,15 +67,17 @@ pub fn child_test(test: &str) -> std::process::Command {
     command
 }
 
-/// Rewrites an uncompressed entry as a valid one (same key and duration, new checksum) with
+/// Rewrites an uncompressed entry as a valid one (same key, duration and flags, new checksum) with
 /// another creation time and/or another payload.
 pub fn rewrite_entry(path: &Path, created: Option<std::time::SystemTime>, payload: Option<&[u8]>) {
-    use memo::format::entry::{decode_header, encode_header, HEADER_LEN};
+    use memo::format::entry::{decode_header, encode_header_with_flags, HEADER_LEN};
     let bytes = std::fs::read(path).unwrap();
     let header = decode_header(&bytes).unwrap();
+    let flags = u16::from_le_bytes([bytes[6], bytes[7]]);
     let payload = payload.unwrap_or(&bytes[HEADER_LEN..]);
     let created = created.unwrap_or(header.created);
-    let mut rewritten = encode_header(&header.key, created, header.duration, payload).to_vec();
+    let mut rewritten =
+        encode_header_with_flags(&header.key, created, header.duration, flags, payload).to_vec();
     rewritten.extend_from_slice(payload);
     std::fs::write(path, rewritten).unwrap();
 }
