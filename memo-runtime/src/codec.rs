@@ -121,12 +121,47 @@ fn decode_numbers<N: Number>(payload: &[u8]) -> Result<Vec<N>, String> {
     values
         .try_reserve_exact(elements.len() / size)
         .map_err(|_| format!("cannot allocate {} bytes for the value", elements.len()))?;
-    values.resize(elements.len() / size, N::zeroed());
-    bytemuck::cast_slice_mut::<N, u8>(&mut values).copy_from_slice(elements);
+    advise_huge_pages(values.spare_capacity_mut());
+    // Filled straight from the bytes (no zeroing first): a copy the compiler vectorizes.
+    values.extend(
+        elements
+            .chunks_exact(size)
+            .map(bytemuck::pod_read_unaligned::<N>),
+    );
     if cfg!(target_endian = "big") {
         N::from_le_in_place(&mut values);
     }
     Ok(values)
+}
+
+/// Asks Linux to back a large fresh allocation with transparent huge pages where the system
+/// allows it on request (`madvise` mode): filling 100 MB then takes 50 page faults, not 25,000.
+/// Only advice: nothing changes if it is refused.
+fn advise_huge_pages<T>(spare: &mut [std::mem::MaybeUninit<T>]) {
+    #[cfg(target_os = "linux")]
+    {
+        const HUGE: usize = 2 << 20;
+        let bytes = std::mem::size_of_val(spare);
+        if bytes < 4 * HUGE {
+            return;
+        }
+        let start = spare.as_mut_ptr() as usize;
+        let aligned = start.next_multiple_of(HUGE);
+        let end = (start + bytes) / HUGE * HUGE;
+        if end > aligned {
+            // SAFETY: the range lies within an allocation this function holds exclusively, and
+            // MADV_HUGEPAGE only changes how its pages are backed, never their contents.
+            unsafe {
+                libc::madvise(
+                    aligned as *mut libc::c_void,
+                    end - aligned,
+                    libc::MADV_HUGEPAGE,
+                );
+            }
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = spare;
 }
 
 /// The codec chooser generated code calls `.codec()` on (through a reference, see

@@ -68,7 +68,7 @@ pub(crate) trait Store: Send + Sync {
     /// Where the entries of one function version live.
     fn version_location(&self, function: &str, version: &str) -> PathBuf;
     /// The stored bytes of an entry, or `None` when there is none.
-    fn read(&self, at: &EntryAddress<'_>) -> Result<Option<Vec<u8>>, Error>;
+    fn read(&self, at: &EntryAddress<'_>) -> Result<Option<EntryBytes>, Error>;
     /// Stores an entry atomically: readers see the old state or the complete new entry.
     fn write(&self, at: &EntryAddress<'_>, header: &[u8], payload: &[u8]) -> Result<(), Error>;
     /// Marks an entry as just used (for least-recently-used eviction), best effort: called
@@ -530,14 +530,49 @@ fn open_entry(path: &Path) -> io::Result<File> {
     })
 }
 
+/// An entry's bytes as read: in memory, or mapped from its file (large entries).
+pub enum EntryBytes {
+    /// Read into memory.
+    Heap(Vec<u8>),
+    /// Mapped read-only. memo never changes an entry file in place (entries are replaced by new
+    /// files, and removed files stay readable while mapped), so the mapping is stable unless
+    /// something outside memo truncates the file meanwhile.
+    Mapped(memmap2::Mmap),
+}
+
+impl std::ops::Deref for EntryBytes {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        match self {
+            EntryBytes::Heap(bytes) => bytes,
+            EntryBytes::Mapped(map) => map,
+        }
+    }
+}
+
+impl std::fmt::Debug for EntryBytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kind = match self {
+            EntryBytes::Heap(_) => "Heap",
+            EntryBytes::Mapped(_) => "Mapped",
+        };
+        write!(f, "EntryBytes::{kind}({} bytes)", self.len())
+    }
+}
+
+/// Entries at least this large are mapped instead of read: no copy into a fresh allocation.
+const MAP_FROM: u64 = 4 << 20;
+
 /// Reads an entry file. Small files are read whole; a larger one only when its header claims
-/// exactly the length it has, and then into an allocation made fallibly: a damaged or hostile
-/// header never causes a huge allocation. A file whose header does not fit its length is returned
-/// cut to its first 64 KiB, for the decoder to say what is wrong.
+/// exactly the length it has, and then into an allocation made fallibly (or mapped, from
+/// [`MAP_FROM`] bytes on): a damaged or hostile header never causes a huge allocation. A file
+/// whose header does not fit its length is returned cut to its first 64 KiB, for the decoder to
+/// say what is wrong.
 ///
 /// With `touch`, a read refreshes the file's modification time when it is older than
 /// [`TOUCH_AFTER`], so that it says when the entry was last used.
-fn read_entry_file(path: &Path, touch: bool) -> io::Result<Vec<u8>> {
+fn read_entry_file(path: &Path, touch: bool) -> io::Result<EntryBytes> {
     let mut file = open_entry(path)?;
     let meta = file.metadata()?;
     if !meta.is_file() {
@@ -561,6 +596,15 @@ fn read_entry_file(path: &Path, touch: bool) -> io::Result<Vec<u8>> {
         file.read_exact(&mut header)?;
         let claimed = entry::decode_header(&header).map(|h| h.payload_len);
         let fits = claimed.is_ok_and(|n| n.checked_add(HEADER_LEN as u64) == Some(len));
+        if fits && len >= MAP_FROM {
+            // SAFETY: the file is mapped read-only and memo never writes to an entry file after it
+            // is in place; the mapping lives as long as the bytes it is read through. (A process
+            // outside memo truncating the file while it is mapped would fault the reader.)
+            let map = unsafe { memmap2::MmapOptions::new().populate().map(&file)? };
+            if map.len() as u64 == len {
+                return Ok(EntryBytes::Mapped(map));
+            }
+        }
         let keep = if fits { len } else { READ_WHOLE };
         let mut bytes = Vec::new();
         bytes
@@ -570,11 +614,11 @@ fn read_entry_file(path: &Path, touch: bool) -> io::Result<Vec<u8>> {
         (&mut file)
             .take(keep - HEADER_LEN as u64)
             .read_to_end(&mut bytes)?;
-        return Ok(bytes);
+        return Ok(EntryBytes::Heap(bytes));
     };
     let mut bytes = Vec::with_capacity(whole as usize);
     file.take(whole).read_to_end(&mut bytes)?;
-    Ok(bytes)
+    Ok(EntryBytes::Heap(bytes))
 }
 
 /// Checks an entry file against the key its name gives.
@@ -606,7 +650,7 @@ impl Store for DirStore {
         self.version_dir(function, version)
     }
 
-    fn read(&self, at: &EntryAddress<'_>) -> Result<Option<Vec<u8>>, Error> {
+    fn read(&self, at: &EntryAddress<'_>) -> Result<Option<EntryBytes>, Error> {
         let path = self.entry_path(at);
         if let Some(dir) = path.parent() {
             self.check_no_links(dir)?;
