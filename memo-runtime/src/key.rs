@@ -507,6 +507,14 @@ impl CallKey {
         }
     }
 
+    /// A call key of the hashed form, for a key computed elsewhere.
+    pub fn hashed(key: CacheKey) -> Self {
+        CallKey {
+            function: [0; 32],
+            form: KeyForm::Digest(key),
+        }
+    }
+
     /// The encoded arguments, when they are short enough to be kept.
     pub fn short_args(&self) -> Option<&[u8]> {
         match &self.form {

@@ -294,23 +294,26 @@ where
         let CachedMap {
             items, f, summary, ..
         } = self;
+        // Live counts for the bar only: the outcome's counts are taken from the steps at the end,
+        // so a map without a bar touches no shared counter per item.
+        let shown = !bar.is_hidden();
         let from_cache = AtomicUsize::new(0);
         let computed = AtomicUsize::new(0);
         let update = |tally: &Tally| {
-            // An item that made cached calls and all of them hit was loaded from the cache.
-            if tally.calls > 0 && tally.hits == tally.calls {
+            if !shown {
+                return;
+            }
+            if tally.loaded() {
                 from_cache.fetch_add(1, Ordering::Relaxed);
             } else {
                 computed.fetch_add(1, Ordering::Relaxed);
             }
             bar.inc(1);
-            if !bar.is_hidden() {
-                bar.set_message(format!(
-                    "{} cached, {} computed",
-                    from_cache.load(Ordering::Relaxed),
-                    computed.load(Ordering::Relaxed)
-                ));
-            }
+            bar.set_message(format!(
+                "{} cached, {} computed",
+                from_cache.load(Ordering::Relaxed),
+                computed.load(Ordering::Relaxed)
+            ));
         };
 
         // 1. Look every item up; stop probing once `f` turns out to call no cached function.
@@ -371,13 +374,18 @@ where
         }
         bar.finish_and_clear();
 
-        let mut saved = Duration::ZERO;
+        let (mut saved, mut from_cache, mut computed) = (Duration::ZERO, 0, 0);
         let mut results = Vec::with_capacity(steps.len());
         let mut failures = Vec::new();
         for (index, step) in steps.into_iter().enumerate() {
             match step {
                 Step::Done(value, tally) => {
                     saved = saved.saturating_add(tally.saved);
+                    if tally.loaded() {
+                        from_cache += 1;
+                    } else {
+                        computed += 1;
+                    }
                     results.push(Some(value));
                 }
                 Step::Failed(message) => {
@@ -394,8 +402,8 @@ where
         }
         let outcome = MapOutcome {
             results: Vec::new(),
-            from_cache: from_cache.into_inner(),
-            computed: computed.into_inner(),
+            from_cache,
+            computed,
             elapsed: started.elapsed(),
             saved,
         };

@@ -36,6 +36,11 @@ impl Tally {
         saved: Duration::ZERO,
     };
 
+    /// Whether the item was loaded from the cache: it made cached calls, and all of them hit.
+    pub(crate) fn loaded(&self) -> bool {
+        self.calls > 0 && self.hits == self.calls
+    }
+
     /// What happened since `before`.
     pub(crate) fn since(self, before: Tally) -> Tally {
         Tally {

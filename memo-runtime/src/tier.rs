@@ -6,20 +6,27 @@
 //! than an eighth of a shard's share are not kept (they would push out many small ones); they
 //! are read from disk on every hit.
 
-use std::collections::VecDeque;
-use std::hash::BuildHasher;
+use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasherDefault, Hash, Hasher};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
-use rustc_hash::{FxBuildHasher, FxHashMap};
+use rustc_hash::FxHasher;
 
 use crate::flight::Payload;
 use crate::key::{CacheKey, CallKey};
 
 /// What the tier is looked up by: a function (the address of its static) and its call's short
-/// encoded arguments, compared byte for byte, or else the call's full 256-bit key.
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
-pub(crate) enum TierKey {
+/// encoded arguments, compared byte for byte, or else the call's full 256-bit key. Equality
+/// compares all of it; the hash is computed once, when the key is made.
+#[derive(Clone, Copy)]
+pub(crate) struct TierKey {
+    hash: u64,
+    form: Form,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Form {
     Args {
         function: usize,
         len: u8,
@@ -28,22 +35,78 @@ pub(crate) enum TierKey {
     Digest(CacheKey),
 }
 
+impl PartialEq for TierKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.hash == other.hash && self.form == other.form
+    }
+}
+
+impl Eq for TierKey {}
+
+impl Hash for TierKey {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        state.write_u64(self.hash);
+    }
+}
+
 impl TierKey {
     pub(crate) fn new(function: usize, call: &CallKey, digest: impl FnOnce() -> CacheKey) -> Self {
         match call.short_args() {
             Some(short) if short.len() <= 48 => {
+                let mut hasher = FxHasher::default();
+                hasher.write_usize(function);
+                hasher.write(short);
                 let mut args = [0u8; 48];
                 args[..short.len()].copy_from_slice(short);
-                TierKey::Args {
-                    function,
-                    len: short.len() as u8,
-                    args,
+                TierKey {
+                    hash: hasher.finish(),
+                    form: Form::Args {
+                        function,
+                        len: short.len() as u8,
+                        args,
+                    },
                 }
             }
-            _ => TierKey::Digest(digest()),
+            _ => {
+                let key = digest();
+                let mut bytes = [0u8; 8];
+                bytes.copy_from_slice(&key.as_bytes()[..8]);
+                TierKey {
+                    hash: u64::from_le_bytes(bytes),
+                    form: Form::Digest(key),
+                }
+            }
         }
     }
+
+    #[cfg(test)]
+    fn digest(key: CacheKey) -> Self {
+        TierKey::new(0, &CallKey::hashed(key), || key)
+    }
 }
+
+/// Hashes a [`TierKey`] to the hash it carries.
+#[derive(Default)]
+struct CarriedHash(u64);
+
+impl Hasher for CarriedHash {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // Only `write_u64` is called, by `TierKey`'s `Hash`; this is a plain fallback.
+        for &byte in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(byte);
+        }
+    }
+
+    fn write_u64(&mut self, value: u64) {
+        self.0 = value;
+    }
+}
+
+type Slots = HashMap<TierKey, Slot, BuildHasherDefault<CarriedHash>>;
 
 /// Independent locks, so that threads hitting different keys rarely wait for each other.
 const SHARDS: usize = 16;
@@ -72,7 +135,7 @@ pub(crate) struct Slot {
 
 #[derive(Default)]
 struct Shard {
-    slots: FxHashMap<TierKey, Slot>,
+    slots: Slots,
     /// Insertion order, with the generation each insertion had (a replaced slot's old place in
     /// the queue is skipped).
     order: VecDeque<(TierKey, u64)>,
@@ -107,7 +170,8 @@ impl Tier {
     }
 
     fn shard(&self, key: &TierKey) -> MutexGuard<'_, Shard> {
-        let index = (FxBuildHasher.hash_one(key) >> 40) as usize % SHARDS;
+        // Fibonacci hashing: the top bits of the product depend on every bit of the hash.
+        let index = (key.hash.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 60) as usize % SHARDS;
         self.shards[index]
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -256,7 +320,7 @@ mod tests {
     fn key(n: u16) -> TierKey {
         let mut bytes = [0u8; 32];
         bytes[..2].copy_from_slice(&n.to_le_bytes());
-        TierKey::Digest(CacheKey::from_bytes(bytes))
+        TierKey::digest(CacheKey::from_bytes(bytes))
     }
 
     fn put(tier: &Tier, n: u16, len: usize) {
