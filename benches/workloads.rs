@@ -32,6 +32,8 @@ fn memory(name: &str) -> Memory {
 
 static W1: LazyLock<Memory> = LazyLock::new(|| memory("w1"));
 static W2: LazyLock<Memory> = LazyLock::new(|| memory("w2"));
+/// W2 again with `Memory::durable(true)` (an `fsync` per entry, as `cached` 4.x's redb commits).
+static W2_DURABLE: LazyLock<Memory> = LazyLock::new(|| memory("w2-durable").durable(true));
 static W4: LazyLock<Memory> = LazyLock::new(|| memory("w4"));
 static W5: LazyLock<Memory> = LazyLock::new(|| memory("w5"));
 static W6: LazyLock<Memory> = LazyLock::new(|| memory("w6"));
@@ -80,6 +82,11 @@ fn square_w1(x: u64) -> u64 {
 
 #[cached(memory = W2)]
 fn square_w2(x: u64) -> u64 {
+    square(x)
+}
+
+#[cached(memory = W2_DURABLE)]
+fn square_w2_durable(x: u64) -> u64 {
     square(x)
 }
 
@@ -166,6 +173,19 @@ fn w2() {
         })
         .collect();
     emit("W2 small-miss", "per_call", median(per_call), "ns");
+    let per_call: Vec<f64> = (0..REPS as u64)
+        .map(|r| {
+            expect_runs(&SQUARES, 1000, "W2 durable misses", || {
+                let start = Instant::now();
+                for i in 0..1000 {
+                    let x = 1_000_000 * (r + 1) + i;
+                    assert_eq!(square_w2_durable(black_box(x)), x * x);
+                }
+                start.elapsed().as_nanos() as f64 / 1000.0
+            })
+        })
+        .collect();
+    emit("W2 small-miss", "per_call_durable", median(per_call), "ns");
 }
 
 /// W3's child processes: `w3-warm DIR` stores 1,000 values, `w3-hit DIR` reads them back.

@@ -286,3 +286,32 @@ fn a_numbers_entry_whose_payload_is_not_whole_elements_is_a_miss() {
     assert_eq!(cut_short(10), (0..10).collect::<Vec<_>>());
     assert_eq!(CUT.get(), 2);
 }
+
+static DURABLE: LazyLock<Memory> = LazyLock::new(|| {
+    Memory::new(fresh_dir("durable"))
+        .durable(true)
+        .memory_tier(0)
+});
+static DURABLE_RUNS: Counter = Counter::new();
+
+#[cached(memory = DURABLE)]
+fn durable_double(x: u64) -> u64 {
+    DURABLE_RUNS.bump();
+    x * 2
+}
+
+#[test]
+fn durable_writes_store_and_read_back_like_the_others() {
+    assert!(DURABLE.is_durable());
+    for x in 0..20 {
+        assert_eq!(durable_double(x), x * 2);
+    }
+    for x in 0..20 {
+        assert_eq!(durable_double(x), x * 2);
+    }
+    assert_eq!(DURABLE_RUNS.get(), 20);
+    assert_eq!(entry_files(&durable_double::location().unwrap()).len(), 20);
+    // An overwrite takes the other path (the name exists): still durable, still right.
+    assert_eq!(durable_double::recompute(3), 6);
+    assert_eq!(DURABLE.verify().unwrap().valid, 20);
+}

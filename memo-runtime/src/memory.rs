@@ -65,6 +65,7 @@ pub struct Memory {
     /// Recently used payloads, in memory; `None` when turned off.
     pub(crate) tier: Option<Tier>,
     tier_size: u64,
+    durable: bool,
 }
 
 impl fmt::Debug for Memory {
@@ -144,6 +145,7 @@ impl Memory {
             sources_saved: Mutex::new(HashSet::new()),
             tier: Tier::new(DEFAULT_MEMORY_TIER),
             tier_size: DEFAULT_MEMORY_TIER,
+            durable: false,
         }
     }
 
@@ -242,6 +244,30 @@ impl Memory {
     pub fn lock_timeout(mut self, timeout: Option<Duration>) -> Self {
         self.lock_timeout = timeout;
         self
+    }
+
+    /// Durable writes: each entry is flushed to the disk (`fsync` of the file before it is
+    /// named, then of its folder) before the call returns, so a stored result survives a power
+    /// failure or a kernel crash, at the cost of a disk flush per miss (milliseconds on many
+    /// disks, see `docs/BENCHMARKS.md`). Off by default: without it a result survives any crash
+    /// of the process, and a power failure can only lose recent entries, never tear one (a torn
+    /// entry fails its checksum and is a miss).
+    ///
+    /// ```
+    /// let memory = memo_runtime::Memory::new("/tmp/cache").durable(true);
+    /// assert!(memory.is_durable());
+    /// ```
+    pub fn durable(mut self, durable: bool) -> Self {
+        if let Some(location) = &self.location {
+            self.store = Some(Arc::new(DirStore::new(location.clone()).durable(durable)));
+        }
+        self.durable = durable;
+        self
+    }
+
+    /// Whether writes are durable ([`Memory::durable`]).
+    pub fn is_durable(&self) -> bool {
+        self.durable
     }
 
     /// Compresses entries with zstd at `level` (1 fast .. 19 small; 3 is zstd's default), or not

@@ -137,6 +137,8 @@ pub(crate) struct DirStore {
     base: PathBuf,
     /// Folders below `base` already checked not to be symbolic links, in this process.
     checked: Mutex<HashSet<PathBuf>>,
+    /// Whether each entry is flushed to the disk (`fsync`, then its folder) before a write returns.
+    durable: bool,
     /// The version folders' preview files, kept open for appending.
     preview_files: Mutex<std::collections::HashMap<PathBuf, std::sync::Arc<File>>>,
     /// The version folders' lock files, kept open (Linux).
@@ -175,10 +177,30 @@ impl DirStore {
             root,
             base,
             checked: Mutex::new(HashSet::new()),
+            durable: false,
             preview_files: Mutex::default(),
             #[cfg(target_os = "linux")]
             lock_files: Mutex::default(),
         }
+    }
+
+    /// The same store, flushing each entry to the disk before a write returns when `durable`.
+    pub(crate) fn durable(mut self, durable: bool) -> Self {
+        self.durable = durable;
+        self
+    }
+
+    /// Flushes a folder's list of names to the disk, so that a new name in it survives a power
+    /// failure (the file's own data is flushed before it is named).
+    fn sync_dir(&self, dir: &Path) -> Result<(), Error> {
+        if !self.durable {
+            return Ok(());
+        }
+        #[cfg(unix)]
+        File::open(dir)
+            .and_then(|folder| folder.sync_all())
+            .map_err(|e| Error::io("flushing to disk the folder", dir, e))?;
+        Ok(())
     }
 
     /// Closes the files kept open, before this store removes folders.
@@ -331,15 +353,15 @@ impl DirStore {
         self.check_no_links(dir)?;
         #[cfg(target_os = "linux")]
         {
-            match unnamed::create(dir, path, parts) {
-                Ok(true) => return Ok(()),
+            match unnamed::create(dir, path, parts, self.durable) {
+                Ok(true) => return self.sync_dir(dir),
                 // Present already, or not supported here: the portable way below.
                 Ok(false) => {}
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {
                     self.create_dir(dir)?;
                     self.check_no_links(dir)?;
-                    if let Ok(true) = unnamed::create(dir, path, parts) {
-                        return Ok(());
+                    if let Ok(true) = unnamed::create(dir, path, parts, self.durable) {
+                        return self.sync_dir(dir);
                     }
                 }
                 Err(e) => return Err(Error::io("writing cache entry", path, e)),
@@ -364,10 +386,15 @@ impl DirStore {
             file.write_all(part)
                 .map_err(|e| Error::io("writing cache entry", file.path(), e))?;
         }
+        if self.durable {
+            file.as_file()
+                .sync_all()
+                .map_err(|e| Error::io("flushing to disk", file.path(), e))?;
+        }
         // On failure the temporary file is removed when `file` drops: no partial entry remains.
         file.persist(path)
             .map_err(|e| Error::io("renaming cache entry into place at", path, e.error))?;
-        Ok(())
+        self.sync_dir(dir)
     }
 }
 
@@ -391,7 +418,12 @@ mod unnamed {
 
     /// Writes `parts` as the new file `path` in `dir`. `Ok(false)`: nothing was written, because
     /// `path` exists or this way is not available; the caller writes it the portable way.
-    pub(super) fn create(dir: &Path, path: &Path, parts: &[&[u8]]) -> io::Result<bool> {
+    pub(super) fn create(
+        dir: &Path,
+        path: &Path,
+        parts: &[&[u8]],
+        durable: bool,
+    ) -> io::Result<bool> {
         static PROC: OnceLock<bool> = OnceLock::new();
         if UNSUPPORTED.load(Ordering::Relaxed)
             || !*PROC.get_or_init(|| Path::new("/proc/self/fd").is_dir())
@@ -425,6 +457,9 @@ mod unnamed {
             for part in parts {
                 file.write_all(part)?;
             }
+        }
+        if durable {
+            file.sync_all()?;
         }
         let source = CString::new(format!("/proc/self/fd/{}", file.as_raw_fd()))?;
         let target = CString::new(path.as_os_str().as_bytes())?;
