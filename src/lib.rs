@@ -71,7 +71,7 @@ pub use memo_macros::cached;
 pub use memo_macros::track;
 
 pub use memo_runtime::{
-    AsMemory, CacheKey, Cleanup, EntryInfo, EntryMeta, Error, FunctionInfo, Memory, Stats,
+    Array, AsMemory, CacheKey, Cleanup, EntryInfo, EntryMeta, Error, FunctionInfo, Memory, Stats,
     VerifyReport, VersionInfo, DEFAULT_LOCK_TIMEOUT, MEMO_DIR, MEMO_DISABLE,
 };
 

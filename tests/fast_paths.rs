@@ -315,3 +315,45 @@ fn durable_writes_store_and_read_back_like_the_others() {
     assert_eq!(durable_double::recompute(3), 6);
     assert_eq!(DURABLE.verify().unwrap().valid, 20);
 }
+
+static SIGNALS: Counter = Counter::new();
+
+#[cached(memory = ARRAYS)]
+fn signal(n: usize) -> memo::Array<f64> {
+    SIGNALS.bump();
+    (0..n).map(|i| (i as f64).sin()).collect()
+}
+
+#[cached(memory = PACKED)]
+fn packed_signal(n: usize) -> memo::Array<f32> {
+    (0..n).map(|i| i as f32).collect()
+}
+
+#[test]
+fn a_large_array_hit_is_read_in_place_and_outlives_its_entry() {
+    let expected: Vec<f64> = (0..600_000).map(|i| (i as f64).sin()).collect();
+    let first = signal(600_000);
+    assert!(!first.is_mapped(), "a computed value is held in memory");
+    let hit = signal(600_000);
+    assert_eq!(SIGNALS.get(), 1);
+    assert!(hit.is_mapped(), "4.8 MB: served from the mapped entry");
+    assert_eq!(hit[..], expected[..]);
+    assert_eq!(hit, first);
+
+    // Small: read into memory.
+    let small = signal(10);
+    let small_hit = signal(10);
+    assert!(!small_hit.is_mapped());
+    assert_eq!(small, small_hit);
+
+    // Removing the entry does not change a mapped value.
+    signal::clear().unwrap();
+    assert_eq!(hit[599_999], expected[599_999]);
+    assert_eq!(hit.into_vec(), expected);
+
+    // A compressed entry is decompressed into memory.
+    let packed = packed_signal(2_000_000);
+    let packed_hit = packed_signal(2_000_000);
+    assert!(!packed_hit.is_mapped());
+    assert_eq!(packed, packed_hit);
+}

@@ -6,7 +6,10 @@
 //! ([`CodecFor`]): [`NumbersCodec`] where it applies, [`SerdeCodec`] otherwise.
 
 use std::marker::PhantomData;
+use std::ops::Range;
+use std::sync::Arc;
 
+use crate::array::Array;
 use crate::entry::FLAG_NUMBERS;
 use crate::function::CacheValue;
 use crate::key::Number;
@@ -15,6 +18,9 @@ use crate::key::Number;
 pub struct Codec<T> {
     encode: fn(&T) -> Result<Vec<u8>, String>,
     decode: fn(&[u8]) -> Result<T, String>,
+    /// Decodes a payload that is a range of a mapped entry file without copying it, for the
+    /// types that can ([`Array`]).
+    decode_mapped: Option<fn(Arc<memmap2::Mmap>, Range<usize>) -> Result<T, String>>,
     /// The header flags of its payloads ([`FLAG_NUMBERS`] or none).
     flags: u16,
 }
@@ -53,6 +59,16 @@ impl<T> Codec<T> {
     pub fn flags(&self) -> u16 {
         self.flags
     }
+
+    /// The value a payload at `bytes` of a mapped entry holds, without copying it; `None` when
+    /// this codec copies anyway (then [`Codec::decode`] the bytes).
+    pub(crate) fn decode_mapped(
+        &self,
+        map: Arc<memmap2::Mmap>,
+        bytes: Range<usize>,
+    ) -> Option<Result<T, String>> {
+        self.decode_mapped.map(|decode| decode(map, bytes))
+    }
 }
 
 impl<T: CacheValue> Codec<T> {
@@ -61,6 +77,7 @@ impl<T: CacheValue> Codec<T> {
         Codec {
             encode: |value| rmp_serde::to_vec_named(value).map_err(|e| e.to_string()),
             decode: |bytes| rmp_serde::from_slice(bytes).map_err(|e| e.to_string()),
+            decode_mapped: None,
             flags: 0,
         }
     }
@@ -74,15 +91,44 @@ impl<N: Number> Codec<Vec<N>> {
     /// Raw little-endian elements after an 8-byte prefix (the element's key tag, then zeros).
     pub fn numbers() -> Self {
         Codec {
-            encode: encode_numbers::<N>,
+            encode: |values| encode_numbers::<N>(values),
             decode: decode_numbers::<N>,
+            decode_mapped: None,
             flags: FLAG_NUMBERS,
         }
     }
 }
 
-fn encode_numbers<N: Number>(values: &Vec<N>) -> Result<Vec<u8>, String> {
-    let size = std::mem::size_of_val(values.as_slice());
+impl<N: Number> Codec<Array<N>> {
+    /// The payload format of [`Codec::numbers`]; a hit on a mapped entry reads the mapping.
+    pub fn array() -> Self {
+        Codec {
+            encode: |values| encode_numbers::<N>(values),
+            decode: |payload| decode_numbers::<N>(payload).map(Array::from),
+            decode_mapped: Some(|map, bytes| {
+                let elements = bytes.start + PREFIX..bytes.end;
+                let prefix = map.get(bytes.start..bytes.start + PREFIX);
+                let tag_ok =
+                    prefix.is_some_and(|p| p[0] == N::TAG && p[1..].iter().all(|&b| b == 0));
+                if !tag_ok || cfg!(target_endian = "big") {
+                    // Another element type (a miss), or bytes that need swapping: the copying way.
+                    let payload = map.get(bytes).ok_or("payload outside the entry")?;
+                    return decode_numbers::<N>(payload).map(Array::from);
+                }
+                Array::mapped(map, elements).ok_or_else(|| {
+                    format!(
+                        "the payload is not a whole number of aligned `{}`",
+                        std::any::type_name::<N>()
+                    )
+                })
+            }),
+            flags: FLAG_NUMBERS,
+        }
+    }
+}
+
+fn encode_numbers<N: Number>(values: &[N]) -> Result<Vec<u8>, String> {
+    let size = std::mem::size_of_val(values);
     let mut payload = Vec::new();
     payload
         .try_reserve_exact(PREFIX + size)
@@ -188,6 +234,12 @@ pub trait NumbersCodec<T> {
 impl<N: Number> NumbersCodec<Vec<N>> for CodecFor<Vec<N>> {
     fn codec(&self) -> Codec<Vec<N>> {
         Codec::numbers()
+    }
+}
+
+impl<N: Number> NumbersCodec<Array<N>> for CodecFor<Array<N>> {
+    fn codec(&self) -> Codec<Array<N>> {
+        Codec::array()
     }
 }
 

@@ -19,7 +19,9 @@ use crate::lock::{Acquired, KeyLock};
 use crate::log;
 use crate::memory::{Counters, Memory};
 use crate::probe;
-use crate::store::{function_dir_name, EntryAddress, Store, TOUCH_AFTER, VERSION_DIR_DIGITS};
+use crate::store::{
+    function_dir_name, EntryAddress, EntryBytes, Store, TOUCH_AFTER, VERSION_DIR_DIGITS,
+};
 use crate::tier::TierKey;
 
 /// What the `#[cached]` macro knows about a function at compile time.
@@ -362,42 +364,62 @@ fn read_stored<R>(
         Ok(None) => return Stored::Absent,
         Err(error) => return Stored::Broken(error),
     };
-    match entry::decode(&bytes, at.key) {
-        Ok((header, _)) if !freshness.accepts(&header, bytes.len()) => Stored::Stale,
-        Ok((header, payload)) => {
-            let plain = match entry::plain_payload(&header, payload) {
-                Ok(plain) => plain,
-                Err(reason) => {
-                    let path = store.describe(at);
-                    return Stored::Broken(Error::Corrupt { path, reason });
-                }
-            };
-            let decoded = if header.numbers == (codec.flags() & entry::FLAG_NUMBERS != 0) {
-                codec.decode(&plain)
-            } else {
-                Err("the entry's payload format is not the one of the return type".to_owned())
-            };
-            match decoded {
-                Ok(value) => Stored::Hit(DiskHit {
-                    value,
-                    created: header.created,
-                    duration: header.duration,
-                    size: bytes.len() as u64,
-                    plain: (keep_plain && plain.len() <= KEEP_IN_MEMORY_UP_TO)
-                        .then(|| Arc::new(plain.into_owned())),
-                }),
-                Err(message) => Stored::Broken(Error::Decode {
-                    path: store.describe(at),
-                    type_name: std::any::type_name::<R>(),
-                    message,
-                }),
+    let header = match entry::decode(&bytes, at.key) {
+        Ok((header, _)) if !freshness.accepts(&header, bytes.len()) => return Stored::Stale,
+        Ok((header, _)) => header,
+        Err(CorruptEntry::OtherVersion { found }) => return Stored::OtherVersion(found),
+        Err(reason) => {
+            let path = store.describe(at);
+            return Stored::Broken(Error::Corrupt { path, reason });
+        }
+    };
+    let size = bytes.len();
+    let broken = |message: String| {
+        Stored::Broken(Error::Decode {
+            path: store.describe(at),
+            type_name: std::any::type_name::<R>(),
+            message,
+        })
+    };
+    if header.numbers != (codec.flags() & entry::FLAG_NUMBERS != 0) {
+        return broken("the entry's payload format is not the one of the return type".to_owned());
+    }
+    let hit = |value, plain: Option<Payload>| {
+        Stored::Hit(DiskHit {
+            value,
+            created: header.created,
+            duration: header.duration,
+            size: size as u64,
+            plain,
+        })
+    };
+    // A mapped, uncompressed entry: read in place by the types that can (checksum verified).
+    let bytes = match bytes {
+        EntryBytes::Mapped(map) if !header.compressed => {
+            let map = Arc::new(map);
+            match codec.decode_mapped(Arc::clone(&map), entry::HEADER_LEN..size) {
+                Some(Ok(value)) => return hit(value, None),
+                Some(Err(message)) => return broken(message),
+                None => EntryBytes::Shared(map),
             }
         }
-        Err(CorruptEntry::OtherVersion { found }) => Stored::OtherVersion(found),
-        Err(reason) => Stored::Broken(Error::Corrupt {
-            path: store.describe(at),
-            reason,
-        }),
+        bytes => bytes,
+    };
+    let payload = &bytes[entry::HEADER_LEN..];
+    let plain = match entry::plain_payload(&header, payload) {
+        Ok(plain) => plain,
+        Err(reason) => {
+            let path = store.describe(at);
+            return Stored::Broken(Error::Corrupt { path, reason });
+        }
+    };
+    match codec.decode(&plain) {
+        Ok(value) => {
+            let kept = (keep_plain && plain.len() <= KEEP_IN_MEMORY_UP_TO)
+                .then(|| Arc::new(plain.into_owned()));
+            hit(value, kept)
+        }
+        Err(message) => broken(message),
     }
 }
 

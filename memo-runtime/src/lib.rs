@@ -19,6 +19,7 @@
 
 #![warn(missing_docs)]
 
+mod array;
 pub mod codec;
 pub mod deps;
 pub mod entry;
@@ -37,6 +38,7 @@ mod probe;
 pub mod store;
 mod tier;
 
+pub use array::Array;
 pub use error::Error;
 pub use function::EntryMeta;
 pub use inventory::{EntryInfo, FunctionInfo, VersionInfo};

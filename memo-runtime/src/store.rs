@@ -573,6 +573,8 @@ pub enum EntryBytes {
     /// files, and removed files stay readable while mapped), so the mapping is stable unless
     /// something outside memo truncates the file meanwhile.
     Mapped(memmap2::Mmap),
+    /// A mapping shared with values that read it in place.
+    Shared(std::sync::Arc<memmap2::Mmap>),
 }
 
 impl std::ops::Deref for EntryBytes {
@@ -582,6 +584,7 @@ impl std::ops::Deref for EntryBytes {
         match self {
             EntryBytes::Heap(bytes) => bytes,
             EntryBytes::Mapped(map) => map,
+            EntryBytes::Shared(map) => map,
         }
     }
 }
@@ -590,7 +593,7 @@ impl std::fmt::Debug for EntryBytes {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let kind = match self {
             EntryBytes::Heap(_) => "Heap",
-            EntryBytes::Mapped(_) => "Mapped",
+            EntryBytes::Mapped(_) | EntryBytes::Shared(_) => "Mapped",
         };
         write!(f, "EntryBytes::{kind}({} bytes)", self.len())
     }
