@@ -14,13 +14,16 @@ use crate::entry::FLAG_NUMBERS;
 use crate::function::CacheValue;
 use crate::key::Number;
 
+/// Decodes the payload at a range of a mapped entry file in place.
+type DecodeMapped<T> = fn(Arc<memmap2::Mmap>, Range<usize>) -> Result<T, String>;
+
 /// Encoding and decoding of one stored type. Plain function pointers: `Copy`, `Send`, `Sync`.
 pub struct Codec<T> {
     encode: fn(&T) -> Result<Vec<u8>, String>,
     decode: fn(&[u8]) -> Result<T, String>,
     /// Decodes a payload that is a range of a mapped entry file without copying it, for the
     /// types that can ([`Array`]).
-    decode_mapped: Option<fn(Arc<memmap2::Mmap>, Range<usize>) -> Result<T, String>>,
+    decode_mapped: Option<DecodeMapped<T>>,
     /// The header flags of its payloads ([`FLAG_NUMBERS`] or none).
     flags: u16,
 }
