@@ -511,6 +511,13 @@ impl Memory {
     }
 
     /// [`Memory::store`], shared, for work on other threads.
+    /// Empties the in-process memory tier ([`Memory::memory_tier`]), freeing its memory; the
+    /// entries on disk stay. For a long program whose next phase does not need the values it
+    /// used so far.
+    pub fn clear_memory_tier(&self) {
+        self.forget_in_memory();
+    }
+
     /// Empties the memory tier (after this process removed entries on purpose).
     pub(crate) fn forget_in_memory(&self) {
         if let Some(tier) = &self.tier {

@@ -113,12 +113,50 @@ const SHARDS: usize = 16;
 /// A hit reads the clock (to see whether the entry's time on disk is due a refresh) once in this
 /// many hits of its slot: reading it on every hit would cost a tenth of the hit.
 const CLOCK_EVERY: u32 = 64;
-/// What a slot costs beyond its payload (map and queue bookkeeping), for the byte budget.
-const SLOT_OVERHEAD: u64 = 128;
+/// What a slot costs beyond its payload, for the byte budget: its map entry (key and slot, with
+/// the table's spare room), its place in the eviction queue, and a shared payload's allocation.
+const SLOT_OVERHEAD: u64 =
+    (2 * std::mem::size_of::<TierKey>() + std::mem::size_of::<Slot>() + 64) as u64;
 
-/// One entry in memory: its payload (plain MessagePack) and what its header said.
+/// A kept payload: small ones in the slot itself (a hit then touches no other memory), larger
+/// ones shared with the flight that produced them.
+pub(crate) enum Bytes {
+    Inline { len: u8, bytes: [u8; INLINE] },
+    Shared(Payload),
+}
+
+/// Payloads up to this many bytes are kept inline.
+const INLINE: usize = 30;
+
+impl std::ops::Deref for Bytes {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        match self {
+            Bytes::Inline { len, bytes } => &bytes[..*len as usize],
+            Bytes::Shared(payload) => payload,
+        }
+    }
+}
+
+impl Bytes {
+    fn new(payload: Payload) -> Self {
+        if payload.len() <= INLINE {
+            let mut bytes = [0u8; INLINE];
+            bytes[..payload.len()].copy_from_slice(&payload);
+            Bytes::Inline {
+                len: payload.len() as u8,
+                bytes,
+            }
+        } else {
+            Bytes::Shared(payload)
+        }
+    }
+}
+
+/// One entry in memory: its payload (plain) and what its header said.
 pub(crate) struct Slot {
-    pub(crate) payload: Payload,
+    pub(crate) payload: Bytes,
     pub(crate) created: SystemTime,
     pub(crate) duration: Duration,
     /// The entry's size on disk (for validation callbacks).
@@ -232,7 +270,7 @@ impl Tier {
         shard.generation += 1;
         let generation = shard.generation;
         let slot = Slot {
-            payload,
+            payload: Bytes::new(payload),
             created,
             duration,
             size,
@@ -308,7 +346,7 @@ impl Tier {
     }
 }
 
-fn cost(payload: &Payload) -> u64 {
+fn cost(payload: &[u8]) -> u64 {
     payload.len() as u64 + SLOT_OVERHEAD
 }
 
@@ -345,19 +383,20 @@ mod tests {
 
     #[test]
     fn the_budget_is_kept_by_forgetting_the_oldest() {
-        // 16 shards of 4 KiB; each slot costs 100 + 128 bytes: 17 fit in a shard.
+        // 16 shards of 4 KiB; each slot costs 100 bytes + the overhead.
         let tier = Tier::new(64 * 1024).unwrap();
+        let each = cost(&[0; 100]);
         for n in 0..1000 {
             put(&tier, n, 100);
         }
         assert!(tier.bytes() <= 64 * 1024, "{} bytes", tier.bytes());
         assert!(
-            tier.bytes() > 64 * 1024 - 16 * 228,
+            tier.bytes() > 64 * 1024 - 16 * each,
             "{} bytes",
             tier.bytes()
         );
         let kept = (0..1000).filter(|&n| value(&tier, n).is_some()).count();
-        assert_eq!(kept as u64, tier.bytes() / 228);
+        assert_eq!(kept as u64, tier.bytes() / each);
         assert_eq!(value(&tier, 0), None);
         assert_eq!(value(&tier, 999), Some(vec![(999 % 256) as u8; 100]));
         // Replacing a key does not count it twice.

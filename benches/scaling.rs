@@ -1,0 +1,170 @@
+//! How memo behaves as one function's cache grows: W1 (a small-key hit), W2 (a small miss and
+//! its store) and the warm W6 rerun (2,000 hits through `.par_cached_map`), measured at cache
+//! sizes of 1,000 up to `MAX` entries, with the process's resident memory.
+//!
+//! ```sh
+//! cargo bench --bench scaling                 # up to 100,000 entries (about a minute)
+//! cargo bench --bench scaling -- 1000000      # up to 1,000,000 (several minutes, ~4 GB of disk)
+//! ```
+//!
+//! One line per size: entries, W1 hit from the memory tier, W1 hit from disk (the tier emptied
+//! first), W2 miss + store, warm W6 wall time (2,000 hits), resident memory.
+//! Every figure is a median of 3; every value is checked. The cache lives in a fresh temporary
+//! folder, deleted at the end.
+
+use std::hint::black_box;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::LazyLock;
+use std::time::Instant;
+
+use memo::prelude::*;
+
+static ROOT: LazyLock<tempfile::TempDir> =
+    LazyLock::new(|| tempfile::tempdir().expect("temporary folder"));
+static TIERED: LazyLock<Memory> = LazyLock::new(|| Memory::new(ROOT.path()));
+
+static RUNS: AtomicU64 = AtomicU64::new(0);
+
+fn body(x: u64) -> u64 {
+    RUNS.fetch_add(1, Ordering::Relaxed);
+    x.wrapping_mul(0x9e37_79b9_7f4a_7c15)
+}
+
+#[cached(memory = TIERED)]
+fn fill(x: u64) -> u64 {
+    body(x)
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+/// A cheap, fixed pseudo-random sequence (splitmix64) over the stored keys.
+fn sample(n: u64, count: usize, seed: u64) -> Vec<u64> {
+    let mut state = seed;
+    (0..count)
+        .map(|_| {
+            state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            (z ^ (z >> 31)) % n
+        })
+        .collect()
+}
+
+fn resident_mib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| {
+            rest.trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse::<f64>()
+                .ok()
+        })
+        .map_or(f64::NAN, |kib| kib / 1024.0)
+}
+
+/// Per-call nanoseconds of `f` over `keys`, checking each value, with the body never run.
+fn hits(keys: &[u64], f: impl Fn(u64) -> u64) -> f64 {
+    let before = RUNS.load(Ordering::Relaxed);
+    let start = Instant::now();
+    for &x in keys {
+        assert_eq!(f(black_box(x)), x.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+    }
+    let took = start.elapsed().as_nanos() as f64 / keys.len() as f64;
+    assert_eq!(RUNS.load(Ordering::Relaxed), before, "hits ran the body");
+    took
+}
+
+fn main() {
+    let max: u64 = std::env::args()
+        .skip(1)
+        .find_map(|a| a.parse().ok())
+        .unwrap_or(100_000);
+    let mut sizes = vec![1_000u64, 10_000, 100_000, 1_000_000];
+    sizes.retain(|&s| s <= max);
+    println!(
+        "{:>9} | {:>14} | {:>12} | {:>12} | {:>12} | {:>8}",
+        "entries", "W1 memory (ns)", "W1 disk (ns)", "W2 (us)", "W6 warm (ms)", "RSS (MiB)"
+    );
+    let mut stored = 0u64;
+    // Miss keys for W2 live above every stored key.
+    let mut fresh = 1u64 << 40;
+    for size in sizes {
+        // Grow the cache to `size` entries, in parallel (not timed).
+        let new: Vec<u64> = (stored..size).collect();
+        let _: Vec<u64> = new.into_iter().par_cached_map(fill).collect();
+        stored = size;
+        // Let the kernel write the new files out now rather than during the timings.
+        #[cfg(unix)]
+        // SAFETY: `sync` takes no arguments and cannot fail.
+        unsafe {
+            libc::sync()
+        };
+
+        // W1: 1,000 keys of the cache called in turn 20 times (after one warming pass).
+        let hot: Vec<u64> = sample(size, 1_000, size);
+        let keys: Vec<u64> = (0..20).flat_map(|_| hot.iter().copied()).collect();
+        hits(&hot, fill);
+        let w1_memory = median((0..3).map(|_| hits(&keys, fill)).collect());
+        // Disk hits on 5,000 other keys.
+        let keys = sample(size, 5_000, size + 2);
+        // Disk hits: the memory tier emptied before each pass, so every key is read from disk.
+        let w1_disk = median(
+            (0..3)
+                .map(|_| {
+                    TIERED.clear_memory_tier();
+                    hits(&keys, fill)
+                })
+                .collect(),
+        );
+
+        let w2 = median(
+            (0..3)
+                .map(|_| {
+                    let before = RUNS.load(Ordering::Relaxed);
+                    let start = Instant::now();
+                    for _ in 0..1_000 {
+                        fresh += 1;
+                        assert_eq!(fill(black_box(fresh)), body_value(fresh));
+                    }
+                    let took = start.elapsed().as_nanos() as f64 / 1_000.0 / 1_000.0;
+                    assert_eq!(RUNS.load(Ordering::Relaxed) - before, 1_000);
+                    took
+                })
+                .collect(),
+        );
+
+        let items = sample(size, 2_000, size + 1);
+        let w6 = median(
+            (0..3)
+                .map(|_| {
+                    let before = RUNS.load(Ordering::Relaxed);
+                    let start = Instant::now();
+                    let results: Vec<u64> = items.iter().copied().par_cached_map(fill).collect();
+                    let took = start.elapsed().as_secs_f64() * 1e3;
+                    assert_eq!(
+                        RUNS.load(Ordering::Relaxed),
+                        before,
+                        "warm rerun ran the body"
+                    );
+                    assert_eq!(results[7], body_value(items[7]));
+                    took
+                })
+                .collect(),
+        );
+        println!(
+            "{size:>9} | {w1_memory:>14.0} | {w1_disk:>12.0} | {w2:>12.1} | {w6:>12.2} | {:>8.0}",
+            resident_mib()
+        );
+    }
+}
+
+fn body_value(x: u64) -> u64 {
+    x.wrapping_mul(0x9e37_79b9_7f4a_7c15)
+}
