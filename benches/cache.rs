@@ -17,6 +17,8 @@ use divan::counter::BytesCount;
 use divan::Bencher;
 use memo::prelude::*;
 
+mod common;
+
 static MEMORY: LazyLock<Memory> = LazyLock::new(|| {
     let dir = tempfile::tempdir().expect("temporary folder");
     Memory::new(dir.keep())
@@ -106,6 +108,7 @@ fn big_result_hit(bencher: Bencher) {
 }
 
 fn main() {
+    let _cleanup = common::RemoveOnDrop(MEMORY.location().expect("enabled").to_path_buf());
     divan::main();
     if let Some(dir) = MEMORY.location() {
         let _ = std::fs::remove_dir_all(dir);

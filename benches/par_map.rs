@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 
 use memo::prelude::*;
 
+mod common;
+
 static MEMORY: LazyLock<Memory> = LazyLock::new(|| {
     let dir = tempfile::tempdir().expect("temporary folder");
     Memory::new(dir.keep())
@@ -53,6 +55,7 @@ fn median(mut values: Vec<f64>) -> f64 {
 }
 
 fn main() {
+    let _cleanup = common::RemoveOnDrop(MEMORY.location().expect("enabled").to_path_buf());
     const N: u64 = 100_000;
     const REPS: u64 = 3;
     let threads = rayon::current_num_threads();

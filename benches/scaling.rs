@@ -19,9 +19,11 @@ use std::time::Instant;
 
 use memo::prelude::*;
 
-static ROOT: LazyLock<tempfile::TempDir> =
-    LazyLock::new(|| tempfile::tempdir().expect("temporary folder"));
-static TIERED: LazyLock<Memory> = LazyLock::new(|| Memory::new(ROOT.path()));
+mod common;
+
+static ROOT: LazyLock<std::path::PathBuf> =
+    LazyLock::new(|| tempfile::tempdir().expect("temporary folder").keep());
+static TIERED: LazyLock<Memory> = LazyLock::new(|| Memory::new(&*ROOT));
 
 static RUNS: AtomicU64 = AtomicU64::new(0);
 
@@ -82,6 +84,7 @@ fn hits(keys: &[u64], f: impl Fn(u64) -> u64) -> f64 {
 }
 
 fn main() {
+    let _cleanup = common::RemoveOnDrop(ROOT.clone());
     let max: u64 = std::env::args()
         .skip(1)
         .find_map(|a| a.parse().ok())

@@ -19,15 +19,17 @@ use std::time::{Duration, Instant};
 
 use memo::prelude::*;
 
+mod common;
+
 const SYSTEM: &str = "memo-0.1.0";
 const REPS: usize = 5;
 
 /// The runner's temporary folder; every workload's cache is a folder in it.
-static ROOT: LazyLock<tempfile::TempDir> =
-    LazyLock::new(|| tempfile::tempdir().expect("temporary folder"));
+static ROOT: LazyLock<std::path::PathBuf> =
+    LazyLock::new(|| tempfile::tempdir().expect("temporary folder").keep());
 
 fn memory(name: &str) -> Memory {
-    Memory::new(ROOT.path().join(name))
+    Memory::new(ROOT.join(name))
 }
 
 static W1: LazyLock<Memory> = LazyLock::new(|| memory("w1"));
@@ -212,7 +214,7 @@ fn w3_child(mode: &str, dir: &str) {
 }
 
 fn w3() {
-    let dir = ROOT.path().join("w3");
+    let dir = ROOT.join("w3");
     let me = std::env::current_exe().expect("runner path");
     let child = |mode: &str| -> (Duration, String) {
         let start = Instant::now();
@@ -380,6 +382,7 @@ fn main() {
             return;
         }
     }
+    let _cleanup = common::RemoveOnDrop(ROOT.clone());
     let wanted: Vec<String> = args.iter().map(|a| a.to_uppercase()).collect();
     let runs = |id: &str| wanted.is_empty() || wanted.iter().any(|w| w == id);
     // The global rayon pool is limited to 2 threads too, as the harness does.
