@@ -22,7 +22,7 @@ use crate::probe;
 use crate::store::{
     function_dir_name, EntryAddress, EntryBytes, Store, TOUCH_AFTER, VERSION_DIR_DIGITS,
 };
-use crate::tier::TierKey;
+use crate::tier::{Tier, TierKey};
 
 /// What the `#[cached]` macro knows about a function at compile time.
 #[derive(Debug)]
@@ -337,10 +337,6 @@ struct DiskHit<R> {
     plain: Option<Payload>,
 }
 
-/// Payloads up to this size are copied for the memory tier when read from disk (the tier keeps
-/// none larger than 1/128 of its size anyway).
-const KEEP_IN_MEMORY_UP_TO: usize = 8 << 20;
-
 /// What [`read_stored`] found.
 enum Stored<R> {
     Hit(DiskHit<R>),
@@ -351,12 +347,13 @@ enum Stored<R> {
     Broken(Error),
 }
 
-/// Reads, verifies and decodes one entry; reports nothing, so it can run on any thread.
+/// Reads, verifies and decodes one entry; reports nothing, so it can run on any thread. A hit's
+/// plain payload is copied for the memory tier when it has at most `keep_plain` bytes.
 fn read_stored<R>(
     store: &dyn Store,
     at: &EntryAddress<'_>,
     freshness: Freshness,
-    keep_plain: bool,
+    keep_plain: usize,
     codec: Codec<R>,
 ) -> Stored<R> {
     let bytes = match store.read(at) {
@@ -415,8 +412,7 @@ fn read_stored<R>(
     };
     match codec.decode(&plain) {
         Ok(value) => {
-            let kept = (keep_plain && plain.len() <= KEEP_IN_MEMORY_UP_TO)
-                .then(|| Arc::new(plain.into_owned()));
+            let kept = (plain.len() <= keep_plain).then(|| Arc::new(plain.into_owned()));
             hit(value, kept)
         }
         Err(message) => broken(message),
@@ -838,7 +834,7 @@ impl CachedFunction {
         let address = self.owned_address(key);
         let store = Arc::clone(store);
         let freshness = self.def.freshness;
-        let keep = memory.tier.is_some();
+        let keep = memory.tier.as_ref().map_or(0, Tier::largest);
         let found = blocking::unblock(move || {
             read_stored::<S>(&*store, &address.at(), freshness, keep, codec)
         })
@@ -970,7 +966,7 @@ impl CachedFunction {
         tier_key: &TierKey,
         codec: Codec<R>,
     ) -> Lookup<R> {
-        let keep = memory.tier.is_some();
+        let keep = memory.tier.as_ref().map_or(0, Tier::largest);
         let found = read_stored(store, at, self.def.freshness, keep, codec);
         self.report(memory, tier_key, found)
     }

@@ -249,6 +249,11 @@ impl Tier {
         }
     }
 
+    /// The largest payload it keeps, in bytes: larger ones are not worth copying for it.
+    pub(crate) fn largest(&self) -> usize {
+        (self.shard_budget / 8).saturating_sub(SLOT_OVERHEAD) as usize
+    }
+
     /// Keeps a payload, replacing any slot of the same key, and forgets the oldest slots of its
     /// shard beyond the budget. Too large a payload is not kept (and replaces nothing: a slot of
     /// the same key holds the same value).
