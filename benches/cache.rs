@@ -1,10 +1,13 @@
 //! Micro-benchmarks of `#[cached]` (divan): `cargo bench --bench cache`.
 //!
-//! - `small_hit`: a hit on a small key in a warm process;
+//! - `small_hit`: a hit on a small key in a warm process (from the memory tier);
+//! - `small_hit_disk`: the same with the memory tier off (every hit reads its entry file);
 //! - `small_miss_store`: a miss and the store of a small value (a new key each time);
 //! - `big_arg_hit`: a hit whose argument is 100 MB of `f64` (mostly the key hashing);
-//! - `big_arg_hash_only`: hashing that argument alone, for comparison;
-//! - `big_result_hit`: a hit whose result is 100 MB of `f64` (reading, checking, decoding).
+//! - `big_arg_hash_only`: hashing that argument alone, as generated code does (raw bytes);
+//! - `big_arg_hash_serde`: hashing it through serde, as a `Vec<f64>` inside another type is;
+//! - `big_result_hit`: a hit whose result is 100 MB of `f64` (reading, checking, decoding);
+//! - `big_array_hit`: the same as a `memo::Array<f64>`, read in place from the mapped entry.
 //!
 //! Every benchmark checks its result. The cache lives in a fresh temporary folder, removed at
 //! the end.
@@ -28,6 +31,11 @@ static MEMORY: LazyLock<Memory> = LazyLock::new(|| {
 const BIG: usize = 12_500_000;
 const BIG_BYTES: u64 = (BIG * 8) as u64;
 
+static DISK: LazyLock<Memory> = LazyLock::new(|| {
+    let dir = MEMORY.location().expect("enabled").join("disk");
+    Memory::new(dir).memory_tier(0)
+});
+
 static BIG_ARG: LazyLock<Vec<f64>> = LazyLock::new(|| (0..BIG).map(|i| i as f64).collect());
 
 #[cached(memory = MEMORY)]
@@ -45,9 +53,33 @@ fn total(values: &[f64]) -> f64 {
     values.iter().sum()
 }
 
+#[cached(memory = DISK)]
+fn square_disk(x: u64) -> u64 {
+    x * x
+}
+
 #[cached(memory = MEMORY)]
 fn make(n: u64) -> Vec<f64> {
     (0..n).map(|i| i as f64).collect()
+}
+
+#[cached(memory = MEMORY)]
+fn make_array(n: u64) -> memo::Array<f64> {
+    (0..n).map(|i| i as f64).collect()
+}
+
+#[divan::bench]
+fn small_hit_disk(bencher: Bencher) {
+    for x in 0..1000 {
+        square_disk(x);
+    }
+    let mut x = 0u64;
+    bencher.bench_local(|| {
+        x = (x + 1) % 1000;
+        let value = square_disk(black_box(x));
+        assert_eq!(value, x * x);
+        value
+    });
 }
 
 #[divan::bench]
@@ -91,8 +123,30 @@ fn big_arg_hash_only(bencher: Bencher) {
     let values = &*BIG_ARG;
     bencher.counter(BytesCount::new(BIG_BYTES)).bench_local(|| {
         let mut hasher = memo::format::key::ArgsHasher::new("bench::total", "v");
+        hasher.numbers(black_box(&values[..]));
+        hasher.finish().expect("hashable")
+    });
+}
+
+#[divan::bench(sample_count = 10, sample_size = 1)]
+fn big_arg_hash_serde(bencher: Bencher) {
+    let values = &*BIG_ARG;
+    bencher.counter(BytesCount::new(BIG_BYTES)).bench_local(|| {
+        let mut hasher = memo::format::key::ArgsHasher::new("bench::total", "v");
         hasher.arg(black_box(&values[..]));
         hasher.finish().expect("hashable")
+    });
+}
+
+#[divan::bench(sample_count = 10, sample_size = 1)]
+fn big_array_hit(bencher: Bencher) {
+    let n = BIG as u64;
+    assert_eq!(make_array(n).len(), BIG);
+    bencher.counter(BytesCount::new(BIG_BYTES)).bench_local(|| {
+        let value = make_array(black_box(n));
+        assert!(value.is_mapped());
+        assert_eq!((value.len(), value[BIG - 1]), (BIG, (BIG - 1) as f64));
+        value
     });
 }
 

@@ -237,7 +237,7 @@ impl DirStore {
         }
         .map_err(|e| Error::io("opening the lock file", &path, e))?;
         let file = std::sync::Arc::new(file);
-        files.insert(dir.to_path_buf(), std::sync::Arc::clone(&file));
+        keep_open(&mut files, dir.to_path_buf(), &file);
         Ok(file)
     }
 
@@ -548,6 +548,22 @@ fn is_absent(error: &io::Error) -> bool {
         error.kind(),
         io::ErrorKind::NotFound | io::ErrorKind::NotADirectory
     )
+}
+
+/// At most this many files of each kind (lock files, preview files) are kept open per store, so
+/// that a program with many cached functions does not run out of file descriptors.
+const KEEP_OPEN: usize = 32;
+
+/// Keeps `file` open under `path`, closing the others first when [`KEEP_OPEN`] are open.
+fn keep_open(
+    files: &mut std::collections::HashMap<PathBuf, std::sync::Arc<File>>,
+    path: PathBuf,
+    file: &std::sync::Arc<File>,
+) {
+    if files.len() >= KEEP_OPEN {
+        files.clear();
+    }
+    files.insert(path, std::sync::Arc::clone(file));
 }
 
 /// Opens an entry without following a symbolic link in its last component.
@@ -937,7 +953,7 @@ impl Store for DirStore {
                     #[cfg(unix)]
                     std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
                     let file = std::sync::Arc::new(options.open(&path).map_err(fail)?);
-                    files.insert(path.clone(), std::sync::Arc::clone(&file));
+                    keep_open(&mut files, path.clone(), &file);
                     file
                 }
             }
