@@ -72,7 +72,7 @@ pub use memo_macros::track;
 
 pub use memo_runtime::{
     Array, AsMemory, CacheKey, Cleanup, EntryInfo, EntryMeta, Error, FunctionInfo, Memory, Stats,
-    VerifyReport, VersionInfo, DEFAULT_LOCK_TIMEOUT, MEMO_DIR, MEMO_DISABLE,
+    VerifyReport, VersionInfo, DEFAULT_LOCK_TIMEOUT, DEFAULT_MEMORY_TIER, MEMO_DIR, MEMO_DISABLE,
 };
 
 /// Size control: [`Memory::reduce_size`] with [`gc::Limits`], and what it reports.

@@ -296,8 +296,9 @@ impl fmt::Debug for FunctionKey {
     }
 }
 
-/// A number type whose slices are keyed as raw bytes by [`ArgsHasher::numbers`]: the
-/// primitive integers and floats. Sealed.
+/// A primitive integer (8 to 64 bits) or float: its slices are keyed as raw bytes
+/// ([`ArgsHasher::numbers`]), and a `Vec` or [`Array`](crate::Array) of them is stored as raw
+/// bytes. Sealed.
 pub trait Number: bytemuck::Pod + sealed::Sealed {
     /// The tag of the element type in the key encoding.
     #[doc(hidden)]
@@ -479,7 +480,7 @@ impl ArgsHasher {
 }
 
 /// Encoded arguments up to this many bytes are kept as they are in a [`CallKey`].
-const SHORT_ARGS: usize = 48;
+pub(crate) const SHORT_ARGS: usize = 48;
 
 /// One call's key, as [`ArgsHasher::finish_call`] leaves it: short encoded arguments as they are
 /// (the memory tier compares them byte for byte, so a hit there needs no hashing), longer ones

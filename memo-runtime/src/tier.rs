@@ -1,7 +1,9 @@
 //! The in-process memory tier: recently used entries' payloads, in front of the disk.
 //!
-//! Looked up by the full 256-bit [`CacheKey`] (which covers the function, its version and the
-//! arguments), so two different calls can never share a slot. Bounded in bytes: each of
+//! Looked up by the function (the address of its static, which fixes its version) and the call's
+//! encoded arguments compared byte for byte when they are short, or else by the call's full
+//! 256-bit [`CacheKey`] (which covers the function, its version and the arguments): two
+//! different calls can never share a slot. Bounded in bytes: each of
 //! [`SHARDS`] shards holds an equal share and forgets its oldest insertions first. Values larger
 //! than an eighth of a shard's share are not kept (they would push out many small ones); they
 //! are read from disk on every hit.
@@ -14,7 +16,7 @@ use std::time::{Duration, Instant, SystemTime};
 use rustc_hash::FxHasher;
 
 use crate::flight::Payload;
-use crate::key::{CacheKey, CallKey};
+use crate::key::{CacheKey, CallKey, SHORT_ARGS};
 
 /// What the tier is looked up by: a function (the address of its static) and its call's short
 /// encoded arguments, compared byte for byte, or else the call's full 256-bit key. Equality
@@ -30,7 +32,7 @@ enum Form {
     Args {
         function: usize,
         len: u8,
-        args: [u8; 48],
+        args: [u8; SHORT_ARGS],
     },
     Digest(CacheKey),
 }
@@ -52,11 +54,11 @@ impl Hash for TierKey {
 impl TierKey {
     pub(crate) fn new(function: usize, call: &CallKey, digest: impl FnOnce() -> CacheKey) -> Self {
         match call.short_args() {
-            Some(short) if short.len() <= 48 => {
+            Some(short) if short.len() <= SHORT_ARGS => {
                 let mut hasher = FxHasher::default();
                 hasher.write_usize(function);
                 hasher.write(short);
-                let mut args = [0u8; 48];
+                let mut args = [0u8; SHORT_ARGS];
                 args[..short.len()].copy_from_slice(short);
                 TierKey {
                     hash: hasher.finish(),
