@@ -116,9 +116,11 @@ const SHARDS: usize = 16;
 /// many hits of its slot: reading it on every hit would cost a tenth of the hit.
 const CLOCK_EVERY: u32 = 64;
 /// What a slot costs beyond its payload, for the byte budget: its map entry (key and slot, with
-/// the table's spare room), its place in the eviction queue, and a shared payload's allocation.
-const SLOT_OVERHEAD: u64 =
-    (2 * std::mem::size_of::<TierKey>() + std::mem::size_of::<Slot>() + 64) as u64;
+/// the table's spare room at its 7/8 load), its places in the eviction queue (which keeps up to
+/// twice as many places as slots, and grows by doubling), and a shared payload's allocation.
+const SLOT_OVERHEAD: u64 = ((std::mem::size_of::<TierKey>() + std::mem::size_of::<Slot>()) * 8 / 7
+    + 3 * std::mem::size_of::<(TierKey, u64)>()
+    + 32) as u64;
 
 /// A kept payload: small ones in the slot itself (a hit then touches no other memory), larger
 /// ones shared with the flight that produced them.
@@ -390,15 +392,15 @@ mod tests {
 
     #[test]
     fn the_budget_is_kept_by_forgetting_the_oldest() {
-        // 16 shards of 4 KiB; each slot costs 100 bytes + the overhead.
-        let tier = Tier::new(64 * 1024).unwrap();
+        // 16 shards of 16 KiB; each slot costs 100 bytes + the overhead.
+        let tier = Tier::new(256 * 1024).unwrap();
         let each = cost(&[0; 100]);
         for n in 0..1000 {
             put(&tier, n, 100);
         }
-        assert!(tier.bytes() <= 64 * 1024, "{} bytes", tier.bytes());
+        assert!(tier.bytes() <= 256 * 1024, "{} bytes", tier.bytes());
         assert!(
-            tier.bytes() > 64 * 1024 - 16 * each,
+            tier.bytes() > 256 * 1024 - 16 * each,
             "{} bytes",
             tier.bytes()
         );
