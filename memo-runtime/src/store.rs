@@ -16,11 +16,11 @@
 //! Entries are immutable: each is written to a temporary file in its final folder and renamed
 //! into place, so a reader sees either no entry or a complete one.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use crate::entry::{self, HEADER_LEN};
@@ -140,10 +140,10 @@ pub(crate) struct DirStore {
     /// Whether each entry is flushed to the disk (`fsync`, then its folder) before a write returns.
     durable: bool,
     /// The version folders' preview files, kept open for appending.
-    preview_files: Mutex<std::collections::HashMap<PathBuf, std::sync::Arc<File>>>,
+    preview_files: Mutex<HashMap<PathBuf, Arc<File>>>,
     /// The version folders' lock files, kept open (Linux).
     #[cfg(target_os = "linux")]
-    lock_files: Mutex<std::collections::HashMap<PathBuf, std::sync::Arc<File>>>,
+    lock_files: Mutex<HashMap<PathBuf, Arc<File>>>,
 }
 
 /// What [`Memory::clean`](crate::Memory::clean) removed.
@@ -205,7 +205,7 @@ impl DirStore {
 
     /// Closes the files kept open, before this store removes folders.
     fn forget_open_files(&self) {
-        let lock = |m: &Mutex<std::collections::HashMap<PathBuf, std::sync::Arc<File>>>| {
+        let lock = |m: &Mutex<HashMap<PathBuf, Arc<File>>>| {
             m.lock().unwrap_or_else(PoisonError::into_inner).clear();
         };
         lock(&self.preview_files);
@@ -216,14 +216,14 @@ impl DirStore {
     /// The open lock file of a version folder: the one kept, unless `again`; else opened (and
     /// the folder created) now.
     #[cfg(target_os = "linux")]
-    fn lock_file(&self, dir: &Path, again: bool) -> Result<std::sync::Arc<File>, Error> {
+    fn lock_file(&self, dir: &Path, again: bool) -> Result<Arc<File>, Error> {
         let mut files = self
             .lock_files
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         if !again {
             if let Some(file) = files.get(dir) {
-                return Ok(std::sync::Arc::clone(file));
+                return Ok(Arc::clone(file));
             }
         }
         let path = dir.join(LOCKS_FILE);
@@ -236,7 +236,7 @@ impl DirStore {
             other => other,
         }
         .map_err(|e| Error::io("opening the lock file", &path, e))?;
-        let file = std::sync::Arc::new(file);
+        let file = Arc::new(file);
         keep_open(&mut files, dir.to_path_buf(), &file);
         Ok(file)
     }
@@ -348,7 +348,8 @@ impl DirStore {
         create_private_dir(dir).map_err(|e| Error::io("creating cache folder", dir, e))
     }
 
-    /// Writes `parts` to a temporary file in `dir` and renames it to `path`.
+    /// Writes `parts` as the file `path` in `dir`, atomically: on Linux an unnamed file linked
+    /// into place when `path` does not exist yet, else a temporary file renamed over it.
     fn write_atomic(&self, dir: &Path, path: &Path, parts: &[&[u8]]) -> Result<(), Error> {
         self.check_no_links(dir)?;
         #[cfg(target_os = "linux")]
@@ -555,15 +556,11 @@ fn is_absent(error: &io::Error) -> bool {
 const KEEP_OPEN: usize = 32;
 
 /// Keeps `file` open under `path`, closing the others first when [`KEEP_OPEN`] are open.
-fn keep_open(
-    files: &mut std::collections::HashMap<PathBuf, std::sync::Arc<File>>,
-    path: PathBuf,
-    file: &std::sync::Arc<File>,
-) {
+fn keep_open(files: &mut HashMap<PathBuf, Arc<File>>, path: PathBuf, file: &Arc<File>) {
     if files.len() >= KEEP_OPEN {
         files.clear();
     }
-    files.insert(path, std::sync::Arc::clone(file));
+    files.insert(path, Arc::clone(file));
 }
 
 /// Opens an entry without following a symbolic link in its last component.
@@ -590,7 +587,7 @@ pub enum EntryBytes {
     /// something outside memo truncates the file meanwhile.
     Mapped(memmap2::Mmap),
     /// A mapping shared with values that read it in place.
-    Shared(std::sync::Arc<memmap2::Mmap>),
+    Shared(Arc<memmap2::Mmap>),
 }
 
 impl std::ops::Deref for EntryBytes {
@@ -852,7 +849,7 @@ impl Store for DirStore {
 
     fn entries(&self, function: &str, version: &str) -> Result<Vec<EntryInfo>, Error> {
         let (function, version) = (plain_name(function)?, plain_name(version)?);
-        let previews: std::collections::HashMap<String, String> =
+        let previews: HashMap<String, String> =
             fs::read_to_string(self.version_dir(function, version).join(PREVIEW_FILE))
                 .unwrap_or_default()
                 .lines()
@@ -946,13 +943,13 @@ impl Store for DirStore {
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner);
             match files.get(&path) {
-                Some(file) => std::sync::Arc::clone(file),
+                Some(file) => Arc::clone(file),
                 None => {
                     let mut options = fs::OpenOptions::new();
                     options.create(true).append(true);
                     #[cfg(unix)]
                     std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-                    let file = std::sync::Arc::new(options.open(&path).map_err(fail)?);
+                    let file = Arc::new(options.open(&path).map_err(fail)?);
                     keep_open(&mut files, path.clone(), &file);
                     file
                 }
