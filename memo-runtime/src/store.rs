@@ -1026,4 +1026,39 @@ mod tests {
             PathBuf::from(format!("/cache/v1/k.f/0123456789abcdef/ab/{hex}"))
         );
     }
+
+    #[test]
+    fn many_versions_keep_few_files_open_and_lose_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = DirStore::new(dir.path().to_path_buf());
+        let key = CacheKey::from_bytes([7; 32]);
+        let versions: Vec<String> = (0..3 * KEEP_OPEN)
+            .map(|i| format!("{i:016x}{}", "0".repeat(48)))
+            .collect();
+        for round in 0..2 {
+            for version in &versions {
+                let at = EntryAddress {
+                    function: "k.f",
+                    version,
+                    key: &key,
+                };
+                store.write(&at, b"header", b"payload").unwrap();
+                store.save_preview(&at, &format!("round {round}")).unwrap();
+                #[cfg(target_os = "linux")]
+                match store.lock(&at, None).unwrap() {
+                    Acquired::Lock { waited, .. } => assert!(!waited),
+                    Acquired::TimedOut => panic!("no one else holds it"),
+                }
+            }
+        }
+        let open = |m: &Mutex<HashMap<PathBuf, Arc<File>>>| m.lock().unwrap().len();
+        assert!(open(&store.preview_files) <= KEEP_OPEN);
+        #[cfg(target_os = "linux")]
+        assert!(open(&store.lock_files) <= KEEP_OPEN);
+        for version in &versions {
+            let folder = store.version_dir("k.f", version);
+            let previews = std::fs::read_to_string(folder.join(PREVIEW_FILE)).unwrap();
+            assert_eq!(previews.lines().count(), 2, "{version}");
+        }
+    }
 }
