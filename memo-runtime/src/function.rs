@@ -764,7 +764,8 @@ impl CachedFunction {
         if hit.touch {
             store.touch(&self.address(&call.digest()));
         }
-        Counters::bump(&memory.counters.hits);
+        // Counted once: `Stats::hits` adds the memory hits to the others (one shared counter
+        // bumped per hit, not two, when threads hit at once).
         Counters::bump(&memory.counters.memory_hits);
         probe::record_hit(hit.duration);
         Some(hit.value)

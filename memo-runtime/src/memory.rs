@@ -80,6 +80,7 @@ impl fmt::Debug for Memory {
 
 #[derive(Default)]
 pub(crate) struct Counters {
+    /// Hits other than memory hits (which [`Memory::stats`] adds).
     pub(crate) hits: AtomicU64,
     pub(crate) misses: AtomicU64,
     pub(crate) stores: AtomicU64,
@@ -397,7 +398,7 @@ impl Memory {
     pub fn stats(&self) -> Stats {
         let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
         Stats {
-            hits: load(&self.counters.hits),
+            hits: load(&self.counters.hits) + load(&self.counters.memory_hits),
             misses: load(&self.counters.misses),
             stores: load(&self.counters.stores),
             errors: load(&self.counters.errors),
