@@ -151,8 +151,9 @@ impl Memory {
     }
 
     /// The size of the in-process memory tier, in bytes: recently used values are kept in memory
-    /// (as their encoded bytes, looked up by their full 256-bit key) so that a repeated call in
-    /// the same process does not read the disk. Values larger than 1/128 of it are always read
+    /// (as their encoded bytes, looked up by the call's exact encoded arguments when they are
+    /// short, else by its full 256-bit key) so that a repeated call in the same process does not
+    /// read the disk. Values larger than 1/128 of it are always read
     /// from disk. `0` turns it off. Default: [`DEFAULT_MEMORY_TIER`] (64 MiB).
     ///
     /// The tier serves what this process stored or read; an entry deleted on disk by another
