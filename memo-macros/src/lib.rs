@@ -1,8 +1,8 @@
 //! The `#[cached]` attribute of [memo](https://docs.rs/memo). Users depend on `memo`, which
 //! re-exports it; see its documentation for the attribute's options.
 //!
-//! The crate parses the attribute into a typed model ([`args`]), validates it against the
-//! function's signature ([`validate`]), and expands from the validated model ([`expand`]). It does
+//! The crate parses the attribute into a typed model (module `args`), validates it against the
+//! function's signature (`validate`), and expands from the validated model (`expand`). It does
 //! no I/O.
 
 mod args;

@@ -19,7 +19,7 @@ use crate::store::{Store, LAYOUT_DIR};
 /// (Unix time, reason, function, version, key, bytes).
 pub const EVICTION_LOG: &str = "evictions.log";
 
-/// What [`Memory::reduce_size`] may keep. Every limit is optional; none is set by default.
+/// What [`Memory::reduce_size`](crate::Memory::reduce_size) may keep. Every limit is optional; none is set by default.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Limits {
@@ -78,7 +78,7 @@ impl Limits {
         self
     }
 
-    /// Never prune this version of this function (names as [`Memory::functions`] gives them).
+    /// Never prune this version of this function (names as [`Memory::functions`](crate::Memory::functions) gives them).
     pub fn protect(mut self, function: impl Into<String>, version: impl Into<String>) -> Self {
         self.protect.push((function.into(), version.into()));
         self
