@@ -135,7 +135,7 @@ pub struct Eviction {
     pub reason: Reason,
 }
 
-/// What [`Memory::reduce_size`] did.
+/// What [`Memory::reduce_size`](crate::Memory::reduce_size) did.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 #[non_exhaustive]
 pub struct GcReport {

@@ -1,7 +1,7 @@
 //! Cache keys: the arguments' serde serialization, streamed into BLAKE3.
 //!
 //! The arguments are never serialized into one buffer: [`ArgsHasher`] is a serde
-//! [`Serializer`] that writes a compact, self-delimiting encoding (a tag byte per value,
+//! [`Serializer`](serde::Serializer) that writes a compact, self-delimiting encoding (a tag byte per value,
 //! fixed-width little-endian numbers, length-prefixed strings) through a small buffer into a
 //! [`blake3::Hasher`]. The encoding is prefix-free, so two different values of one type never
 //! feed the hasher the same bytes.

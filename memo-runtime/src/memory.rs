@@ -512,7 +512,6 @@ impl Memory {
         drop(spawned);
     }
 
-    /// [`Memory::store`], shared, for work on other threads.
     /// Empties the in-process memory tier ([`Memory::memory_tier`]), freeing its memory; the
     /// entries on disk stay. For a long program whose next phase does not need the values it
     /// used so far.
@@ -527,6 +526,7 @@ impl Memory {
         }
     }
 
+    /// [`Memory::store`], shared, for work on other threads.
     pub(crate) fn store_arc(&self) -> Option<Arc<dyn Store>> {
         if disabled_by_env() {
             return None;
