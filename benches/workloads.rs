@@ -168,33 +168,29 @@ fn w1() {
     emit("W1 small-hit", "per_call", median(per_call), "ns");
 }
 
+/// Per-call nanoseconds of 1,000 misses of `f` on new keys (each checked to run the body once),
+/// median of `REPS`.
+fn misses(f: fn(u64) -> u64, what: &str) -> f64 {
+    let per_call: Vec<f64> = (0..REPS as u64)
+        .map(|r| {
+            expect_runs(&SQUARES, 1000, what, || {
+                let start = Instant::now();
+                for i in 0..1000 {
+                    let x = 1_000_000 * (r + 1) + i;
+                    assert_eq!(f(black_box(x)), x * x);
+                }
+                start.elapsed().as_nanos() as f64 / 1000.0
+            })
+        })
+        .collect();
+    median(per_call)
+}
+
 fn w2() {
-    let per_call: Vec<f64> = (0..REPS as u64)
-        .map(|r| {
-            expect_runs(&SQUARES, 1000, "W2 misses", || {
-                let start = Instant::now();
-                for i in 0..1000 {
-                    let x = 1_000_000 * (r + 1) + i;
-                    assert_eq!(square_w2(black_box(x)), x * x);
-                }
-                start.elapsed().as_nanos() as f64 / 1000.0
-            })
-        })
-        .collect();
-    emit("W2 small-miss", "per_call", median(per_call), "ns");
-    let per_call: Vec<f64> = (0..REPS as u64)
-        .map(|r| {
-            expect_runs(&SQUARES, 1000, "W2 durable misses", || {
-                let start = Instant::now();
-                for i in 0..1000 {
-                    let x = 1_000_000 * (r + 1) + i;
-                    assert_eq!(square_w2_durable(black_box(x)), x * x);
-                }
-                start.elapsed().as_nanos() as f64 / 1000.0
-            })
-        })
-        .collect();
-    emit("W2 small-miss", "per_call_durable", median(per_call), "ns");
+    let per_call = misses(square_w2, "W2 misses");
+    emit("W2 small-miss", "per_call", per_call, "ns");
+    let per_call = misses(square_w2_durable, "W2 durable misses");
+    emit("W2 small-miss", "per_call_durable", per_call, "ns");
 }
 
 /// W3's child processes: `w3-warm DIR` stores 1,000 values, `w3-hit DIR` reads them back.

@@ -109,18 +109,16 @@ impl<N: Number> Codec<Array<N>> {
             encode: |values| encode_numbers::<N>(values),
             decode: |payload| decode_numbers::<N>(payload).map(Array::from),
             decode_mapped: Some(|map, bytes| {
-                let elements = bytes.start + PREFIX..bytes.end;
-                let prefix = map.get(bytes.start..bytes.start + PREFIX);
-                let tag_ok =
-                    prefix.is_some_and(|p| p[0] == N::TAG && p[1..].iter().all(|&b| b == 0));
-                if !tag_ok || cfg!(target_endian = "big") {
-                    // Another element type (a miss), or bytes that need swapping: the copying way.
-                    let payload = map.get(bytes).ok_or("payload outside the entry")?;
+                let payload = map.get(bytes.clone()).ok_or("payload outside the entry")?;
+                if cfg!(target_endian = "big") {
+                    // The bytes need swapping: the copying way.
                     return decode_numbers::<N>(payload).map(Array::from);
                 }
+                let start = bytes.start + PREFIX;
+                let elements = start..start + elements_of::<N>(payload)?.len();
                 Array::mapped(map, elements).ok_or_else(|| {
                     format!(
-                        "the payload is not a whole number of aligned `{}`",
+                        "the payload's elements are not aligned for `{}`",
                         std::any::type_name::<N>()
                     )
                 })
@@ -148,7 +146,9 @@ fn encode_numbers<N: Number>(values: &[N]) -> Result<Vec<u8>, String> {
     Ok(payload)
 }
 
-fn decode_numbers<N: Number>(payload: &[u8]) -> Result<Vec<N>, String> {
+/// The element bytes of a numbers payload, checked: the prefix names `N`, and they are a whole
+/// number of `N`.
+fn elements_of<N: Number>(payload: &[u8]) -> Result<&[u8], String> {
     let size = std::mem::size_of::<N>();
     let (prefix, elements) = payload
         .split_at_checked(PREFIX)
@@ -166,6 +166,12 @@ fn decode_numbers<N: Number>(payload: &[u8]) -> Result<Vec<N>, String> {
             std::any::type_name::<N>()
         ));
     }
+    Ok(elements)
+}
+
+fn decode_numbers<N: Number>(payload: &[u8]) -> Result<Vec<N>, String> {
+    let size = std::mem::size_of::<N>();
+    let elements = elements_of::<N>(payload)?;
     let mut values: Vec<N> = Vec::new();
     values
         .try_reserve_exact(elements.len() / size)

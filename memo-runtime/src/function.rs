@@ -285,6 +285,33 @@ struct NewEntry<'a> {
     preview: Option<&'a str>,
 }
 
+/// A computed value, encoded, with what its entry records: owned, so that it can be written on
+/// another thread.
+struct Prepared {
+    payload: Payload,
+    /// The version's source file, when this process has not recorded it yet.
+    source: Option<String>,
+    created: SystemTime,
+    duration: Duration,
+    level: Option<i32>,
+    flags: u16,
+}
+
+impl Prepared {
+    /// The entry to write, with the arguments' preview.
+    fn entry<'a>(&'a self, preview: Option<&'a str>) -> NewEntry<'a> {
+        NewEntry {
+            source: self.source.as_deref(),
+            created: self.created,
+            duration: self.duration,
+            level: self.level,
+            plain: &self.payload,
+            flags: self.flags,
+            preview,
+        }
+    }
+}
+
 /// A value just computed, to store.
 struct Computed<'v, S> {
     value: &'v S,
@@ -771,21 +798,6 @@ impl CachedFunction {
         Some(hit.value)
     }
 
-    /// Keeps a value just stored in the memory tier.
-    fn remember(
-        &self,
-        memory: &Memory,
-        key: TierKey,
-        payload: &Payload,
-        created: SystemTime,
-        duration: Duration,
-        size: u64,
-    ) {
-        if let Some(tier) = &memory.tier {
-            tier.insert(key, self.id(), Arc::clone(payload), created, duration, size);
-        }
-    }
-
     /// The address of an entry, owned, for work on other threads.
     fn owned_address(&self, key: CacheKey) -> OwnedAddress {
         OwnedAddress {
@@ -849,7 +861,7 @@ impl CachedFunction {
 
     /// [`CachedFunction::save`] with the writes on the blocking thread pool (encoding stays here:
     /// the value is borrowed).
-    async fn save_async<S: Serialize>(
+    async fn save_async<S>(
         &self,
         memory: &Memory,
         store: &Arc<dyn Store>,
@@ -857,40 +869,17 @@ impl CachedFunction {
         tier_key: TierKey,
         computed: Computed<'_, S>,
     ) -> Option<Payload> {
-        let Computed {
-            value,
-            codec,
-            duration,
-            preview,
-        } = computed;
-        let preview = preview.map(str::to_owned);
-        let payload = self.encode(memory, value, codec)?;
-        let flags = codec.flags();
-        let source = self.source_to_save(memory);
-        let first = source.is_some();
+        let preview = computed.preview.map(str::to_owned);
+        let prepared = self.prepare(memory, computed)?;
         let address = self.owned_address(key);
-        let level = self.compression(memory);
-        let created = SystemTime::now();
-        let writing = Arc::clone(&payload);
         let writer = Arc::clone(store);
-        let result = blocking::unblock(move || {
-            let entry = NewEntry {
-                source: source.as_deref(),
-                created,
-                duration,
-                level,
-                plain: &writing,
-                flags,
-                preview: preview.as_deref(),
-            };
-            write_entry(&*writer, &address.at(), &entry)
+        let (prepared, result) = blocking::unblock(move || {
+            let result = write_entry(&*writer, &address.at(), &prepared.entry(preview.as_deref()));
+            (prepared, result)
         })
         .await;
-        if let Ok(size) = result {
-            self.remember(memory, tier_key, &payload, created, duration, size);
-        }
-        self.stored(memory, result, first);
-        Some(payload)
+        self.stored(memory, tier_key, &prepared, result);
+        Some(prepared.payload)
     }
 
     /// Whether an intact entry for `key` is stored: present, of this format, for this key, with a
@@ -1030,30 +1019,24 @@ impl CachedFunction {
         tier_key: &TierKey,
         computed: Computed<'_, S>,
     ) -> Option<Payload> {
-        let Computed {
-            value,
-            codec,
-            duration,
-            preview,
-        } = computed;
-        let payload = self.encode(memory, value, codec)?;
-        let source = self.source_to_save(memory);
-        let created = SystemTime::now();
-        let entry = NewEntry {
-            source: source.as_deref(),
-            created,
-            duration,
+        let preview = computed.preview;
+        let prepared = self.prepare(memory, computed)?;
+        let result = write_entry(store, at, &prepared.entry(preview));
+        self.stored(memory, *tier_key, &prepared, result);
+        Some(prepared.payload)
+    }
+
+    /// Encodes a computed value (`None`, reported, when it cannot be) with what its entry
+    /// records.
+    fn prepare<S>(&self, memory: &Memory, computed: Computed<'_, S>) -> Option<Prepared> {
+        Some(Prepared {
+            payload: self.encode(memory, computed.value, computed.codec)?,
+            source: self.source_to_save(memory),
+            created: SystemTime::now(),
+            duration: computed.duration,
             level: self.compression(memory),
-            plain: &payload,
-            flags: codec.flags(),
-            preview,
-        };
-        let result = write_entry(store, at, &entry);
-        if let Ok(size) = result {
-            self.remember(memory, *tier_key, &payload, created, duration, size);
-        }
-        self.stored(memory, result, source.is_some());
-        Some(payload)
+            flags: computed.codec.flags(),
+        })
     }
 
     /// The zstd level entries are written with: the function's `compress` option, else the
@@ -1093,17 +1076,29 @@ impl CachedFunction {
             })
     }
 
-    /// Counts or reports the outcome of a store; after the first store of this version in the
-    /// process, cleans what dead processes left in its folders.
-    fn stored(&self, memory: &Memory, result: Result<u64, Error>, first: bool) {
+    /// Counts or reports the outcome of a store, keeping a stored value in the memory tier; after
+    /// the first store of this version in the process, cleans what dead processes left in its
+    /// folders.
+    fn stored(
+        &self,
+        memory: &Memory,
+        tier_key: TierKey,
+        prepared: &Prepared,
+        result: Result<u64, Error>,
+    ) {
         match result {
             Ok(bytes) => {
+                if let Some(tier) = &memory.tier {
+                    let payload = Arc::clone(&prepared.payload);
+                    let (created, duration) = (prepared.created, prepared.duration);
+                    tier.insert(tier_key, self.id(), payload, created, duration, bytes);
+                }
                 Counters::bump(&memory.counters.stores);
                 memory.note_stored(bytes);
             }
             Err(error) => self.write_problem(memory, error),
         }
-        if first {
+        if prepared.source.is_some() {
             memory.clean_in_background(&self.names().dir, self.version());
         }
     }

@@ -304,49 +304,51 @@ pub trait Number: bytemuck::Pod + sealed::Sealed {
     #[doc(hidden)]
     const TAG: u8;
     /// Whether some value needs its canonical form (a NaN that is not the canonical one), so
-    /// that the raw bytes cannot be hashed as they are.
+    /// that the raw bytes cannot be hashed as they are. Integers never do.
     #[doc(hidden)]
-    fn needs_canonical(values: &[Self]) -> bool;
+    fn needs_canonical(_values: &[Self]) -> bool {
+        false
+    }
     /// The value's little-endian bytes in canonical form, appended to `out`.
     #[doc(hidden)]
-    fn write_canonical(self, out: &mut Vec<u8>);
+    fn write_canonical(self, out: &mut Vec<u8>) {
+        self.write_le(out);
+    }
     /// The value's little-endian bytes as they are, appended to `out`.
     #[doc(hidden)]
-    fn write_le(self, out: &mut Vec<u8>);
+    fn write_le(self, out: &mut Vec<u8>) {
+        let start = out.len();
+        out.extend_from_slice(bytemuck::bytes_of(&self));
+        if cfg!(target_endian = "big") {
+            out[start..].reverse();
+        }
+    }
     /// Turns values read as little-endian bytes into native ones (nothing to do on
     /// little-endian machines).
     #[doc(hidden)]
-    fn from_le_in_place(values: &mut [Self]);
+    fn from_le_in_place(values: &mut [Self]) {
+        if cfg!(target_endian = "big") {
+            for value in values {
+                bytemuck::bytes_of_mut(value).reverse();
+            }
+        }
+    }
 }
 
 mod sealed {
     pub trait Sealed {}
 }
 
-macro_rules! integer_numbers {
+macro_rules! numbers {
     ($($ty:ty => $tag:expr),*) => {$(
         impl sealed::Sealed for $ty {}
         impl Number for $ty {
             const TAG: u8 = $tag;
-            fn needs_canonical(_: &[Self]) -> bool {
-                false
-            }
-            fn write_canonical(self, out: &mut Vec<u8>) {
-                out.extend_from_slice(&self.to_le_bytes());
-            }
-            fn write_le(self, out: &mut Vec<u8>) {
-                out.extend_from_slice(&self.to_le_bytes());
-            }
-            fn from_le_in_place(values: &mut [Self]) {
-                for value in values {
-                    *value = <$ty>::from_le(*value);
-                }
-            }
         }
     )*};
 }
 
-integer_numbers!(
+numbers!(
     u8 => tag::U8, u16 => tag::U16, u32 => tag::U32, u64 => tag::U64,
     i8 => tag::I8, i16 => tag::I16, i32 => tag::I32, i64 => tag::I64
 );
@@ -364,15 +366,7 @@ macro_rules! float_numbers {
             }
             fn write_canonical(self, out: &mut Vec<u8>) {
                 let value = if self.is_nan() { <$ty>::NAN } else { self };
-                out.extend_from_slice(&value.to_le_bytes());
-            }
-            fn write_le(self, out: &mut Vec<u8>) {
-                out.extend_from_slice(&self.to_le_bytes());
-            }
-            fn from_le_in_place(values: &mut [Self]) {
-                for value in values {
-                    *value = <$ty>::from_bits(value.to_bits().to_le());
-                }
+                value.write_le(out);
             }
         }
     )*};
