@@ -88,6 +88,14 @@ pub mod par_map {
 }
 pub use par_map::{ParCachedMap, ParCachedMapSlice};
 
+/// One cache shared by many machines through S3-compatible object storage, behind the local
+/// folder (feature `remote`; `remote-gcp` and `remote-azure` add Google Cloud Storage and Azure).
+/// See `docs/REMOTE.md`.
+#[cfg(feature = "remote")]
+pub mod remote {
+    pub use memo_runtime::remote::*;
+}
+
 /// The on-disk format and folder layout: [`key`](format::key) (how arguments become a key),
 /// [`entry`](format::entry) (header and payload) and [`store`](format::store) (folders and atomic
 /// writes). Documented for people and tools; the full text is `docs/FORMAT.md`.

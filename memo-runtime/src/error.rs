@@ -58,6 +58,23 @@ pub enum Error {
         #[source]
         source: KeyError,
     },
+    /// A request to a remote store failed (after its retries), or the store answered with an
+    /// error.
+    #[error("{action} the remote cache {location}: {message}")]
+    Remote {
+        /// What memo was doing, e.g. "reading from".
+        action: &'static str,
+        /// The remote store's URL.
+        location: String,
+        /// What went wrong.
+        message: String,
+    },
+    /// A cache location or setting is not valid.
+    #[error("{message}")]
+    Config {
+        /// What is wrong, naming the setting.
+        message: String,
+    },
 }
 
 impl Error {

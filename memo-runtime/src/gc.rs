@@ -324,11 +324,7 @@ pub(crate) fn reduce_size(
     let mut log = String::new();
     for (candidate, reason) in planned {
         if !limits.dry_run {
-            match std::fs::remove_file(&candidate.path) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(Error::io("evicting cache entry", &candidate.path, e)),
-            }
+            store.remove_entry(&candidate.path)?;
             let secs = SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs());

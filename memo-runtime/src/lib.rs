@@ -8,6 +8,8 @@
 //! - [`memory`]: [`Memory`], a cache location and its settings, and the environment variables;
 //! - [`function`]: one cached function at run time (lookup, single flight, store);
 //! - [`par_map`]: the parallel cached map, `.par_cached_map(f)`;
+//! - `remote` (feature `remote`): one cache shared by many machines through S3-compatible
+//!   object storage, behind the local folder;
 //! - [`error`]: the [`Error`] type.
 //!
 //! ```
@@ -35,6 +37,8 @@ pub mod memory;
 pub mod par_map;
 pub mod preview;
 mod probe;
+#[cfg(feature = "remote")]
+pub mod remote;
 pub mod store;
 mod tier;
 

@@ -42,6 +42,14 @@ pub(crate) enum KeyLock {
         file: std::sync::Arc<File>,
         offset: i64,
     },
+    /// The local lock plus a lease on the key in a remote store (released after the local
+    /// lock: fields drop in order).
+    #[cfg(feature = "remote")]
+    #[allow(dead_code, reason = "held for what their drops release")]
+    Remote {
+        local: Box<KeyLock>,
+        lease: Option<crate::remote::Lease>,
+    },
 }
 
 impl Drop for KeyLock {
@@ -57,6 +65,9 @@ impl Drop for KeyLock {
             KeyLock::Range { file, offset } => {
                 let _ = range::set(file, *offset, libc::F_UNLCK);
             }
+            // Both parts release themselves when dropped.
+            #[cfg(feature = "remote")]
+            KeyLock::Remote { .. } => {}
         }
     }
 }

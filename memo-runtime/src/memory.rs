@@ -15,6 +15,13 @@ use crate::inventory::{EntryInfo, FunctionInfo};
 use crate::store::{Cleanup, DirStore, Store, VerifyReport};
 use crate::tier::Tier;
 
+/// Whether `location` names a remote store (`scheme://...`) rather than a folder.
+fn is_url(location: &str) -> bool {
+    location.split_once("://").is_some_and(|(scheme, _)| {
+        !scheme.is_empty() && scheme.chars().all(|c| c.is_ascii_alphanumeric())
+    })
+}
+
 /// Temporary and lock files older than this are removed by the automatic clean-up.
 const STALE_AFTER: Duration = Duration::from_secs(3600);
 
@@ -66,6 +73,8 @@ pub struct Memory {
     pub(crate) tier: Option<Tier>,
     tier_size: u64,
     durable: bool,
+    /// With a remote store: the local folder in front of it, where the size limit applies.
+    local_tier: Option<Arc<dyn Store>>,
 }
 
 impl fmt::Debug for Memory {
@@ -147,7 +156,49 @@ impl Memory {
             tier: Tier::new(DEFAULT_MEMORY_TIER),
             tier_size: DEFAULT_MEMORY_TIER,
             durable: false,
+            local_tier: None,
         }
+    }
+
+    /// The cache at `location`: a folder, or with the `remote` feature a URL such as
+    /// `s3://bucket/prefix` (then configured by [`RemoteConfig::from_env`](crate::remote)); an
+    /// error names what is wrong with a URL.
+    ///
+    /// ```
+    /// let memory = memo_runtime::Memory::at("/tmp/my-project-cache").unwrap();
+    /// assert!(memory.remote_url().is_none());
+    /// ```
+    pub fn at(location: &str) -> Result<Self, Error> {
+        if !is_url(location) {
+            return Ok(Memory::new(location));
+        }
+        #[cfg(feature = "remote")]
+        {
+            crate::remote::RemoteConfig::from_env(location).build()
+        }
+        #[cfg(not(feature = "remote"))]
+        Err(Error::Config {
+            message: format!(
+                "`{location}` is a remote store, and memo was built without its `remote` feature"
+            ),
+        })
+    }
+
+    /// A cache shared through a remote store, with a local folder in front of it; see
+    /// [`RemoteConfig`](crate::remote::RemoteConfig).
+    #[cfg(feature = "remote")]
+    pub fn remote(config: crate::remote::RemoteConfig) -> Result<Self, Error> {
+        let (local_dir, local_limit, tiered) = config.open()?;
+        let store: Arc<dyn Store> = Arc::new(tiered);
+        let mut memory = Memory::build(Some(local_dir.clone()), Some(store));
+        memory.local_tier = Some(Arc::new(DirStore::new(local_dir)));
+        memory.bytes_limit = local_limit;
+        Ok(memory)
+    }
+
+    /// The URL of the remote store behind the local folder, for a remote cache.
+    pub fn remote_url(&self) -> Option<&str> {
+        self.store.as_deref().and_then(|store| store.remote_url())
     }
 
     /// The size of the in-process memory tier, in bytes: recently used values are kept in memory
@@ -187,6 +238,17 @@ impl Memory {
             return Memory::disabled();
         }
         match env::var_os(MEMO_DIR) {
+            Some(dir) if dir.to_str().is_some_and(is_url) => {
+                let url = dir.to_string_lossy();
+                Memory::at(&url).unwrap_or_else(|error| {
+                    let fallback = Memory::default_location();
+                    crate::log::warn(&format!(
+                        "{MEMO_DIR}: {error}; caching in {} instead",
+                        fallback.display()
+                    ));
+                    Memory::new(fallback)
+                })
+            }
             Some(dir) if !dir.is_empty() => Memory::new(dir),
             _ => Memory::new(Memory::default_location()),
         }
@@ -225,6 +287,9 @@ impl Memory {
     /// ```
     pub fn strict(mut self, strict: bool) -> Self {
         self.strict = strict;
+        if let Some(store) = &self.store {
+            store.set_strict(strict);
+        }
         self
     }
 
@@ -260,7 +325,7 @@ impl Memory {
     /// assert!(memory.is_durable());
     /// ```
     pub fn durable(mut self, durable: bool) -> Self {
-        if let Some(location) = &self.location {
+        if let (Some(location), None) = (&self.location, self.remote_url()) {
             self.store = Some(Arc::new(DirStore::new(location.clone()).durable(durable)));
         }
         self.durable = durable;
@@ -350,7 +415,8 @@ impl Memory {
             return;
         }
         self.stored_since_check.store(0, Ordering::Relaxed);
-        let (Some(store), Some(location)) = (self.store.clone(), self.location.clone()) else {
+        let store = self.local_tier.clone().or_else(|| self.store.clone());
+        let (Some(store), Some(location)) = (store, self.location.clone()) else {
             return;
         };
         let spawned = std::thread::Builder::new()
@@ -425,15 +491,13 @@ impl Memory {
     /// Removes the broken entries a [`Memory::verify`] report lists (each would be a miss anyway);
     /// returns how many were removed.
     pub fn remove_broken(&self, report: &VerifyReport) -> Result<usize, Error> {
-        let mut removed = 0;
+        let Some(store) = &self.store else {
+            return Ok(0);
+        };
         for (path, _) in &report.broken {
-            match std::fs::remove_file(path) {
-                Ok(()) => removed += 1,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(Error::io("removing broken entry", path, e)),
-            }
+            store.remove_entry(path)?;
         }
-        Ok(removed)
+        Ok(report.broken.len())
     }
 
     /// Every function stored in this cache, with its versions, entry counts, sizes, last use and

@@ -19,6 +19,19 @@
 //! Code of `f` that runs before its cached call runs once more for a missed item (once in the
 //! look-up, once in the computation); keep such code cheap and free of side effects. `f` must not
 //! be an `extern "C"` function (the look-up returns early by unwinding).
+//!
+//! # Sharding
+//!
+//! The N jobs of a job array (Slurm `--array`, a Kubernetes indexed job, CI shards) that share one
+//! cache can split the misses between them: with a [`Shard`] (from [`CachedMap::shard`], or the
+//! [`MEMO_SHARD`] environment variable, e.g. `MEMO_SHARD=3/16`), a map computes only the misses
+//! that belong to its shard and leaves the others to the other jobs. Hits are served as usual.
+//! A missed item belongs to shard `i` of `n` when the first 8 bytes of its cache key (the key of
+//! the first cached call it made that missed), read as a little-endian `u64`, are `i - 1` modulo
+//! `n`: the split does not depend on the order of the items, and equal items land in one shard.
+//! Items whose `f` calls no cached function (or runs with the cache disabled) have no key and are
+//! split by position instead. Once every shard is done, a run without a shard (or with
+//! [`CachedMap::no_shard`]) gathers the results, all hits, and computes whatever is still missing.
 
 use std::any::Any;
 use std::collections::HashSet;
@@ -26,14 +39,200 @@ use std::fmt;
 use std::io::IsTerminal;
 use std::marker::PhantomData;
 use std::panic::{self, AssertUnwindSafe};
+use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use rayon::prelude::*;
 
+use crate::key::CacheKey;
 use crate::log;
 use crate::probe::{self, Probe, Tally};
+
+/// The environment variable that gives every `.par_cached_map(f)` of a process a default
+/// [`Shard`]: `INDEX/COUNT`, numbered from 1, e.g. `MEMO_SHARD=3/16` for the 3rd of 16 shards.
+/// Unset or empty, maps run unsharded. An invalid value makes every map that reads it fail with
+/// an error that names it ([`MapError::shard_error`]). [`CachedMap::shard`] and
+/// [`CachedMap::no_shard`] override it.
+pub const MEMO_SHARD: &str = "MEMO_SHARD";
+
+/// One of the `count` jobs that share the misses of a map: the `index`-th of `count`, numbered
+/// from 1 (see [sharding](self#sharding)).
+///
+/// ```
+/// use memo_runtime::par_map::Shard;
+///
+/// let shard = Shard::new(3, 16).unwrap();
+/// assert_eq!((shard.index(), shard.count()), (3, 16));
+/// assert_eq!(shard.to_string(), "3/16");
+/// assert_eq!(" 3/16 ".parse::<Shard>(), Ok(shard));
+/// assert!(Shard::new(0, 16).is_err(), "shards are numbered from 1");
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Shard {
+    index: usize,
+    count: usize,
+}
+
+impl Shard {
+    /// The `index`-th of `count` shards: `index` must be 1 to `count`.
+    pub fn new(index: usize, count: usize) -> Result<Shard, ShardError> {
+        if count == 0 {
+            Err(ShardError::NoShards { index })
+        } else if index == 0 || index > count {
+            Err(ShardError::OutOfRange { index, count })
+        } else {
+            Ok(Shard { index, count })
+        }
+    }
+
+    /// Which shard this is, from 1 to [`count`](Shard::count).
+    pub fn index(self) -> usize {
+        self.index
+    }
+
+    /// How many shards there are.
+    pub fn count(self) -> usize {
+        self.count
+    }
+
+    /// The shard that [`MEMO_SHARD`] names: `None` when it is unset or empty, an error
+    /// ([`ShardError::Env`]) when it is not a valid `INDEX/COUNT`.
+    pub fn from_env() -> Result<Option<Shard>, ShardError> {
+        let Some(value) = std::env::var_os(MEMO_SHARD) else {
+            return Ok(None);
+        };
+        let invalid = |value: String, error: ShardError| ShardError::Env {
+            value,
+            error: Box::new(error),
+        };
+        let Some(text) = value.to_str() else {
+            let text = value.to_string_lossy().into_owned();
+            let error = ShardError::Malformed {
+                text: text.clone(),
+                problem: "not valid UTF-8",
+            };
+            return Err(invalid(text, error));
+        };
+        if text.trim().is_empty() {
+            return Ok(None);
+        }
+        text.parse()
+            .map(Some)
+            .map_err(|error| invalid(text.to_owned(), error))
+    }
+
+    /// Whether the item at `position`, whose look-up missed with `key`, is this shard's to
+    /// compute.
+    fn owns(self, key: Option<&CacheKey>, position: usize) -> bool {
+        let count = self.count as u64;
+        let slot = match key {
+            Some(key) => {
+                let mut first = [0; 8];
+                first.copy_from_slice(&key.as_bytes()[..8]);
+                u64::from_le_bytes(first) % count
+            }
+            None => position as u64 % count,
+        };
+        slot == self.index as u64 - 1
+    }
+}
+
+impl fmt::Display for Shard {
+    /// `INDEX/COUNT`, as [`MEMO_SHARD`] takes it.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.index, self.count)
+    }
+}
+
+impl FromStr for Shard {
+    type Err = ShardError;
+
+    /// Parses `INDEX/COUNT` (`3/16`), whitespace around either number allowed.
+    fn from_str(text: &str) -> Result<Shard, ShardError> {
+        let malformed = |problem| ShardError::Malformed {
+            text: text.to_owned(),
+            problem,
+        };
+        let Some((index, count)) = text.split_once('/') else {
+            return Err(malformed("no '/'"));
+        };
+        let number = |part: &str, missing, invalid| {
+            let part = part.trim();
+            if part.is_empty() {
+                Err(malformed(missing))
+            } else {
+                part.parse::<usize>().map_err(|_| malformed(invalid))
+            }
+        };
+        let index = number(index, "INDEX is missing", "INDEX is not a whole number")?;
+        let count = number(count, "COUNT is missing", "COUNT is not a whole number")?;
+        Shard::new(index, count)
+    }
+}
+
+/// Why a [`Shard`] is invalid.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ShardError {
+    /// The count is 0: there must be at least one shard.
+    NoShards {
+        /// The index given.
+        index: usize,
+    },
+    /// The index is 0 or greater than the count: shards are numbered from 1 to the count.
+    OutOfRange {
+        /// The index given.
+        index: usize,
+        /// The count given.
+        count: usize,
+    },
+    /// The text is not `INDEX/COUNT` with two whole numbers.
+    Malformed {
+        /// The text given.
+        text: String,
+        /// What is wrong with it.
+        problem: &'static str,
+    },
+    /// [`MEMO_SHARD`] holds an invalid value.
+    Env {
+        /// The variable's value.
+        value: String,
+        /// What is wrong with it.
+        error: Box<ShardError>,
+    },
+}
+
+impl fmt::Display for ShardError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ShardError::NoShards { index } => {
+                write!(
+                    f,
+                    "shard {index}/0: the number of shards must be at least 1"
+                )
+            }
+            ShardError::OutOfRange { index, count } => {
+                write!(f, "shard {index}/{count}: shards are numbered 1 to {count}")?;
+                if *index == 0 {
+                    f.write_str(" (add 1 to a 0-based index)")?;
+                }
+                Ok(())
+            }
+            ShardError::Malformed { text, problem } => write!(
+                f,
+                "{text:?} is not a shard ({problem}): expected INDEX/COUNT, e.g. 3/16 for the \
+                 3rd of 16 shards"
+            ),
+            ShardError::Env { value, error } => {
+                write!(f, "invalid {MEMO_SHARD}={value:?}: {error}")
+            }
+        }
+    }
+}
+
+impl std::error::Error for ShardError {}
 
 /// `.par_cached_map(f)` on any iterator: consumes it and maps its items in parallel.
 ///
@@ -98,19 +297,38 @@ pub struct CachedMap<T, F, R> {
     jobs: Option<usize>,
     progress: Option<bool>,
     summary: bool,
+    shard: ShardSetting,
     output: PhantomData<fn() -> R>,
+}
+
+/// Which shard a map computes.
+#[derive(Debug, Clone, Copy)]
+enum ShardSetting {
+    /// The one [`MEMO_SHARD`] names, if any (the default).
+    FromEnv,
+    /// This one.
+    Fixed(Shard),
+    /// None: every miss is computed.
+    Off,
 }
 
 /// What a finished map did, from [`CachedMap::run`].
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct MapOutcome<R> {
-    /// The results, in input order.
+    /// The results, in input order. Empty when items were left to other shards
+    /// ([`left_to_other_shards`](MapOutcome::left_to_other_shards) is not 0): gather them with a
+    /// run without a shard once every shard is done.
     pub results: Vec<R>,
     /// Items answered from the cache.
     pub from_cache: usize,
     /// Items computed.
     pub computed: usize,
+    /// Items that missed and belong to other shards: not computed here, and still not cached at
+    /// the end of the map. Always 0 without a shard.
+    pub left_to_other_shards: usize,
+    /// The shard the map ran as, if any.
+    pub shard: Option<Shard>,
     /// Wall time of the whole map.
     pub elapsed: Duration,
     /// Compute time the cached items would have taken, from the durations stored with them.
@@ -128,30 +346,71 @@ pub struct ItemFailure<T> {
     pub message: String,
 }
 
-/// Some items failed; every other item finished, and its result is stored.
+/// A map without a complete result: some items failed (every other item finished, and its
+/// result is stored), or, under a [`Shard`], items of other shards are not cached yet, or
+/// [`MEMO_SHARD`] is invalid.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct MapError<T, R> {
     /// The failed items, in input order.
     pub failures: Vec<ItemFailure<T>>,
-    /// The results, in input order; `None` for the failed items.
+    /// The results, in input order; `None` for the failed items and the items left to other
+    /// shards.
     pub partial: Vec<Option<R>>,
+    /// The positions, in input order, of the items that missed and belong to other shards: not
+    /// computed here, and still not cached at the end of the map. Empty without a shard.
+    pub left_to_other_shards: Vec<usize>,
+    /// The shard the map ran as, if any.
+    pub shard: Option<Shard>,
+    /// Set when [`MEMO_SHARD`] is invalid: then nothing was looked up or computed, and every
+    /// `partial` entry is `None`.
+    pub shard_error: Option<ShardError>,
+}
+
+impl<T, R> MapError<T, R> {
+    /// Whether this shard's share is done: no item failed, and the only results missing belong
+    /// to other shards. A job of a job array can then exit successfully.
+    pub fn awaits_other_shards(&self) -> bool {
+        self.failures.is_empty()
+            && self.shard_error.is_none()
+            && !self.left_to_other_shards.is_empty()
+    }
 }
 
 impl<T, R> fmt::Display for MapError<T, R> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(error) = &self.shard_error {
+            return write!(f, "{error}; no item was looked up or computed");
+        }
+        if let Some(shard) = self.shard {
+            write!(f, "shard {shard}: ")?;
+        }
+        let elsewhere = self.left_to_other_shards.len();
+        if !self.failures.is_empty() {
+            write!(
+                f,
+                "{} of {} items failed (every other item {}finished and is cached):",
+                self.failures.len(),
+                self.partial.len(),
+                if elsewhere > 0 { "of this shard " } else { "" }
+            )?;
+            for failure in self.failures.iter().take(10) {
+                write!(f, "\n  item {}: {}", failure.index, failure.message)?;
+            }
+            if self.failures.len() > 10 {
+                write!(f, "\n  and {} more", self.failures.len() - 10)?;
+            }
+            if elsewhere == 0 {
+                return Ok(());
+            }
+            f.write_str("\nbesides, ")?;
+        }
         write!(
             f,
-            "{} of {} items failed (every other item finished and is cached):",
-            self.failures.len(),
+            "{elsewhere} of {} items belong to other shards and are not cached yet; run without a \
+             shard (or .no_shard()) once all shards are done to gather the results",
             self.partial.len()
-        )?;
-        for failure in self.failures.iter().take(10) {
-            write!(f, "\n  item {}: {}", failure.index, failure.message)?;
-        }
-        if self.failures.len() > 10 {
-            write!(f, "\n  and {} more", self.failures.len() - 10)?;
-        }
-        Ok(())
+        )
     }
 }
 
@@ -222,8 +481,35 @@ fn panic_message(payload: &(dyn Any + Send)) -> String {
 enum Step<R> {
     Done(R, Tally),
     /// Missed in the look-up; to be computed.
-    Pending(Option<crate::key::CacheKey>),
+    Pending(Option<CacheKey>),
+    /// Missed in the look-up, and belongs to another shard.
+    Elsewhere(Option<CacheKey>),
     Failed(String),
+}
+
+/// A finished map, before [`CachedMap::run`] or [`CachedMap::try_collect`] shapes it.
+struct Finished<T, R> {
+    /// In input order; `None` for failed items and items left to other shards.
+    results: Vec<Option<R>>,
+    failures: Vec<ItemFailure<T>>,
+    elsewhere: Vec<usize>,
+    shard: Option<Shard>,
+    from_cache: usize,
+    computed: usize,
+    elapsed: Duration,
+    saved: Duration,
+}
+
+impl<T, R> Finished<T, R> {
+    fn error(self) -> MapError<T, R> {
+        MapError {
+            failures: self.failures,
+            partial: self.results,
+            left_to_other_shards: self.elsewhere,
+            shard: self.shard,
+            shard_error: None,
+        }
+    }
 }
 
 impl<T, F, R> CachedMap<T, F, R>
@@ -239,6 +525,7 @@ where
             jobs: None,
             progress: None,
             summary: false,
+            shard: ShardSetting::FromEnv,
             output: PhantomData,
         }
     }
@@ -267,6 +554,48 @@ where
         self
     }
 
+    /// Computes only the misses that belong to `shard`, one of the jobs of a job array that share
+    /// one cache, instead of the shard [`MEMO_SHARD`] names (see [sharding](self#sharding)). Hits
+    /// are served as usual; the misses of other shards are not computed.
+    ///
+    /// When every item has a result at the end (the other shards had finished), the map returns
+    /// them all, as without a shard. Otherwise [`run`](CachedMap::run) reports how many items were
+    /// left to other shards ([`MapOutcome::left_to_other_shards`], with no results),
+    /// [`try_collect`](CachedMap::try_collect) returns a [`MapError`] that
+    /// [`awaits_other_shards`](MapError::awaits_other_shards), and [`collect`](CachedMap::collect)
+    /// panics with it. Once every shard is done, a run without a shard gathers the results.
+    ///
+    /// ```
+    /// use memo_runtime::par_map::{ParCachedMap, Shard};
+    ///
+    /// // The job of a job array that computes the 2nd of 4 shares of the misses. (`f` would be a
+    /// // `#[cached]` function, or call one; this closure caches nothing.)
+    /// let shard = Shard::new(2, 4).unwrap();
+    /// let outcome = (0..100u64)
+    ///     .par_cached_map(|x| x * x)
+    ///     .shard(shard)
+    ///     .progress(false)
+    ///     .run()
+    ///     .unwrap();
+    /// assert_eq!(outcome.shard, Some(shard));
+    /// let done = outcome.from_cache + outcome.computed;
+    /// assert_eq!(done + outcome.left_to_other_shards, 100);
+    /// if outcome.left_to_other_shards == 0 {
+    ///     assert_eq!(outcome.results.len(), 100); // complete: the other shards had finished
+    /// }
+    /// ```
+    pub fn shard(mut self, shard: Shard) -> Self {
+        self.shard = ShardSetting::Fixed(shard);
+        self
+    }
+
+    /// Runs unsharded whatever [`MEMO_SHARD`] says: every miss is computed. For the step that
+    /// gathers the results of a job array inside the program that ran a shard.
+    pub fn no_shard(mut self) -> Self {
+        self.shard = ShardSetting::Off;
+        self
+    }
+
     fn progress_bar(&self) -> ProgressBar {
         let show = self
             .progress
@@ -286,9 +615,77 @@ where
         bar
     }
 
-    /// Runs the map and reports what it did; see the [module documentation](self).
+    /// Runs the map and reports what it did; see the [module documentation](self). Under a
+    /// [`Shard`] whose map leaves items to other shards, the outcome has no results but says how
+    /// many were left ([`MapOutcome::left_to_other_shards`]).
     pub fn run(self) -> Result<MapOutcome<R>, MapError<T, R>> {
+        let finished = self.execute()?;
+        if !finished.failures.is_empty() {
+            return Err(finished.error());
+        }
+        let complete = finished.elsewhere.is_empty();
+        Ok(MapOutcome {
+            results: if complete {
+                finished.results.into_iter().flatten().collect()
+            } else {
+                Vec::new()
+            },
+            from_cache: finished.from_cache,
+            computed: finished.computed,
+            left_to_other_shards: finished.elsewhere.len(),
+            shard: finished.shard,
+            elapsed: finished.elapsed,
+            saved: finished.saved,
+        })
+    }
+
+    /// Runs the map; the results in input order, or a [`MapError`]: the failed items, or under a
+    /// [`Shard`], the items left to other shards that are not cached yet.
+    pub fn try_collect(self) -> Result<Vec<R>, MapError<T, R>> {
+        let finished = self.execute()?;
+        if !finished.failures.is_empty() || !finished.elsewhere.is_empty() {
+            return Err(finished.error());
+        }
+        Ok(finished.results.into_iter().flatten().collect())
+    }
+
+    /// Runs the map and collects the results in input order. If items panicked, panics after
+    /// every other item finished (and was stored), with a report of the failed items. Under a
+    /// [`Shard`], also panics (after computing its share) when items of other shards are not
+    /// cached yet; use [`try_collect`](CachedMap::try_collect) to handle that case.
+    pub fn collect<C: FromIterator<R>>(self) -> C {
+        match self.try_collect() {
+            Ok(results) => results.into_iter().collect(),
+            Err(error) => panic!("par_cached_map: {error}"),
+        }
+    }
+
+    /// The shard to compute: the one set, or the one [`MEMO_SHARD`] names.
+    fn resolve_shard(&self) -> Result<Option<Shard>, ShardError> {
+        match self.shard {
+            ShardSetting::FromEnv => Shard::from_env(),
+            ShardSetting::Fixed(shard) => Ok(Some(shard)),
+            ShardSetting::Off => Ok(None),
+        }
+    }
+
+    /// Runs the map.
+    fn execute(self) -> Result<Finished<T, R>, MapError<T, R>> {
         let started = Instant::now();
+        let shard = match self.resolve_shard() {
+            Ok(shard) => shard,
+            Err(error) => {
+                return Err(MapError {
+                    failures: Vec::new(),
+                    partial: std::iter::repeat_with(|| None)
+                        .take(self.items.len())
+                        .collect(),
+                    left_to_other_shards: Vec::new(),
+                    shard: None,
+                    shard_error: Some(error),
+                })
+            }
+        };
         let bar = self.progress_bar();
         let pool = Pool::new(self.jobs);
         let CachedMap {
@@ -342,6 +739,20 @@ where
             step
         });
 
+        // Under a shard, the misses of other shards are left to them.
+        let mut elsewhere = Vec::new();
+        if let Some(shard) = shard {
+            for (i, step) in steps.iter_mut().enumerate() {
+                if let Step::Pending(key) = *step {
+                    if !shard.owns(key.as_ref(), i) {
+                        *step = Step::Elsewhere(key);
+                        elsewhere.push(i);
+                    }
+                }
+            }
+            bar.dec_length(elsewhere.len() as u64);
+        }
+
         // 2. Compute the misses: one item per key first, then the items that share a key (hits
         //    by then, unless the first one failed).
         let mut seen = HashSet::new();
@@ -372,6 +783,31 @@ where
                 steps[i] = outcome;
             }
         }
+
+        // 3. Under a shard, look the items of other shards up again: those the other shards
+        //    stored meanwhile are hits now. (Items without a key are never cached: not again.)
+        let again: Vec<usize> = elsewhere
+            .iter()
+            .copied()
+            .filter(|&i| matches!(steps[i], Step::Elsewhere(Some(_))))
+            .collect();
+        if !again.is_empty() {
+            let outcomes = pool.map(&again, |i| match probe::probe(|| f(items[i].clone())) {
+                Probe::Returned(value, tally) => {
+                    bar.inc_length(1);
+                    update(&tally);
+                    Some(Step::Done(value, tally))
+                }
+                Probe::Missed(_) => None,
+                Probe::Panicked(payload) => Some(Step::Failed(panic_message(&*payload))),
+            });
+            for (i, outcome) in again.into_iter().zip(outcomes) {
+                if let Some(step) = outcome {
+                    steps[i] = step;
+                }
+            }
+            elsewhere.retain(|&i| matches!(steps[i], Step::Elsewhere(_)));
+        }
         bar.finish_and_clear();
 
         let (mut saved, mut from_cache, mut computed) = (Duration::ZERO, 0, 0);
@@ -397,55 +833,51 @@ where
                     });
                     results.push(None);
                 }
+                Step::Elsewhere(_) => results.push(None),
                 Step::Pending(_) => unreachable!("every pending item is computed in step 2"),
             }
         }
-        let outcome = MapOutcome {
-            results: Vec::new(),
+        let finished = Finished {
+            results,
+            failures,
+            elsewhere,
+            shard,
             from_cache,
             computed,
             elapsed: started.elapsed(),
             saved,
         };
         if summary {
-            eprintln!(
-                "memo: {} items: {} loaded from cache, {} computed{} in {:.2?} (compute time saved: {:.2?})",
-                results.len(),
-                outcome.from_cache,
-                outcome.computed,
-                if failures.is_empty() {
-                    String::new()
-                } else {
-                    format!(", {} failed", failures.len())
-                },
-                outcome.elapsed,
-                outcome.saved
-            );
+            eprintln!("{}", finished.summary());
         }
-        if !failures.is_empty() {
-            return Err(MapError {
-                failures,
-                partial: results,
-            });
-        }
-        Ok(MapOutcome {
-            results: results.into_iter().flatten().collect(),
-            ..outcome
-        })
+        Ok(finished)
     }
+}
 
-    /// Runs the map; the results in input order, or the failed items.
-    pub fn try_collect(self) -> Result<Vec<R>, MapError<T, R>> {
-        self.run().map(|outcome| outcome.results)
-    }
-
-    /// Runs the map and collects the results in input order. If items panicked, panics after
-    /// every other item finished (and was stored), with a report of the failed items.
-    pub fn collect<C: FromIterator<R>>(self) -> C {
-        match self.try_collect() {
-            Ok(results) => results.into_iter().collect(),
-            Err(error) => panic!("par_cached_map: {error}"),
+impl<T, R> Finished<T, R> {
+    /// The closing line of [`CachedMap::summary`].
+    fn summary(&self) -> String {
+        let mut line = String::from("memo: ");
+        if let Some(shard) = self.shard {
+            line += &format!("shard {shard}: ");
         }
+        line += &format!(
+            "{} items: {} loaded from cache, {} computed",
+            self.results.len(),
+            self.from_cache,
+            self.computed
+        );
+        if !self.failures.is_empty() {
+            line += &format!(", {} failed", self.failures.len());
+        }
+        if !self.elsewhere.is_empty() {
+            line += &format!(", {} left to other shards", self.elsewhere.len());
+        }
+        line += &format!(
+            " in {:.2?} (compute time saved: {:.2?})",
+            self.elapsed, self.saved
+        );
+        line
     }
 }
 

@@ -105,6 +105,15 @@ pub(crate) trait Store: Send + Sync {
     fn remove_version(&self, function: &str, version: &str) -> Result<(), Error>;
     /// Removes everything memo stored.
     fn clear(&self) -> Result<(), Error>;
+    /// Removes one entry, named by the path a listing or a verification gave for it; an entry
+    /// already gone is not an error.
+    fn remove_entry(&self, path: &Path) -> Result<(), Error>;
+    /// Where the cache lives, as a URL, when it is not (only) a local folder.
+    fn remote_url(&self) -> Option<&str> {
+        None
+    }
+    /// Whether a failure of a remote store is an error (strict mode) rather than a warning.
+    fn set_strict(&self, _strict: bool) {}
 }
 
 /// The folder name of a function identity (`crate::module::name`): `::` becomes `.`, and any
@@ -526,7 +535,7 @@ fn remove_dir(dir: &Path) -> Result<(), Error> {
 
 /// Refuses a function or version name given from outside (an inspector's argument) that is not
 /// a single plain path component: nothing may be listed or removed outside the cache folder.
-fn plain_name(name: &str) -> Result<&str, Error> {
+pub(crate) fn plain_name(name: &str) -> Result<&str, Error> {
     let plain = !name.is_empty()
         && name != "."
         && name != ".."
@@ -561,6 +570,53 @@ fn keep_open(files: &mut HashMap<PathBuf, Arc<File>>, path: PathBuf, file: &Arc<
         files.clear();
     }
     files.insert(path, Arc::clone(file));
+}
+
+/// One version as a backend lists it: function and version folder names, its source text (when
+/// recorded) and its entries.
+pub(crate) type ListedVersion = (String, String, Option<String>, Vec<EntryInfo>);
+
+/// Groups listed versions by function, with each version's summary: functions by name, versions
+/// most recently used first.
+pub(crate) fn assemble_listing(listed: Vec<ListedVersion>) -> Vec<Listed> {
+    // Per function: each version's summary with its entries, kept together while sorting.
+    type Versions = Vec<(VersionInfo, Vec<EntryInfo>)>;
+    let mut functions: Vec<(String, Versions)> = Vec::new();
+    for (function, version, source, entries) in listed {
+        let full_version = source.and_then(|text| {
+            let first = text.lines().next()?;
+            Some(first.rsplit(' ').next()?.to_owned())
+        });
+        let info = VersionInfo {
+            version,
+            full_version,
+            entries: entries.len(),
+            bytes: entries.iter().map(|e| e.size).sum(),
+            last_used: entries.iter().map(|e| e.last_used).max(),
+            compute_time: entries.iter().map(|e| e.duration).sum(),
+        };
+        match functions.iter_mut().find(|(name, _)| *name == function) {
+            Some((_, versions)) => versions.push((info, entries)),
+            None => functions.push((function, vec![(info, entries)])),
+        }
+    }
+    functions.sort_by(|a, b| a.0.cmp(&b.0));
+    functions
+        .into_iter()
+        .map(|(name, mut versions)| {
+            // Most recently used first.
+            versions.sort_by(|(a, _), (b, _)| {
+                b.last_used
+                    .cmp(&a.last_used)
+                    .then(a.version.cmp(&b.version))
+            });
+            let (versions, entries) = versions.into_iter().unzip();
+            Listed {
+                info: FunctionInfo { name, versions },
+                entries,
+            }
+        })
+        .collect()
 }
 
 /// Opens an entry without following a symbolic link in its last component.
@@ -681,7 +737,7 @@ fn verify_entry(path: &Path, name: &str) -> Result<(), String> {
         .map_err(|e| e.to_string())
 }
 
-fn decode_hex_key(name: &str) -> Option<CacheKey> {
+pub(crate) fn decode_hex_key(name: &str) -> Option<CacheKey> {
     if name.len() != 64 {
         return None;
     }
@@ -800,45 +856,13 @@ impl Store for DirStore {
     }
 
     fn listing(&self) -> Result<Vec<Listed>, Error> {
-        // Per function: each version's summary with its entries, kept together while sorting.
-        type Versions = Vec<(VersionInfo, Vec<EntryInfo>)>;
-        let mut functions: Vec<(String, Versions)> = Vec::new();
+        let mut versions = Vec::new();
         for (function, version) in self.versions() {
             let entries = self.entries(&function, &version)?;
-            let full_version = self.source(&function, &version).ok().and_then(|text| {
-                let first = text.lines().next()?;
-                Some(first.rsplit(' ').next()?.to_owned())
-            });
-            let info = VersionInfo {
-                version,
-                full_version,
-                entries: entries.len(),
-                bytes: entries.iter().map(|e| e.size).sum(),
-                last_used: entries.iter().map(|e| e.last_used).max(),
-                compute_time: entries.iter().map(|e| e.duration).sum(),
-            };
-            match functions.iter_mut().find(|(name, _)| *name == function) {
-                Some((_, versions)) => versions.push((info, entries)),
-                None => functions.push((function, vec![(info, entries)])),
-            }
+            let source = self.source(&function, &version).ok();
+            versions.push((function, version, source, entries));
         }
-        functions.sort_by(|a, b| a.0.cmp(&b.0));
-        Ok(functions
-            .into_iter()
-            .map(|(name, mut versions)| {
-                // Most recently used first.
-                versions.sort_by(|(a, _), (b, _)| {
-                    b.last_used
-                        .cmp(&a.last_used)
-                        .then(a.version.cmp(&b.version))
-                });
-                let (versions, entries) = versions.into_iter().unzip();
-                Listed {
-                    info: FunctionInfo { name, versions },
-                    entries,
-                }
-            })
-            .collect())
+        Ok(assemble_listing(versions))
     }
 
     fn source(&self, function: &str, version: &str) -> Result<String, Error> {
@@ -982,6 +1006,14 @@ impl Store for DirStore {
     fn clear(&self) -> Result<(), Error> {
         self.forget_open_files();
         remove_dir(&self.base)
+    }
+
+    fn remove_entry(&self, path: &Path) -> Result<(), Error> {
+        match fs::remove_file(path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(Error::io("removing cache entry", path, e)),
+        }
     }
 }
 

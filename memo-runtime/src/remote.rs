@@ -1,0 +1,1257 @@
+//! The remote tier: one cache shared by many machines through an object store (S3 and
+//! S3-compatible servers; Google Cloud Storage and Azure with the `remote-gcp` and `remote-azure`
+//! features), with the local folder kept in front of it.
+//!
+//! - Reads go to the local folder first; a local miss reads the remote object, checks it (header,
+//!   key, checksum, and the MAC when a secret is set) and copies it into the local folder, so the
+//!   next hit is a local read.
+//! - Writes go to both. The remote write is a conditional create (`If-None-Match: *`): of two
+//!   machines storing one key, the first wins and the second keeps the first's entry, so an
+//!   entry is never torn or mixed.
+//! - A miss claims its key across machines with a lease object, created conditionally and
+//!   renewed while the value is computed; others wait for the value, or take the lease over
+//!   (`If-Match` on the expired lease) once it has expired without renewal.
+//! - A remote store that fails (down, unreachable, timing out) is left alone for a while, with one
+//!   warning: memo goes on with the local folder only. In strict mode, the failure is an error.
+//!
+//! The remote layout mirrors the local one (see `docs/FORMAT.md` and `docs/REMOTE.md`):
+//! `<prefix>/v1/<function>/<version>/<kk>/<key>` holds an entry (plus a 32-byte MAC when written
+//! with a secret), `<key>.lease` the lease of a key being computed, `source.rs` the source text.
+
+use std::fmt;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use futures::stream::{StreamExt, TryStreamExt};
+use object_store::path::Path as ObjectPath;
+use object_store::{
+    BackoffConfig, ObjectMeta, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload,
+    RetryConfig, UpdateVersion,
+};
+
+use crate::entry::{self, HEADER_LEN};
+use crate::error::Error;
+use crate::inventory::{EntryInfo, Listed};
+use crate::lock::{Acquired, KeyLock};
+use crate::store::{
+    assemble_listing, decode_hex_key, plain_name, Cleanup, DirStore, EntryAddress, EntryBytes,
+    ListedVersion, Store, VerifyReport, LAYOUT_DIR, SOURCE_FILE, VERSION_DIR_DIGITS,
+};
+
+/// Environment variable holding the shared secret that authenticates remote entries (see
+/// [`RemoteConfig::secret`]).
+pub const MEMO_SECRET: &str = "MEMO_SECRET";
+/// Environment variable setting the lease of a remote cache, in seconds (see
+/// [`RemoteConfig::lease`]).
+pub const MEMO_LEASE: &str = "MEMO_LEASE";
+/// Environment variable naming the local folder in front of a remote store (default:
+/// [`Memory::default_location`](crate::Memory::default_location)).
+pub const MEMO_LOCAL_DIR: &str = "MEMO_LOCAL_DIR";
+/// How long a lease on a key being computed lasts without renewal, by default. The holder
+/// renews it every third of this while it computes, so only a machine that died (or lost the
+/// network) for this long loses its lease.
+pub const DEFAULT_LEASE: Duration = Duration::from_secs(60);
+/// The default time limit of one request to the remote store.
+pub const DEFAULT_REMOTE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How many times a failed request is retried, by default (with exponential back-off).
+pub const DEFAULT_REMOTE_RETRIES: usize = 3;
+/// How long memo works with the local folder only after the remote store failed, by default.
+pub const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(30);
+/// The default size limit of the local folder in front of a remote store: 10 GiB.
+pub const DEFAULT_LOCAL_LIMIT: u64 = 10 << 30;
+
+/// Length of the MAC that follows an entry written with a secret.
+pub const MAC_LEN: usize = 32;
+const LEASE_SUFFIX: &str = ".lease";
+/// Concurrent requests of listings and verifications.
+const CONCURRENT: usize = 16;
+
+/// Where and how a remote cache lives: build one, then [`RemoteConfig::build`] the
+/// [`Memory`](crate::Memory).
+///
+/// ```no_run
+/// use std::time::Duration;
+/// use memo_runtime::remote::RemoteConfig;
+///
+/// // Credentials, region and endpoint come from the usual AWS_* environment variables.
+/// let memory = RemoteConfig::new("s3://my-bucket/team-cache")
+///     .local_dir("/scratch/memo")
+///     .lease(Duration::from_secs(120))
+///     .build()
+///     .expect("a valid remote cache");
+/// assert_eq!(memory.remote_url(), Some("s3://my-bucket/team-cache"));
+/// ```
+#[derive(Clone)]
+pub struct RemoteConfig {
+    url: String,
+    local_dir: Option<PathBuf>,
+    secret: Option<Vec<u8>>,
+    lease: Duration,
+    timeout: Duration,
+    retries: usize,
+    retry_after: Duration,
+    local_limit: Option<u64>,
+    options: Vec<(String, String)>,
+}
+
+impl fmt::Debug for RemoteConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RemoteConfig")
+            .field("url", &self.url)
+            .field("local_dir", &self.local_dir)
+            .field("secret", &self.secret.as_ref().map(|_| "<set>"))
+            .field("lease", &self.lease)
+            .field("timeout", &self.timeout)
+            .field("retries", &self.retries)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RemoteConfig {
+    /// A remote cache at `url`: `s3://bucket/prefix` (S3 and S3-compatible servers), `gs://` or
+    /// `az://` with the matching features. Credentials, region and endpoint are read from the
+    /// provider's standard environment variables (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`,
+    /// `AWS_REGION`, `AWS_ENDPOINT`, `AWS_ALLOW_HTTP`, ...), then from [`RemoteConfig::option`].
+    pub fn new(url: impl Into<String>) -> Self {
+        RemoteConfig {
+            url: url.into().trim_end_matches('/').to_owned(),
+            local_dir: None,
+            secret: None,
+            lease: DEFAULT_LEASE,
+            timeout: DEFAULT_REMOTE_TIMEOUT,
+            retries: DEFAULT_REMOTE_RETRIES,
+            retry_after: DEFAULT_RETRY_AFTER,
+            local_limit: Some(DEFAULT_LOCAL_LIMIT),
+            options: Vec::new(),
+        }
+    }
+
+    /// [`RemoteConfig::new`] with the settings the environment gives: [`MEMO_LOCAL_DIR`],
+    /// [`MEMO_SECRET`] and [`MEMO_LEASE`].
+    pub fn from_env(url: impl Into<String>) -> Self {
+        let mut config = RemoteConfig::new(url);
+        if let Some(dir) = std::env::var_os(MEMO_LOCAL_DIR).filter(|d| !d.is_empty()) {
+            config = config.local_dir(dir);
+        }
+        if let Some(secret) = std::env::var_os(MEMO_SECRET).filter(|s| !s.is_empty()) {
+            config = config.secret(secret.as_encoded_bytes());
+        }
+        let lease = std::env::var(MEMO_LEASE).ok();
+        match lease
+            .as_deref()
+            .map(|text| (text, text.trim().parse::<f64>()))
+        {
+            Some((_, Ok(secs))) if secs.is_finite() && secs > 0.0 => {
+                config = config.lease(Duration::from_secs_f64(secs));
+            }
+            Some((text, _)) if !text.is_empty() => crate::log::warn(&format!(
+                "{MEMO_LEASE}={text:?} is not a number of seconds; the lease is {DEFAULT_LEASE:?}"
+            )),
+            _ => {}
+        }
+        config
+    }
+
+    /// The local folder in front of the remote store (default: [`MEMO_LOCAL_DIR`], else
+    /// [`Memory::default_location`](crate::Memory::default_location)).
+    pub fn local_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.local_dir = Some(dir.into());
+        self
+    }
+
+    /// Authenticates entries with a secret shared by the machines: each entry written is
+    /// followed by a MAC of its bytes (keyed BLAKE3, with a key derived from the secret), and an
+    /// entry read from the remote store is used only when its MAC is right. A machine that can
+    /// write to the bucket but does not know the secret cannot plant a result. Default: none
+    /// (entries are still checked by their checksum).
+    pub fn secret(mut self, secret: impl AsRef<[u8]>) -> Self {
+        self.secret = Some(secret.as_ref().to_vec());
+        self
+    }
+
+    /// How long a lease on a key being computed lasts without renewal (default:
+    /// [`DEFAULT_LEASE`]). Machines' clocks must agree to well within this.
+    pub fn lease(mut self, lease: Duration) -> Self {
+        self.lease = lease.max(Duration::from_millis(300));
+        self
+    }
+
+    /// The time limit of one request (default: [`DEFAULT_REMOTE_TIMEOUT`]).
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// How many times a failed request is retried (default: [`DEFAULT_REMOTE_RETRIES`]).
+    pub fn retries(mut self, retries: usize) -> Self {
+        self.retries = retries;
+        self
+    }
+
+    /// How long memo works with the local folder only after a remote failure before it tries
+    /// the remote store again (default: [`DEFAULT_RETRY_AFTER`]).
+    pub fn retry_after(mut self, pause: Duration) -> Self {
+        self.retry_after = pause;
+        self
+    }
+
+    /// The size limit of the local folder, in bytes (`None`: unbounded; default:
+    /// [`DEFAULT_LOCAL_LIMIT`]). Entries evicted locally stay in the remote store.
+    pub fn local_limit(mut self, bytes: Option<u64>) -> Self {
+        self.local_limit = bytes;
+        self
+    }
+
+    /// A setting of the object store client, by its `object_store` configuration name (e.g.
+    /// `aws_endpoint`, `aws_allow_http`, `aws_region`); overrides the environment.
+    pub fn option(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.options.push((key.into(), value.into()));
+        self
+    }
+
+    /// The URL of the remote store.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// The [`Memory`](crate::Memory) with this remote store behind its local folder; an error
+    /// names what is wrong with the URL or a setting.
+    pub fn build(self) -> Result<crate::Memory, Error> {
+        crate::Memory::remote(self)
+    }
+
+    /// The local folder and its limit, and the tiered store.
+    pub(crate) fn open(self) -> Result<(PathBuf, Option<u64>, Tiered), Error> {
+        let local_dir = self
+            .local_dir
+            .clone()
+            .unwrap_or_else(crate::Memory::default_location);
+        let local_limit = self.local_limit;
+        let remote = RemoteStore::open(self)?;
+        let tiered = Tiered {
+            local: DirStore::new(local_dir.clone()),
+            remote: Arc::new(remote),
+        };
+        Ok((local_dir, local_limit, tiered))
+    }
+}
+
+fn config_error(message: String) -> Error {
+    Error::Config { message }
+}
+
+/// The object store client, its runtime and the state of the connection.
+pub(crate) struct RemoteStore {
+    objects: Arc<dyn ObjectStore>,
+    /// `<prefix>/v1`.
+    root: ObjectPath,
+    /// The URL, as given (no trailing `/`).
+    url: String,
+    runtime: Option<tokio::runtime::Runtime>,
+    mac_key: Option<[u8; 32]>,
+    lease: Duration,
+    retry_after: Duration,
+    /// Who takes leases: host, process and a random part.
+    owner: String,
+    /// Until when the remote store is left alone after a failure.
+    down_until: Mutex<Option<Instant>>,
+    strict: AtomicBool,
+}
+
+impl fmt::Debug for RemoteStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RemoteStore")
+            .field("url", &self.url)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for RemoteStore {
+    fn drop(&mut self) {
+        // Never blocks, so a store dropped inside an async runtime does not panic.
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+/// What a remote failure is: the object's state (absent, present, changed) or an outage.
+enum Failure {
+    NotFound,
+    AlreadyExists,
+    Changed,
+    Outage(Error),
+}
+
+impl RemoteStore {
+    fn open(config: RemoteConfig) -> Result<Self, Error> {
+        let url = config.url.clone();
+        let (scheme, rest) = url.split_once("://").ok_or_else(|| {
+            config_error(format!("`{url}` is not a URL (scheme://bucket/prefix)"))
+        })?;
+        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        if bucket.is_empty() {
+            return Err(config_error(format!("`{url}` names no bucket")));
+        }
+        // Timeouts as settings, so that the environment's client settings (AWS_ALLOW_HTTP, ...)
+        // are kept, and the user's options come last.
+        let mut settings = vec![
+            (
+                "timeout".to_owned(),
+                format!("{}ms", config.timeout.as_millis()),
+            ),
+            (
+                "connect_timeout".to_owned(),
+                format!(
+                    "{}ms",
+                    config.timeout.min(Duration::from_secs(5)).as_millis()
+                ),
+            ),
+        ];
+        settings.extend(config.options.iter().cloned());
+        let retry = RetryConfig {
+            backoff: BackoffConfig {
+                init_backoff: Duration::from_millis(50),
+                max_backoff: Duration::from_secs(2),
+                base: 2.0,
+            },
+            max_retries: config.retries,
+            retry_timeout: config.timeout.saturating_mul(2),
+        };
+        let bucket_url = format!("{scheme}://{bucket}");
+        let bad = |e: object_store::Error| config_error(format!("remote store `{url}`: {e}"));
+        let objects: Arc<dyn ObjectStore> = match scheme {
+            "s3" | "s3a" => {
+                let mut builder = object_store::aws::AmazonS3Builder::from_env()
+                    .with_url(bucket_url)
+                    .with_retry(retry);
+                for (key, value) in &settings {
+                    let key = key.parse().map_err(bad)?;
+                    builder = builder.with_config(key, value);
+                }
+                Arc::new(builder.build().map_err(bad)?)
+            }
+            #[cfg(feature = "remote-gcp")]
+            "gs" => {
+                let mut builder = object_store::gcp::GoogleCloudStorageBuilder::from_env()
+                    .with_url(bucket_url)
+                    .with_retry(retry);
+                for (key, value) in &settings {
+                    let key = key.parse().map_err(bad)?;
+                    builder = builder.with_config(key, value);
+                }
+                Arc::new(builder.build().map_err(bad)?)
+            }
+            #[cfg(feature = "remote-azure")]
+            "az" | "abfs" | "abfss" | "azure" => {
+                let mut builder = object_store::azure::MicrosoftAzureBuilder::from_env()
+                    .with_url(bucket_url)
+                    .with_retry(retry);
+                for (key, value) in &settings {
+                    let key = key.parse().map_err(bad)?;
+                    builder = builder.with_config(key, value);
+                }
+                Arc::new(builder.build().map_err(bad)?)
+            }
+            other => {
+                return Err(config_error(format!(
+                    "`{url}`: memo has no remote store for `{other}://` (s3:// is built in with \
+                     the `remote` feature, gs:// with `remote-gcp`, az:// with `remote-azure`)"
+                )))
+            }
+        };
+        let prefix = prefix.trim_matches('/');
+        let root = if prefix.is_empty() {
+            LAYOUT_DIR.to_owned()
+        } else {
+            format!("{prefix}/{LAYOUT_DIR}")
+        };
+        let root = ObjectPath::parse(&root).map_err(|e| {
+            config_error(format!(
+                "`{url}`: the prefix is not a valid object path: {e}"
+            ))
+        })?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("memo-remote")
+            .enable_all()
+            .build()
+            .map_err(|e| Error::io("starting the remote store's threads for", &url, e))?;
+        let mac_key = config
+            .secret
+            .as_ref()
+            .map(|secret| blake3::derive_key("memo remote entry MAC v1", secret));
+        let nonce = blake3::hash(
+            format!("{:?}{:?}", SystemTime::now(), std::thread::current().id()).as_bytes(),
+        );
+        let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "host".to_owned());
+        Ok(RemoteStore {
+            objects,
+            root,
+            url,
+            runtime: Some(runtime),
+            mac_key,
+            lease: config.lease,
+            retry_after: config.retry_after,
+            owner: format!("{host}:{}:{}", std::process::id(), &nonce.to_hex()[..8]),
+            down_until: Mutex::new(None),
+            strict: AtomicBool::new(false),
+        })
+    }
+
+    /// Runs a request on the store's runtime and waits for it (from any thread, also inside
+    /// another async runtime: the calling thread only waits on a channel).
+    fn run<T, F>(&self, request: F) -> Result<T, Error>
+    where
+        T: Send + 'static,
+        F: Future<Output = T> + Send + 'static,
+    {
+        let runtime = self
+            .runtime
+            .as_ref()
+            .ok_or_else(|| self.error("using", "the store is shut down"))?;
+        let (sender, receiver) = std::sync::mpsc::sync_channel(1);
+        runtime.spawn(async move {
+            let _ = sender.send(request.await);
+        });
+        receiver
+            .recv()
+            .map_err(|_| self.error("waiting for", "the request was cancelled"))
+    }
+
+    fn error(&self, action: &'static str, message: impl fmt::Display) -> Error {
+        Error::Remote {
+            action,
+            location: self.url.clone(),
+            message: message.to_string(),
+        }
+    }
+
+    /// Sorts an object store error into the object's state or an outage.
+    fn classify(&self, action: &'static str, error: object_store::Error) -> Failure {
+        match error {
+            object_store::Error::NotFound { .. } => Failure::NotFound,
+            object_store::Error::AlreadyExists { .. } => Failure::AlreadyExists,
+            object_store::Error::Precondition { .. } | object_store::Error::NotModified { .. } => {
+                Failure::Changed
+            }
+            other => Failure::Outage(self.error(action, other)),
+        }
+    }
+
+    /// Whether the remote store is worth trying now (not within the pause after a failure).
+    fn usable(&self) -> bool {
+        let down = self
+            .down_until
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        down.is_none_or(|until| Instant::now() >= until)
+    }
+
+    /// Records an outage: the store is left alone for a while, with one warning per outage.
+    fn outage(&self, error: &Error) {
+        let mut down = self
+            .down_until
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let was_up = down.is_none_or(|until| Instant::now() >= until);
+        *down = Some(Instant::now() + self.retry_after);
+        drop(down);
+        if was_up && !self.strict.load(Ordering::Relaxed) {
+            crate::log::warn(&format!(
+                "{error}; caching in the local folder only, the remote store is tried again in {:?}",
+                self.retry_after
+            ));
+        }
+    }
+
+    fn path(&self, relative: String) -> Result<ObjectPath, Error> {
+        ObjectPath::parse(format!("{}/{relative}", self.root))
+            .map_err(|e| self.error("naming an object in", e))
+    }
+
+    fn version_relative(function: &str, version: &str) -> String {
+        let short = version.get(..VERSION_DIR_DIGITS).unwrap_or(version);
+        format!("{function}/{short}")
+    }
+
+    fn entry_path(&self, at: &EntryAddress<'_>) -> Result<ObjectPath, Error> {
+        let hex = at.key.to_hex();
+        let version = Self::version_relative(at.function, at.version);
+        self.path(format!("{version}/{}/{hex}", &hex[..2]))
+    }
+
+    fn lease_path(&self, at: &EntryAddress<'_>) -> Result<ObjectPath, Error> {
+        let hex = at.key.to_hex();
+        let version = Self::version_relative(at.function, at.version);
+        self.path(format!("{version}/{}/{hex}{LEASE_SUFFIX}", &hex[..2]))
+    }
+
+    /// How an object is named in messages and listings: `<url>/<path below the prefix>`.
+    fn display(&self, path: &ObjectPath) -> PathBuf {
+        let below = path.as_ref();
+        let prefix_len = self.root.as_ref().len() - LAYOUT_DIR.len();
+        PathBuf::from(format!("{}/{}", self.url, &below[prefix_len..]))
+    }
+
+    /// The object a displayed name stands for, if it is one of this store's.
+    fn object_of(&self, shown: &Path) -> Option<ObjectPath> {
+        let shown = shown.to_str()?;
+        let below = shown.strip_prefix(&self.url)?.strip_prefix('/')?;
+        let prefix = &self.root.as_ref()[..self.root.as_ref().len() - LAYOUT_DIR.len()];
+        ObjectPath::parse(format!("{prefix}{below}")).ok()
+    }
+
+    /// An entry's remote bytes: the entry followed by its MAC when a secret is set.
+    fn sealed(&self, header: &[u8], payload: &[u8]) -> Vec<u8> {
+        let mut bytes = Vec::with_capacity(header.len() + payload.len() + MAC_LEN);
+        bytes.extend_from_slice(header);
+        bytes.extend_from_slice(payload);
+        if let Some(key) = &self.mac_key {
+            let mac = blake3::keyed_hash(key, &bytes);
+            bytes.extend_from_slice(mac.as_bytes());
+        }
+        bytes
+    }
+
+    /// Checks remote bytes for `key` and returns the length of the entry in them (without the
+    /// MAC): header, key and checksum always; the MAC when a secret is set.
+    fn check(&self, bytes: &[u8], key: &crate::key::CacheKey) -> Result<usize, String> {
+        let header = entry::decode_header(bytes).map_err(|e| e.to_string())?;
+        let entry_len = usize::try_from(header.payload_len)
+            .ok()
+            .and_then(|n| n.checked_add(HEADER_LEN))
+            .ok_or("the header claims an impossible length")?;
+        let has_mac = match bytes.len().checked_sub(entry_len) {
+            Some(0) => false,
+            Some(MAC_LEN) => true,
+            _ => {
+                return Err(format!(
+                    "{} bytes, where the header claims {entry_len} (plus {MAC_LEN} with a MAC)",
+                    bytes.len()
+                ))
+            }
+        };
+        if let Some(mac_key) = &self.mac_key {
+            if !has_mac {
+                return Err(
+                    "no MAC, and this cache requires entries authenticated by its secret".into(),
+                );
+            }
+            let expected = blake3::keyed_hash(mac_key, &bytes[..entry_len]);
+            let found =
+                blake3::Hash::from_bytes(bytes[entry_len..].try_into().map_err(|_| "short MAC")?);
+            // `blake3::Hash` compares in constant time.
+            if expected != found {
+                return Err("its MAC is wrong: not written with this cache's secret".into());
+            }
+        }
+        entry::decode(&bytes[..entry_len], key).map_err(|e| e.to_string())?;
+        Ok(entry_len)
+    }
+
+    /// The object's bytes, or `None` when it does not exist.
+    fn get(&self, path: ObjectPath) -> Result<Option<Vec<u8>>, Failure> {
+        let objects = Arc::clone(&self.objects);
+        let result = self
+            .run(async move {
+                let got = objects.get(&path).await?;
+                got.bytes().await
+            })
+            .map_err(Failure::Outage)?;
+        match result {
+            Ok(bytes) => Ok(Some(Vec::from(bytes))),
+            Err(e) => match self.classify("reading from", e) {
+                Failure::NotFound => Ok(None),
+                other => Err(other),
+            },
+        }
+    }
+
+    fn put(
+        &self,
+        path: ObjectPath,
+        bytes: Vec<u8>,
+        mode: PutMode,
+    ) -> Result<Option<String>, Failure> {
+        let objects = Arc::clone(&self.objects);
+        let result = self
+            .run(async move {
+                let options = PutOptions::from(mode);
+                objects
+                    .put_opts(&path, PutPayload::from(bytes), options)
+                    .await
+            })
+            .map_err(Failure::Outage)?;
+        result
+            .map(|put| put.e_tag)
+            .map_err(|e| self.classify("writing to", e))
+    }
+
+    fn head(&self, path: ObjectPath) -> Result<Option<ObjectMeta>, Failure> {
+        let objects = Arc::clone(&self.objects);
+        match self
+            .run(async move { objects.head(&path).await })
+            .map_err(Failure::Outage)?
+        {
+            Ok(meta) => Ok(Some(meta)),
+            Err(e) => match self.classify("reading from", e) {
+                Failure::NotFound => Ok(None),
+                other => Err(other),
+            },
+        }
+    }
+
+    /// Reads an entry, checked; `None` when absent or broken (a broken one is warned about).
+    fn read(&self, at: &EntryAddress<'_>) -> Result<Option<Vec<u8>>, Error> {
+        let path = self.entry_path(at)?;
+        let shown = self.display(&path);
+        let Some(mut bytes) = self
+            .get(path)
+            .map_err(|f| self.outage_of(f, "reading from"))?
+        else {
+            return Ok(None);
+        };
+        match self.check(&bytes, at.key) {
+            Ok(len) => {
+                bytes.truncate(len);
+                Ok(Some(bytes))
+            }
+            Err(reason) => {
+                crate::log::warn(&format!(
+                    "remote cache entry {} is not used: {reason}; treated as a miss",
+                    shown.display()
+                ));
+                Ok(None)
+            }
+        }
+    }
+
+    /// An outage as an error; the object states are not expected where this is used.
+    fn outage_of(&self, failure: Failure, action: &'static str) -> Error {
+        match failure {
+            Failure::Outage(error) => error,
+            Failure::NotFound => self.error(action, "not found"),
+            Failure::AlreadyExists => self.error(action, "already exists"),
+            Failure::Changed => self.error(action, "changed meanwhile"),
+        }
+    }
+
+    /// Stores an entry unless one is there; a broken one there is replaced.
+    fn write(&self, at: &EntryAddress<'_>, header: &[u8], payload: &[u8]) -> Result<(), Error> {
+        let path = self.entry_path(at)?;
+        let bytes = self.sealed(header, payload);
+        match self.put(path.clone(), bytes.clone(), PutMode::Create) {
+            Ok(_) => Ok(()),
+            Err(Failure::AlreadyExists) => {
+                // Another machine stored this key first: keep its entry, unless it is broken.
+                let present = self
+                    .get(path.clone())
+                    .map_err(|f| self.outage_of(f, "reading from"))?;
+                if present.is_some_and(|p| self.check(&p, at.key).is_ok()) {
+                    return Ok(());
+                }
+                self.put(path, bytes, PutMode::Overwrite)
+                    .map(drop)
+                    .map_err(|f| self.outage_of(f, "writing to"))
+            }
+            Err(failure) => Err(self.outage_of(failure, "writing to")),
+        }
+    }
+
+    fn save_source(&self, function: &str, version: &str, text: &str) -> Result<(), Error> {
+        let path = self.path(format!(
+            "{}/{SOURCE_FILE}",
+            Self::version_relative(function, version)
+        ))?;
+        match self.put(path, text.as_bytes().to_vec(), PutMode::Create) {
+            Ok(_) | Err(Failure::AlreadyExists) => Ok(()),
+            Err(failure) => Err(self.outage_of(failure, "writing to")),
+        }
+    }
+
+    fn lease_body(&self) -> Vec<u8> {
+        let expires = SystemTime::now() + self.lease;
+        let millis = expires
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis());
+        format!("owner={}\nexpires={millis}\n", self.owner).into_bytes()
+    }
+
+    /// Claims `at` across machines: a lease of this process's, or word that the value is stored
+    /// (or that `deadline` passed while another machine held the lease).
+    fn claim(
+        self: &Arc<Self>,
+        at: &EntryAddress<'_>,
+        deadline: Option<Instant>,
+    ) -> Result<Claim, Error> {
+        let lease_path = self.lease_path(at)?;
+        let entry_path = self.entry_path(at)?;
+        let mut pause = Duration::from_millis(20);
+        let mut waited = false;
+        loop {
+            match self.put(lease_path.clone(), self.lease_body(), PutMode::Create) {
+                Ok(tag) => return Ok(Claim::Leased(Lease::start(self, lease_path, tag), waited)),
+                Err(Failure::AlreadyExists) => {}
+                Err(failure) => return Err(self.outage_of(failure, "taking a lease in")),
+            }
+            waited = true;
+            if self
+                .head(entry_path.clone())
+                .map_err(|f| self.outage_of(f, "reading from"))?
+                .is_some()
+            {
+                return Ok(Claim::Stored);
+            }
+            let objects = Arc::clone(&self.objects);
+            let path = lease_path.clone();
+            let held = self.run(async move {
+                let got = objects.get(&path).await?;
+                let meta = got.meta.clone();
+                Ok::<_, object_store::Error>((got.bytes().await?, meta))
+            })?;
+            match held {
+                Ok((body, meta)) if lease_expired(&body) => {
+                    let update = PutMode::Update(UpdateVersion {
+                        e_tag: meta.e_tag,
+                        version: meta.version,
+                    });
+                    match self.put(lease_path.clone(), self.lease_body(), update) {
+                        Ok(tag) => {
+                            tracing::debug!(target: "memo", "took over the expired lease {lease_path}");
+                            return Ok(Claim::Leased(Lease::start(self, lease_path, tag), true));
+                        }
+                        // Another machine took it over, or its holder released it: look again.
+                        Err(Failure::Changed | Failure::NotFound) => continue,
+                        Err(failure) => return Err(self.outage_of(failure, "taking a lease in")),
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => match self.classify("reading from", e) {
+                    // Released meanwhile: try to take it at once.
+                    Failure::NotFound => continue,
+                    other => return Err(self.outage_of(other, "reading a lease in")),
+                },
+            }
+            if deadline.is_some_and(|d| Instant::now() + pause > d) {
+                return Ok(Claim::TimedOut);
+            }
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_millis(250));
+        }
+    }
+
+    /// Removes leases that expired more than `older_than` ago (their holders died).
+    fn clean_leases(
+        &self,
+        function: &str,
+        version: &str,
+        older_than: Duration,
+    ) -> Result<usize, Error> {
+        let prefix = self.path(Self::version_relative(function, version))?;
+        let objects = Arc::clone(&self.objects);
+        let metas =
+            self.run(async move { objects.list(Some(&prefix)).try_collect::<Vec<_>>().await })?;
+        let metas = metas.map_err(|e| self.error("listing", e))?;
+        let stale = SystemTime::now() - older_than.saturating_add(self.lease);
+        let mut removed = 0;
+        for meta in metas {
+            let modified = system_time(&meta);
+            if meta.location.as_ref().ends_with(LEASE_SUFFIX) && modified < stale {
+                let objects = Arc::clone(&self.objects);
+                if self
+                    .run(async move { objects.delete(&meta.location).await })?
+                    .is_ok()
+                {
+                    removed += 1;
+                }
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Every object below `prefix` (default: the whole cache).
+    fn list(&self, prefix: Option<ObjectPath>) -> Result<Vec<ObjectMeta>, Error> {
+        let objects = Arc::clone(&self.objects);
+        let prefix = prefix.unwrap_or_else(|| self.root.clone());
+        self.run(async move { objects.list(Some(&prefix)).try_collect::<Vec<_>>().await })?
+            .map_err(|e| self.error("listing", e))
+    }
+
+    /// The parts of an object's path below the root.
+    fn parts<'a>(&self, meta: &'a ObjectMeta) -> Vec<&'a str> {
+        let below = meta.location.as_ref();
+        below
+            .get(self.root.as_ref().len()..)
+            .unwrap_or("")
+            .trim_start_matches('/')
+            .split('/')
+            .collect()
+    }
+
+    fn delete_all(&self, prefix: ObjectPath) -> Result<(), Error> {
+        let metas = self.list(Some(prefix))?;
+        let objects = Arc::clone(&self.objects);
+        self.run(async move {
+            futures::stream::iter(metas)
+                .map(|meta| {
+                    let objects = Arc::clone(&objects);
+                    async move {
+                        match objects.delete(&meta.location).await {
+                            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+                            Err(e) => Err(e),
+                        }
+                    }
+                })
+                .buffer_unordered(CONCURRENT)
+                .try_collect::<Vec<()>>()
+                .await
+        })?
+        .map(drop)
+        .map_err(|e| self.error("removing from", e))
+    }
+
+    /// The first bytes of many objects, concurrently (in the order given).
+    fn heads_of(&self, paths: Vec<ObjectPath>, len: u64) -> Result<Vec<Option<Vec<u8>>>, Error> {
+        let objects = Arc::clone(&self.objects);
+        self.run(async move {
+            futures::stream::iter(paths)
+                .map(|path| {
+                    let objects = Arc::clone(&objects);
+                    async move {
+                        let got = if len == u64::MAX {
+                            match objects.get(&path).await {
+                                Ok(got) => got.bytes().await,
+                                Err(e) => Err(e),
+                            }
+                        } else {
+                            objects.get_range(&path, 0..len).await
+                        };
+                        got.ok().map(Vec::from)
+                    }
+                })
+                .buffered(CONCURRENT)
+                .collect::<Vec<_>>()
+                .await
+        })
+    }
+
+    fn entries(&self, function: &str, version: &str) -> Result<Vec<EntryInfo>, Error> {
+        let prefix = self.path(Self::version_relative(
+            plain_name(function)?,
+            plain_name(version)?,
+        ))?;
+        let metas: Vec<ObjectMeta> = self
+            .list(Some(prefix))?
+            .into_iter()
+            .filter(|m| self.parts(m).len() == 4 && decode_hex_key(self.parts(m)[3]).is_some())
+            .collect();
+        let headers = self.heads_of(
+            metas.iter().map(|m| m.location.clone()).collect(),
+            HEADER_LEN as u64,
+        )?;
+        let mut entries: Vec<EntryInfo> = metas
+            .iter()
+            .zip(headers)
+            .map(|(meta, header)| {
+                let decoded = header.and_then(|h| entry::decode_header(&h).ok());
+                EntryInfo {
+                    key: self.parts(meta)[3].to_owned(),
+                    path: self.display(&meta.location),
+                    created: decoded.map_or(UNIX_EPOCH, |h| h.created),
+                    last_used: system_time(meta),
+                    duration: decoded.map_or(Duration::ZERO, |h| h.duration),
+                    size: meta.size,
+                    readable: decoded.is_some(),
+                    preview: None,
+                }
+            })
+            .collect();
+        entries.sort_by(|a, b| b.last_used.cmp(&a.last_used).then(a.key.cmp(&b.key)));
+        Ok(entries)
+    }
+
+    fn versions(&self) -> Result<Vec<(String, String)>, Error> {
+        let mut versions: Vec<(String, String)> = Vec::new();
+        for meta in self.list(None)? {
+            let parts = self.parts(&meta);
+            if parts.len() >= 3 {
+                let pair = (parts[0].to_owned(), parts[1].to_owned());
+                if !versions.contains(&pair) {
+                    versions.push(pair);
+                }
+            }
+        }
+        Ok(versions)
+    }
+
+    fn source(&self, function: &str, version: &str) -> Result<String, Error> {
+        let path = self.path(format!(
+            "{}/{SOURCE_FILE}",
+            Self::version_relative(plain_name(function)?, plain_name(version)?)
+        ))?;
+        let shown = self.display(&path);
+        match self.get(path) {
+            Ok(Some(bytes)) => {
+                String::from_utf8(bytes).map_err(|e| self.error("reading a source text from", e))
+            }
+            Ok(None) => Err(self.error(
+                "reading from",
+                format!("{} does not exist", shown.display()),
+            )),
+            Err(failure) => Err(self.outage_of(failure, "reading from")),
+        }
+    }
+
+    fn verify(&self) -> Result<VerifyReport, Error> {
+        let mut report = VerifyReport::default();
+        let mut checked = Vec::new();
+        for meta in self.list(None)? {
+            let parts = self.parts(&meta);
+            let Some(name) = parts.last() else { continue };
+            if name.ends_with(LEASE_SUFFIX) {
+                report.lock_files += 1;
+            } else if parts.len() == 4 {
+                checked.push(meta.location.clone());
+            }
+        }
+        let contents = self.heads_of(checked.clone(), u64::MAX)?;
+        for (path, bytes) in checked.iter().zip(contents) {
+            let name = path.as_ref().rsplit('/').next().unwrap_or_default();
+            let verdict = match (decode_hex_key(name), bytes) {
+                (None, _) => Err("not an entry name".to_owned()),
+                (_, None) => Err("could not be read".to_owned()),
+                (Some(key), Some(bytes)) => self.check(&bytes, &key).map(drop),
+            };
+            match verdict {
+                Ok(()) => report.valid += 1,
+                Err(reason) => report.broken.push((self.display(path), reason)),
+            }
+        }
+        Ok(report)
+    }
+
+    fn listing(&self) -> Result<Vec<Listed>, Error> {
+        let mut listed: Vec<ListedVersion> = Vec::new();
+        for (function, version) in self.versions()? {
+            let entries = self.entries(&function, &version)?;
+            let source = self.source(&function, &version).ok();
+            listed.push((function, version, source, entries));
+        }
+        Ok(assemble_listing(listed))
+    }
+}
+
+fn system_time(meta: &ObjectMeta) -> SystemTime {
+    let millis = meta.last_modified.timestamp_millis();
+    u64::try_from(millis).map_or(UNIX_EPOCH, |ms| UNIX_EPOCH + Duration::from_millis(ms))
+}
+
+/// Whether a lease's expiry has passed (a lease that cannot be read counts as expired, so a
+/// damaged one never blocks its key).
+fn lease_expired(body: &[u8]) -> bool {
+    let expires = std::str::from_utf8(body).ok().and_then(|text| {
+        text.lines()
+            .find_map(|line| line.strip_prefix("expires="))
+            .and_then(|ms| ms.trim().parse::<u64>().ok())
+    });
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis());
+    expires.is_none_or(|ms| u128::from(ms) <= now)
+}
+
+enum Claim {
+    /// This process holds the key's lease (and whether another machine held it first).
+    Leased(Lease, bool),
+    /// The value is stored.
+    Stored,
+    /// The deadline passed while another machine held the lease.
+    TimedOut,
+}
+
+/// A lease on a key in the remote store, renewed in the background while held and removed when
+/// dropped.
+pub(crate) struct Lease {
+    remote: Arc<RemoteStore>,
+    path: ObjectPath,
+    tag: Arc<Mutex<Option<String>>>,
+    renewal: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl fmt::Debug for Lease {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Lease")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Lease {
+    fn start(remote: &Arc<RemoteStore>, path: ObjectPath, tag: Option<String>) -> Self {
+        let tag = Arc::new(Mutex::new(tag));
+        let renewal =
+            remote.runtime.as_ref().map(|runtime| {
+                let (objects, path, tag) =
+                    (Arc::clone(&remote.objects), path.clone(), Arc::clone(&tag));
+                let store = Arc::downgrade(remote);
+                let every = remote.lease / 3;
+                runtime.spawn(async move {
+                loop {
+                    tokio::time::sleep(every).await;
+                    let Some(store) = store.upgrade() else { return };
+                    let current = tag.lock().unwrap_or_else(PoisonError::into_inner).clone();
+                    let mode = PutMode::Update(UpdateVersion { e_tag: current, version: None });
+                    let body = PutPayload::from(store.lease_body());
+                    match objects.put_opts(&path, body, PutOptions::from(mode)).await {
+                        Ok(put) => *tag.lock().unwrap_or_else(PoisonError::into_inner) = put.e_tag,
+                        Err(error) => {
+                            // Taken over (this machine was unreachable for a whole lease) or
+                            // unreachable now: the computation goes on; its result is still
+                            // written with a conditional create.
+                            tracing::debug!(target: "memo", "renewing the lease {path}: {error}");
+                            return;
+                        }
+                    }
+                }
+            })
+            });
+        Lease {
+            remote: Arc::clone(remote),
+            path,
+            tag,
+            renewal,
+        }
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        if let Some(renewal) = self.renewal.take() {
+            renewal.abort();
+        }
+        // Removed only while it is still this process's (best effort: a lease left behind
+        // expires).
+        let (objects, path) = (Arc::clone(&self.remote.objects), self.path.clone());
+        let ours = self
+            .tag
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let _ = self.remote.run(async move {
+            let current = objects.head(&path).await.ok().and_then(|m| m.e_tag);
+            if current.is_some() && current == ours {
+                let _ = objects.delete(&path).await;
+            }
+        });
+    }
+}
+
+/// The local folder in front of a remote store: what [`Memory`](crate::Memory) uses for a
+/// remote cache. Values are read locally first and written to both; management (listing,
+/// verification, eviction by the inspector) works on the remote store, the shared one.
+#[derive(Debug)]
+pub(crate) struct Tiered {
+    pub(crate) local: DirStore,
+    remote: Arc<RemoteStore>,
+}
+
+impl Tiered {
+    /// Runs a remote operation unless the store is paused after a failure; a failure pauses it
+    /// and, unless strict, is tolerated (`None`).
+    fn remote<T>(
+        &self,
+        operation: impl FnOnce(&Arc<RemoteStore>) -> Result<T, Error>,
+    ) -> Result<Option<T>, Error> {
+        let strict = self.remote.strict.load(Ordering::Relaxed);
+        if !strict && !self.remote.usable() {
+            return Ok(None);
+        }
+        match operation(&self.remote) {
+            Ok(value) => {
+                *self
+                    .remote
+                    .down_until
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner) = None;
+                Ok(Some(value))
+            }
+            Err(error) => {
+                self.remote.outage(&error);
+                if strict {
+                    Err(error)
+                } else {
+                    Ok(None)
+                }
+            }
+        }
+    }
+}
+
+impl Store for Tiered {
+    fn describe(&self, at: &EntryAddress<'_>) -> PathBuf {
+        self.local.describe(at)
+    }
+
+    fn version_location(&self, function: &str, version: &str) -> PathBuf {
+        self.local.version_location(function, version)
+    }
+
+    fn read(&self, at: &EntryAddress<'_>) -> Result<Option<EntryBytes>, Error> {
+        if let Some(bytes) = self.local.read(at)? {
+            return Ok(Some(bytes));
+        }
+        let Some(Some(bytes)) = self.remote(|remote| remote.read(at))? else {
+            return Ok(None);
+        };
+        // Kept locally, so that the next hit is a local read.
+        let (header, payload) = bytes.split_at(HEADER_LEN);
+        if let Err(error) = self.local.write(at, header, payload) {
+            tracing::debug!(target: "memo", "keeping a remote entry locally: {error}");
+        }
+        Ok(Some(EntryBytes::Heap(bytes)))
+    }
+
+    fn write(&self, at: &EntryAddress<'_>, header: &[u8], payload: &[u8]) -> Result<(), Error> {
+        let local = self.local.write(at, header, payload);
+        self.remote(|remote| remote.write(at, header, payload))?;
+        local
+    }
+
+    fn touch(&self, at: &EntryAddress<'_>) {
+        self.local.touch(at);
+    }
+
+    fn save_preview(&self, at: &EntryAddress<'_>, preview: &str) -> Result<(), Error> {
+        self.local.save_preview(at, preview)
+    }
+
+    fn save_source(&self, function: &str, version: &str, text: &str) -> Result<(), Error> {
+        let local = self.local.save_source(function, version, text);
+        self.remote(|remote| remote.save_source(function, version, text))?;
+        local
+    }
+
+    fn lock(&self, at: &EntryAddress<'_>, timeout: Option<Duration>) -> Result<Acquired, Error> {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let Acquired::Lock { lock, waited } = self.local.lock(at, timeout)? else {
+            return Ok(Acquired::TimedOut);
+        };
+        let local = Box::new(lock);
+        match self.remote(|remote| remote.claim(at, deadline))? {
+            Some(Claim::Leased(lease, held_elsewhere)) => Ok(Acquired::Lock {
+                lock: KeyLock::Remote {
+                    local,
+                    lease: Some(lease),
+                },
+                waited: waited || held_elsewhere,
+            }),
+            Some(Claim::Stored) => Ok(Acquired::Lock {
+                lock: KeyLock::Remote { local, lease: None },
+                waited: true,
+            }),
+            Some(Claim::TimedOut) => Ok(Acquired::TimedOut),
+            // The remote store is unreachable: this machine computes on its own.
+            None => Ok(Acquired::Lock {
+                lock: KeyLock::Remote { local, lease: None },
+                waited,
+            }),
+        }
+    }
+
+    fn clean_version(
+        &self,
+        function: &str,
+        version: &str,
+        older_than: Duration,
+    ) -> Result<Cleanup, Error> {
+        let mut cleanup = self.local.clean_version(function, version, older_than)?;
+        if let Some(leases) =
+            self.remote(|remote| remote.clean_leases(function, version, older_than))?
+        {
+            cleanup.lock_files += leases;
+        }
+        Ok(cleanup)
+    }
+
+    fn verify(&self) -> Result<VerifyReport, Error> {
+        self.remote.verify()
+    }
+
+    fn versions(&self) -> Vec<(String, String)> {
+        self.remote.versions().unwrap_or_default()
+    }
+
+    fn listing(&self) -> Result<Vec<Listed>, Error> {
+        self.remote.listing()
+    }
+
+    fn source(&self, function: &str, version: &str) -> Result<String, Error> {
+        self.remote.source(function, version)
+    }
+
+    fn entries(&self, function: &str, version: &str) -> Result<Vec<EntryInfo>, Error> {
+        self.remote.entries(function, version)
+    }
+
+    fn clear_function(&self, function: &str) -> Result<(), Error> {
+        self.local.clear_function(function)?;
+        let prefix = self.remote.path(plain_name(function)?.to_owned())?;
+        self.remote.delete_all(prefix)
+    }
+
+    fn remove_version(&self, function: &str, version: &str) -> Result<(), Error> {
+        self.local.remove_version(function, version)?;
+        let prefix = self.remote.path(RemoteStore::version_relative(
+            plain_name(function)?,
+            plain_name(version)?,
+        ))?;
+        self.remote.delete_all(prefix)
+    }
+
+    fn clear(&self) -> Result<(), Error> {
+        self.local.clear()?;
+        self.remote.delete_all(self.remote.root.clone())
+    }
+
+    fn remove_entry(&self, path: &Path) -> Result<(), Error> {
+        let Some(object) = self.remote.object_of(path) else {
+            return self.local.remove_entry(path);
+        };
+        let objects = Arc::clone(&self.remote.objects);
+        match self
+            .remote
+            .run(async move { objects.delete(&object).await })?
+        {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(self.remote.error("removing from", e)),
+        }
+    }
+
+    fn remote_url(&self) -> Option<&str> {
+        Some(&self.remote.url)
+    }
+
+    fn set_strict(&self, strict: bool) {
+        self.remote.strict.store(strict, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn leases_expire_by_their_own_time_and_unreadable_ones_count_as_expired() {
+        let later = SystemTime::now() + Duration::from_secs(60);
+        let ms = later.duration_since(UNIX_EPOCH).unwrap().as_millis();
+        assert!(!lease_expired(
+            format!("owner=a\nexpires={ms}\n").as_bytes()
+        ));
+        assert!(lease_expired(b"owner=a\nexpires=1000\n"));
+        assert!(lease_expired(b"garbage"));
+    }
+}

@@ -1,0 +1,407 @@
+//! One cache shared by many "machines" through a real S3 server on loopback: `moto_server`
+//! (`pip install 'moto[server]==5.2.5'`; `.ci/run` installs it), started by each test on a port
+//! of its own and stopped when the test ends. Each machine is a child process (this test binary
+//! running `child_machine`) with a local folder of its own, so the only thing they share is the
+//! server: what one computed, the others read from it.
+
+#![cfg(feature = "remote")]
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::LazyLock;
+use std::time::{Duration, Instant};
+
+use common::{append_line, child_test, entry_files, fresh_dir};
+use memo::prelude::*;
+
+const BUCKET: &str = "memo-test";
+/// What the child computes and where it counts: set by the parent.
+const KEYS: &str = "MEMO_TEST_KEYS";
+const COUNTER: &str = "MEMO_TEST_COUNTER";
+const SLEEP_MS: &str = "MEMO_TEST_SLEEP_MS";
+const STRICT: &str = "MEMO_TEST_STRICT";
+/// Makes the child return wrong values: an attacker planting results.
+const WRONG: &str = "MEMO_TEST_WRONG";
+
+/// A moto S3 server on a free loopback port, stopped when dropped.
+struct Moto {
+    child: std::sync::Mutex<Option<Child>>,
+    port: u16,
+}
+
+impl Moto {
+    fn start() -> Moto {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new("moto_server")
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot start moto_server ({e}): install it with \
+                     `pip install 'moto[server]==5.2.5'` (.ci/run does)"
+                )
+            });
+        let moto = Moto {
+            child: std::sync::Mutex::new(Some(child)),
+            port,
+        };
+        let started = Instant::now();
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "moto_server did not listen on port {port} within 30 s"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        moto.create_bucket();
+        moto
+    }
+
+    /// `PUT /<bucket>`: moto accepts it without a signature.
+    fn create_bucket(&self) {
+        let mut stream = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
+        write!(
+            stream,
+            "PUT /{BUCKET} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            self.port
+        )
+        .unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).unwrap();
+        assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    }
+
+    fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    fn stop(&self) {
+        if let Some(mut child) = self.child.lock().unwrap().take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The cache of the child: the environment's, strict when asked.
+static CHILD_MEMORY: LazyLock<Memory> = LazyLock::new(|| {
+    let memory = Memory::from_env();
+    let strict = std::env::var_os(STRICT).is_some();
+    memory.strict(strict)
+});
+
+#[cached(memory = CHILD_MEMORY)]
+fn square_slowly(x: u64) -> u64 {
+    if let Some(counter) = std::env::var_os(COUNTER) {
+        append_line(Path::new(&counter), &format!("computed {x}"));
+    }
+    let sleep: u64 = std::env::var(SLEEP_MS)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    std::thread::sleep(Duration::from_millis(sleep));
+    if std::env::var_os(WRONG).is_some() {
+        return x * x + 1;
+    }
+    x * x
+}
+
+/// Not a test of its own: one machine, run by the tests below as a child process. Prints one
+/// `value x=y` line per key of `MEMO_TEST_KEYS` (comma-separated).
+#[test]
+#[ignore = "run by the other tests of this file as a child process"]
+fn child_machine() {
+    let keys = std::env::var(KEYS).expect("keys");
+    for key in keys.split(',').filter(|k| !k.is_empty()) {
+        let x: u64 = key.parse().unwrap();
+        println!("value {x}={}", square_slowly(x));
+    }
+    let stats = CHILD_MEMORY.stats();
+    println!("misses={} hits={}", stats.misses, stats.hits);
+}
+
+/// A machine: its own local folder, the shared server and prefix.
+struct Machine<'a> {
+    moto: &'a Moto,
+    prefix: &'a str,
+    local: PathBuf,
+    counter: PathBuf,
+    env: Vec<(&'static str, String)>,
+}
+
+impl<'a> Machine<'a> {
+    fn new(moto: &'a Moto, prefix: &'a str, dir: &Path, name: &str) -> Self {
+        Machine {
+            moto,
+            prefix,
+            local: dir.join(name),
+            counter: dir.join("counter"),
+            env: Vec::new(),
+        }
+    }
+
+    fn with(mut self, name: &'static str, value: impl Into<String>) -> Self {
+        self.env.push((name, value.into()));
+        self
+    }
+
+    fn command(&self, keys: &[u64]) -> Command {
+        let mut command = child_test("child_machine");
+        let keys: Vec<String> = keys.iter().map(u64::to_string).collect();
+        command
+            .env("MEMO_DIR", format!("s3://{BUCKET}/{}", self.prefix))
+            .env("MEMO_LOCAL_DIR", &self.local)
+            .env("AWS_ENDPOINT", self.moto.endpoint())
+            .env("AWS_ALLOW_HTTP", "true")
+            .env("AWS_ACCESS_KEY_ID", "test")
+            .env("AWS_SECRET_ACCESS_KEY", "test")
+            .env("AWS_REGION", "us-east-1")
+            .env_remove("MEMO_SECRET")
+            .env_remove("MEMO_SHARD")
+            .env(KEYS, keys.join(","))
+            .env(COUNTER, &self.counter)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for (name, value) in &self.env {
+            command.env(name, value);
+        }
+        command
+    }
+
+    fn run(&self, keys: &[u64]) -> Output {
+        let output = self.command(keys).output().unwrap();
+        assert!(
+            output.status.success(),
+            "machine failed:\n{}",
+            text(&output)
+        );
+        output
+    }
+
+    fn spawn(&self, keys: &[u64]) -> Child {
+        self.command(keys).spawn().unwrap()
+    }
+}
+
+fn text(output: &Output) -> String {
+    format!(
+        "{}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+/// The `value x=y` lines of a machine's output.
+fn values(output: &Output) -> BTreeMap<u64, u64> {
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter_map(|line| {
+            let (x, y) = line.strip_prefix("value ")?.split_once('=')?;
+            Some((x.parse().ok()?, y.parse().ok()?))
+        })
+        .collect()
+}
+
+fn right(keys: &[u64]) -> BTreeMap<u64, u64> {
+    keys.iter().map(|&x| (x, x * x)).collect()
+}
+
+/// How many times each key was computed, by all machines.
+fn computations(counter: &Path) -> BTreeMap<u64, usize> {
+    let mut counts = BTreeMap::new();
+    for line in std::fs::read_to_string(counter).unwrap_or_default().lines() {
+        let x: u64 = line.strip_prefix("computed ").unwrap().parse().unwrap();
+        *counts.entry(x).or_default() += 1;
+    }
+    counts
+}
+
+#[test]
+fn machines_compute_each_key_once_and_share_the_results() {
+    let moto = Moto::start();
+    let dir = fresh_dir("remote-once");
+    let keys: Vec<u64> = (0..8).collect();
+    // Four machines at once, each asking for every key, in different orders.
+    let children: Vec<(Child, Machine)> = (0..4)
+        .map(|m| {
+            let machine = Machine::new(&moto, "once", &dir, &format!("m{m}"))
+                .with(SLEEP_MS, "150")
+                .with("MEMO_LEASE", "5");
+            let mut order = keys.clone();
+            order.rotate_left(m * 2);
+            (machine.spawn(&order), machine)
+        })
+        .collect();
+    for (child, _) in children {
+        let output = child.wait_with_output().unwrap();
+        assert!(output.status.success(), "{}", text(&output));
+        assert_eq!(values(&output), right(&keys), "{}", text(&output));
+    }
+    let counts = computations(&dir.join("counter"));
+    assert_eq!(
+        counts,
+        keys.iter().map(|&k| (k, 1)).collect(),
+        "every key computed exactly once over all machines"
+    );
+    // A new machine computes nothing: every value comes from the server, and is then kept in its
+    // local folder.
+    let late = Machine::new(&moto, "once", &dir, "late");
+    let output = late.run(&keys);
+    assert_eq!(values(&output), right(&keys));
+    assert!(
+        text(&output).contains("misses=0 hits=8"),
+        "{}",
+        text(&output)
+    );
+    assert_eq!(entry_files(&late.local).len(), keys.len());
+    assert_eq!(
+        computations(&dir.join("counter")).values().sum::<usize>(),
+        8
+    );
+}
+
+#[test]
+fn a_lease_is_renewed_while_its_holder_computes() {
+    let moto = Moto::start();
+    let dir = fresh_dir("remote-renewed");
+    // The holder computes for 3 s with a 0.6 s lease: only renewals keep the lease.
+    let holder = Machine::new(&moto, "renewed", &dir, "holder")
+        .with(SLEEP_MS, "3000")
+        .with("MEMO_LEASE", "0.6");
+    let first = holder.spawn(&[7]);
+    wait_for_computations(&dir.join("counter"), 1);
+    let waiter = Machine::new(&moto, "renewed", &dir, "waiter").with("MEMO_LEASE", "0.6");
+    let output = waiter.run(&[7]);
+    assert_eq!(values(&output), right(&[7]));
+    let first = first.wait_with_output().unwrap();
+    assert!(first.status.success(), "{}", text(&first));
+    assert_eq!(
+        computations(&dir.join("counter")),
+        BTreeMap::from([(7, 1)]),
+        "the waiter must wait for the value, not take the lease over"
+    );
+}
+
+#[test]
+fn the_lease_of_a_killed_machine_is_taken_over_after_it_expires() {
+    let moto = Moto::start();
+    let dir = fresh_dir("remote-killed");
+    let doomed = Machine::new(&moto, "killed", &dir, "doomed")
+        .with(SLEEP_MS, "600000")
+        .with("MEMO_LEASE", "1");
+    let mut child = doomed.spawn(&[9]);
+    wait_for_computations(&dir.join("counter"), 1);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let started = Instant::now();
+    let survivor = Machine::new(&moto, "killed", &dir, "survivor").with("MEMO_LEASE", "1");
+    let output = survivor.run(&[9]);
+    assert_eq!(values(&output), right(&[9]));
+    assert_eq!(computations(&dir.join("counter")), BTreeMap::from([(9, 2)]));
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "took {:?}: the expired lease must not block the key",
+        started.elapsed()
+    );
+}
+
+#[test]
+fn a_server_stopped_mid_run_leaves_the_program_finishing_with_right_values() {
+    let moto = Moto::start();
+    let dir = fresh_dir("remote-stopped");
+    let keys: Vec<u64> = (0..10).collect();
+    let machine = Machine::new(&moto, "stopped", &dir, "m").with(SLEEP_MS, "200");
+    let child = machine.spawn(&keys);
+    wait_for_computations(&dir.join("counter"), 3);
+    moto.stop();
+    let output = child.wait_with_output().unwrap();
+    assert!(output.status.success(), "{}", text(&output));
+    assert_eq!(values(&output), right(&keys));
+    assert!(
+        text(&output).contains("caching in the local folder only"),
+        "one warning says the remote store is gone:\n{}",
+        text(&output)
+    );
+    // What was computed is in the local folder.
+    assert_eq!(entry_files(&machine.local).len(), keys.len());
+}
+
+#[test]
+fn strict_mode_makes_an_unreachable_server_an_error() {
+    let moto = Moto::start();
+    moto.stop();
+    let dir = fresh_dir("remote-strict");
+    let machine = Machine::new(&moto, "strict", &dir, "m").with(STRICT, "1");
+    let output = machine.command(&[3]).output().unwrap();
+    assert!(!output.status.success(), "{}", text(&output));
+    assert!(
+        text(&output).contains("the remote cache s3://memo-test/strict"),
+        "{}",
+        text(&output)
+    );
+    // Without strict mode the same machine computes, with a warning.
+    let lenient = Machine::new(&moto, "strict", &dir, "lenient");
+    let output = lenient.run(&[3]);
+    assert_eq!(values(&output), right(&[3]));
+    assert!(text(&output).contains("caching in the local folder only"));
+}
+
+#[test]
+fn a_secret_keeps_results_planted_without_it_out() {
+    let moto = Moto::start();
+    let dir = fresh_dir("remote-secret");
+    // Someone with write access but no secret stores wrong values.
+    let attacker = Machine::new(&moto, "secret", &dir, "attacker").with(WRONG, "1");
+    assert_eq!(
+        values(&attacker.run(&[4, 5])),
+        BTreeMap::from([(4, 17), (5, 26)])
+    );
+    // A machine with the secret does not use them: it computes the right ones and replaces them.
+    let first = Machine::new(&moto, "secret", &dir, "first").with("MEMO_SECRET", "s3cr3t");
+    let output = first.run(&[4, 5]);
+    assert_eq!(values(&output), right(&[4, 5]));
+    assert!(text(&output).contains("MAC"), "{}", text(&output));
+    assert_eq!(
+        computations(&dir.join("counter")),
+        BTreeMap::from([(4, 2), (5, 2)])
+    );
+    // Another machine with the secret reads those from the server.
+    let second = Machine::new(&moto, "secret", &dir, "second").with("MEMO_SECRET", "s3cr3t");
+    let output = second.run(&[4, 5]);
+    assert_eq!(values(&output), right(&[4, 5]));
+    assert!(text(&output).contains("misses=0"), "{}", text(&output));
+    // One with another secret does not.
+    let other = Machine::new(&moto, "secret", &dir, "other").with("MEMO_SECRET", "other");
+    let output = other.run(&[4]);
+    assert_eq!(values(&output), right(&[4]));
+    assert!(text(&output).contains("misses=1"), "{}", text(&output));
+}
+
+/// Waits until the machines have started `n` computations.
+fn wait_for_computations(counter: &Path, n: usize) {
+    let started = Instant::now();
+    while computations(counter).values().sum::<usize>() < n {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "no computation started"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
