@@ -12,7 +12,8 @@
 //! cargo run --example inspect -- clear [my_function]   # remove (asks first, unless --yes)
 //! ```
 //!
-//! Every command takes `--dir DIR` (default: `MEMO_DIR`, else memo's default location) and
+//! Every command takes `--dir DIR` (default: `MEMO_DIR`, else memo's default location; built with
+//! the `remote` feature, a URL such as `s3://bucket/prefix` inspects a shared remote cache) and
 //! `--json` for scripts. A function is named by its full name as `ls` shows it
 //! (`crate.module.function`) or by any unambiguous end of it (`function`, `module.function`).
 //! A thin shell over `memo::Memory`'s inventory API: it has no logic of its own.
@@ -30,7 +31,7 @@ use memo::{FunctionInfo, Memory, VersionInfo};
 #[derive(Parser)]
 #[command(name = "inspect", about = "Shows what a memo cache holds")]
 struct Cli {
-    /// The cache folder (default: MEMO_DIR, else memo's default location).
+    /// The cache folder, or a remote cache's URL (default: MEMO_DIR, else memo's default location).
     #[arg(long, global = true)]
     dir: Option<PathBuf>,
     /// Print JSON instead of tables.
@@ -155,9 +156,19 @@ fn run(cli: &Cli) -> Result<(), Failure> {
 /// The cache in `dir`, or the one the environment names; an error when it is not a memo cache.
 fn open(dir: Option<PathBuf>) -> Result<Memory, Failure> {
     let memory = match dir {
-        Some(dir) => Memory::new(dir),
-        None => Memory::from_env(),
+        Some(dir) => Memory::at(&dir.to_string_lossy())?,
+        None => {
+            let memory = Memory::from_env();
+            match std::env::var(memo::MEMO_DIR) {
+                // A remote MEMO_DIR that cannot be opened is an error here, not the default folder.
+                Ok(url) if url.contains("://") && memory.is_enabled() => Memory::at(&url)?,
+                _ => memory,
+            }
+        }
     };
+    if memory.remote_url().is_some() {
+        return Ok(memory);
+    }
     let Some(location) = memory.location() else {
         return Err(
             "caching is disabled (MEMO_DISABLE is set): there is no cache to inspect".into(),
@@ -344,6 +355,7 @@ fn stats(memory: &Memory, json: bool) -> Result<(), Failure> {
     let compute: Duration = functions.iter().map(FunctionInfo::compute_time).sum();
     if json {
         let totals = serde_json::json!({
+            "cache": memory.remote_url().map(str::to_owned).or_else(|| memory.location().map(|p| p.display().to_string())),
             "functions": functions.len(),
             "versions": versions,
             "entries": entries,
@@ -353,10 +365,13 @@ fn stats(memory: &Memory, json: bool) -> Result<(), Failure> {
         println!("{}", serde_json::to_string_pretty(&totals)?);
         return Ok(());
     }
-    let location = memory
-        .location()
-        .map(|p| p.display().to_string())
-        .unwrap_or_default();
+    let location = match memory.remote_url() {
+        Some(url) => url.to_owned(),
+        None => memory
+            .location()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default(),
+    };
     println!("cache:          {location}");
     println!("functions:      {}", functions.len());
     println!("versions:       {versions}");

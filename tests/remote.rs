@@ -394,6 +394,118 @@ fn a_secret_keeps_results_planted_without_it_out() {
     assert!(text(&output).contains("misses=1"), "{}", text(&output));
 }
 
+/// The inspector binary, built with the examples by `cargo test`.
+fn inspector() -> PathBuf {
+    let debug = std::env::current_exe()
+        .unwrap()
+        .parent()
+        .and_then(Path::parent)
+        .unwrap()
+        .to_path_buf();
+    let binary = debug
+        .join("examples")
+        .join(format!("inspect{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        binary.exists(),
+        "{} is missing: `cargo test --features remote` builds the examples",
+        binary.display()
+    );
+    binary
+}
+
+/// Runs the inspector on the server's `prefix` and parses its `--json` output.
+fn inspect(moto: &Moto, prefix: &str, args: &[&str]) -> serde_json::Value {
+    let output = Command::new(inspector())
+        .args(args)
+        .args(["--dir", &format!("s3://{BUCKET}/{prefix}"), "--json"])
+        .env_remove("MEMO_DIR")
+        .env("MEMO_LOCAL_DIR", fresh_dir("remote-inspector"))
+        .env("AWS_ENDPOINT", moto.endpoint())
+        .env("AWS_ALLOW_HTTP", "true")
+        .env("AWS_ACCESS_KEY_ID", "test")
+        .env("AWS_SECRET_ACCESS_KEY", "test")
+        .env("AWS_REGION", "us-east-1")
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "inspect {args:?}:\n{}",
+        text(&output)
+    );
+    serde_json::from_slice(&output.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&output)))
+}
+
+/// Overwrites an object on the server with other bytes, with a signed PUT by boto3 (which
+/// `moto[server]` depends on).
+fn overwrite_object(moto: &Moto, url: &str, bytes: &[u8]) {
+    let (bucket, key) = url.strip_prefix("s3://").unwrap().split_once('/').unwrap();
+    let script = "import sys, boto3\n\
+        s3 = boto3.client('s3', endpoint_url=sys.argv[1], aws_access_key_id='test', \
+        aws_secret_access_key='test', region_name='us-east-1')\n\
+        s3.put_object(Bucket=sys.argv[2], Key=sys.argv[3], Body=sys.stdin.buffer.read())\n";
+    let mut child = Command::new("python3")
+        .args(["-c", script, &moto.endpoint(), bucket, key])
+        .stdin(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(bytes).unwrap();
+    assert!(child.wait().unwrap().success(), "boto3 put_object failed");
+}
+
+#[test]
+fn the_inspector_lists_verifies_and_evicts_a_remote_cache() {
+    let moto = Moto::start();
+    let dir = fresh_dir("remote-inspect");
+    let machine = Machine::new(&moto, "insp", &dir, "m");
+    machine.run(&[1, 2, 3, 4]);
+
+    let ls = inspect(&moto, "insp", &["ls"]);
+    let functions = ls.as_array().unwrap();
+    assert_eq!(functions.len(), 1, "{ls}");
+    assert!(functions[0]["name"]
+        .as_str()
+        .unwrap()
+        .ends_with("remote.square_slowly"));
+    assert_eq!(functions[0]["versions"][0]["entries"], 4);
+    assert!(
+        functions[0]["versions"][0]["full_version"].is_string(),
+        "{ls}"
+    );
+
+    let stats = inspect(&moto, "insp", &["stats"]);
+    assert_eq!(stats["entries"], 4);
+    assert_eq!(stats["cache"], format!("s3://{BUCKET}/insp"));
+
+    let show = inspect(&moto, "insp", &["show", "square_slowly"]);
+    let entries = show["latest_entries"].as_array().unwrap();
+    assert_eq!(entries.len(), 4);
+    assert!(entries.iter().all(|e| e["readable"] == true), "{show}");
+
+    // A damaged object on the server: reported, removed, recomputed by the next machine.
+    let damaged = entries[0]["path"].as_str().unwrap().to_owned();
+    overwrite_object(&moto, &damaged, b"not an entry at all, but long enough to be looked at: ........................................");
+    let verify = inspect(&moto, "insp", &["verify"]);
+    assert_eq!(verify["valid"], 3, "{verify}");
+    assert_eq!(verify["broken"][0]["path"], damaged.as_str());
+    assert_eq!(inspect(&moto, "insp", &["verify", "--fix"])["removed"], 1);
+    assert_eq!(inspect(&moto, "insp", &["verify"])["valid"], 3);
+    let fresh = Machine::new(&moto, "insp", &dir, "fresh");
+    let output = fresh.run(&[1, 2, 3, 4]);
+    assert_eq!(values(&output), right(&[1, 2, 3, 4]));
+    assert!(
+        text(&output).contains("misses=1 hits=3"),
+        "{}",
+        text(&output)
+    );
+
+    // Eviction on the server, then clearing it.
+    let gc = inspect(&moto, "insp", &["gc", "--max-items", "2"]);
+    assert_eq!(gc["kept_entries"], 2, "{gc}");
+    assert_eq!(inspect(&moto, "insp", &["stats"])["entries"], 2);
+    inspect(&moto, "insp", &["clear", "--yes"]);
+    assert_eq!(inspect(&moto, "insp", &["stats"])["entries"], 0);
+}
+
 /// Waits until the machines have started `n` computations.
 fn wait_for_computations(counter: &Path, n: usize) {
     let started = Instant::now();

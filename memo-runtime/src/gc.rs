@@ -353,7 +353,11 @@ pub(crate) fn reduce_size(
         }
     }
     if !log.is_empty() {
+        // With a remote store, evictions are logged in the local folder of the machine that
+        // evicted, which may have stored nothing yet.
         let path = location.join(LAYOUT_DIR).join(EVICTION_LOG);
+        std::fs::create_dir_all(location.join(LAYOUT_DIR))
+            .map_err(|e| Error::io("creating the folder of the eviction log", &path, e))?;
         OpenOptions::new()
             .create(true)
             .append(true)
