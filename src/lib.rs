@@ -73,6 +73,7 @@ pub use memo_macros::track;
 pub use memo_runtime::{
     Array, AsMemory, CacheKey, Cleanup, EntryInfo, EntryMeta, Error, FunctionInfo, Memory, Stats,
     VerifyReport, VersionInfo, DEFAULT_LOCK_TIMEOUT, DEFAULT_MEMORY_TIER, MEMO_DIR, MEMO_DISABLE,
+    MEMO_SHARD,
 };
 
 /// Size control: [`Memory::reduce_size`] with [`gc::Limits`], and what it reports.
@@ -108,7 +109,7 @@ pub mod format {
 /// What most programs need: `use memo::prelude::*;`.
 pub mod prelude {
     pub use crate::cached;
-    pub use crate::par_map::{ParCachedMap, ParCachedMapSlice};
+    pub use crate::par_map::{ParCachedMap, ParCachedMapSlice, Shard};
     pub use crate::track;
     pub use crate::Memory;
 }

@@ -200,7 +200,7 @@ fn a_shard_whose_others_have_not_run_returns_an_error_naming_what_they_left() {
         .try_collect()
         .unwrap_err();
     assert!(error.awaits_other_shards());
-    assert!(error.failures.is_empty() && error.shard_error.is_none());
+    assert!(error.failures.is_empty() && error.shard_error().is_none());
     assert_eq!(error.shard, Some(second));
     let left = error.left_to_other_shards.clone();
     assert!(!left.is_empty() && left.len() < 30, "{left:?}");
@@ -441,7 +441,10 @@ fn report(outcome: Result<MapOutcome<u64>, MapError<u64, u64>>) {
             "computed={} from_cache={} left={} results={:?}",
             outcome.computed, outcome.from_cache, outcome.left_to_other_shards, outcome.results
         ),
-        Err(error) => println!("error={error}\nshard_error={}", error.shard_error.is_some()),
+        Err(error) => println!(
+            "error={error}\nshard_error={}",
+            error.shard_error().is_some()
+        ),
     }
 }
 
@@ -450,7 +453,11 @@ fn report(outcome: Result<MapOutcome<u64>, MapError<u64, u64>>) {
 #[ignore = "run by the other tests of this file as a child process"]
 fn shard_child() {
     println!("from_env={:?}", Shard::from_env());
-    let map = (0..ITEMS).par_cached_map(job_item).jobs(2).progress(false);
+    let map = (0..ITEMS)
+        .par_cached_map(job_item)
+        .jobs(2)
+        .progress(false)
+        .summary(true);
     match std::env::var(MODE).as_deref() {
         Ok("collect") => {
             let results: Vec<u64> = map.collect();
@@ -567,6 +574,7 @@ fn four_processes_share_the_misses_then_a_fifth_gathers_the_results() {
         let output = child(&cache2, &counter2, Some(&memo_shard), "run")
             .output()
             .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
         let stdout = stdout_of(output);
         let share = computed_items(&counter2, Some(&memo_shard));
         assert_eq!(
@@ -578,6 +586,16 @@ fn four_processes_share_the_misses_then_a_fifth_gathers_the_results() {
         assert_eq!(number(&stdout, "from_cache"), done, "{stdout}");
         done += share.len();
         assert_eq!(number(&stdout, "left"), ITEMS as usize - done, "{stdout}");
+        let summary = format!(
+            "memo: shard {i}/4: {ITEMS} items: {} loaded from cache, {} computed{} in ",
+            done - share.len(),
+            share.len(),
+            match ITEMS as usize - done {
+                0 => String::new(),
+                left => format!(", {left} left to other shards"),
+            }
+        );
+        assert!(stderr.contains(&summary), "{summary}\n{stderr}");
     }
     assert_eq!(done, ITEMS as usize);
 

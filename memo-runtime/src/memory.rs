@@ -161,8 +161,8 @@ impl Memory {
     }
 
     /// The cache at `location`: a folder, or with the `remote` feature a URL such as
-    /// `s3://bucket/prefix` (then configured by [`RemoteConfig::from_env`](crate::remote)); an
-    /// error names what is wrong with a URL.
+    /// `s3://bucket/prefix` (then configured by `remote::RemoteConfig::from_env`); an error
+    /// names what is wrong with a URL.
     ///
     /// ```
     /// let memory = memo_runtime::Memory::at("/tmp/my-project-cache").unwrap();
@@ -666,5 +666,28 @@ impl<T: AsMemory + ?Sized> AsMemory for Box<T> {
 impl<T: AsMemory, F: FnOnce() -> T> AsMemory for std::sync::LazyLock<T, F> {
     fn as_memory(&self) -> &Memory {
         std::sync::LazyLock::force(self).as_memory()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_are_told_from_folders() {
+        assert!(is_url("s3://bucket/prefix"));
+        assert!(is_url("gs://bucket"));
+        assert!(!is_url("/tmp/cache"));
+        assert!(!is_url("relative/dir"));
+        assert!(!is_url("://nothing"));
+        assert!(!is_url("C:\\Users\\me\\cache"));
+        assert!(!is_url("odd dir/x://y"));
+    }
+
+    #[cfg(not(feature = "remote"))]
+    #[test]
+    fn a_url_without_the_remote_feature_is_a_clear_error() {
+        let error = Memory::at("s3://bucket/prefix").unwrap_err().to_string();
+        assert!(error.contains("`remote` feature"), "{error}");
     }
 }

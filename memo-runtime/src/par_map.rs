@@ -362,12 +362,18 @@ pub struct MapError<T, R> {
     pub left_to_other_shards: Vec<usize>,
     /// The shard the map ran as, if any.
     pub shard: Option<Shard>,
-    /// Set when [`MEMO_SHARD`] is invalid: then nothing was looked up or computed, and every
-    /// `partial` entry is `None`.
-    pub shard_error: Option<ShardError>,
+    /// Why [`MEMO_SHARD`] is invalid, if it is; see [`MapError::shard_error`]. (Boxed: a rare
+    /// case, kept out of the size of every `Result` that carries a `MapError`.)
+    shard_error: Option<Box<ShardError>>,
 }
 
 impl<T, R> MapError<T, R> {
+    /// Why [`MEMO_SHARD`] is invalid, when that is the error: then nothing was looked up or
+    /// computed, and every `partial` entry is `None`.
+    pub fn shard_error(&self) -> Option<&ShardError> {
+        self.shard_error.as_deref()
+    }
+
     /// Whether this shard's share is done: no item failed, and the only results missing belong
     /// to other shards. A job of a job array can then exit successfully.
     pub fn awaits_other_shards(&self) -> bool {
@@ -682,7 +688,7 @@ where
                         .collect(),
                     left_to_other_shards: Vec::new(),
                     shard: None,
-                    shard_error: Some(error),
+                    shard_error: Some(Box::new(error)),
                 })
             }
         };

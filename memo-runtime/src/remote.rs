@@ -1243,6 +1243,92 @@ impl Store for Tiered {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::key::CacheKey;
+
+    /// A store that is never reached: building one makes no request.
+    fn store(secret: Option<&str>) -> RemoteStore {
+        let mut config = RemoteConfig::new("s3://bucket/prefix/")
+            .option("aws_region", "us-east-1")
+            .option("aws_access_key_id", "id")
+            .option("aws_secret_access_key", "key")
+            .option("aws_endpoint", "http://127.0.0.1:9");
+        if let Some(secret) = secret {
+            config = config.secret(secret);
+        }
+        RemoteStore::open(config).unwrap()
+    }
+
+    #[test]
+    fn entries_are_checked_and_authenticated_by_the_secret() {
+        let key = CacheKey::from_bytes([7; 32]);
+        let payload = b"value";
+        let header = entry::encode_header(&key, SystemTime::now(), Duration::ZERO, payload);
+        let (plain, signed, other) = (store(None), store(Some("secret")), store(Some("other")));
+        let entry_len = HEADER_LEN + payload.len();
+
+        let sealed = signed.sealed(&header, payload);
+        assert_eq!(sealed.len(), entry_len + MAC_LEN);
+        assert_eq!(signed.check(&sealed, &key), Ok(entry_len));
+        // Without a secret the MAC cannot be checked; the checksum still is.
+        assert_eq!(plain.check(&sealed, &key), Ok(entry_len));
+        assert!(other
+            .check(&sealed, &key)
+            .unwrap_err()
+            .contains("MAC is wrong"));
+
+        let unsigned = plain.sealed(&header, payload);
+        assert_eq!(unsigned.len(), entry_len);
+        assert_eq!(plain.check(&unsigned, &key), Ok(entry_len));
+        assert!(signed
+            .check(&unsigned, &key)
+            .unwrap_err()
+            .contains("no MAC"));
+
+        let mut tampered = sealed.clone();
+        tampered[HEADER_LEN] ^= 1;
+        assert!(signed.check(&tampered, &key).unwrap_err().contains("MAC"));
+        assert!(
+            plain.check(&tampered, &key).is_err(),
+            "the checksum catches it"
+        );
+        let other_key = CacheKey::from_bytes([8; 32]);
+        assert!(signed.check(&sealed, &other_key).is_err());
+        assert!(plain.check(&sealed[..sealed.len() - 3], &key).is_err());
+        assert!(plain.check(&sealed[..10], &key).is_err());
+    }
+
+    #[test]
+    fn bad_locations_and_settings_are_named() {
+        let error = |config: RemoteConfig| RemoteStore::open(config).unwrap_err().to_string();
+        assert!(error(RemoteConfig::new("s3:///prefix")).contains("names no bucket"));
+        assert!(error(RemoteConfig::new("bucket/prefix")).contains("is not a URL"));
+        assert!(error(RemoteConfig::new("ftp://host/dir")).contains("no remote store for `ftp://`"));
+        let unknown = RemoteConfig::new("s3://bucket").option("no_such_setting", "1");
+        assert!(error(unknown).contains("no_such_setting"));
+    }
+
+    #[test]
+    fn shown_names_lead_back_to_their_objects() {
+        let remote = store(None);
+        let key = CacheKey::from_bytes([0xab; 32]);
+        let at = EntryAddress {
+            function: "my_crate.f",
+            version: "0123456789abcdef0123",
+            key: &key,
+        };
+        let path = remote.entry_path(&at).unwrap();
+        let shown = remote.display(&path);
+        let hex = key.to_hex();
+        assert_eq!(
+            shown,
+            PathBuf::from(format!(
+                "s3://bucket/prefix/v1/my_crate.f/0123456789abcdef/ab/{hex}"
+            ))
+        );
+        assert_eq!(remote.object_of(&shown), Some(path));
+        assert_eq!(remote.object_of(Path::new("/tmp/v1/my_crate.f")), None);
+        assert!(remote.lease_path(&at).unwrap().as_ref().ends_with(".lease"));
+    }
 
     #[test]
     fn leases_expire_by_their_own_time_and_unreadable_ones_count_as_expired() {
