@@ -213,9 +213,16 @@ fn writers_killed_at_random_points_leave_only_valid_entries() {
             // At a random moment: computing, encoding, locking, writing or renaming.
             thread::sleep(Duration::from_millis(20 + random.next(80)));
         } else {
-            // As soon as a new write is under way.
+            // Amid a stream of writes: as soon as this writer has stored one entry (on Linux a
+            // write in progress is an unnamed O_TMPFILE file, invisible until it is linked, so
+            // the next write is already under way). Elsewhere, as soon as a temporary file
+            // appears.
             let deadline = Instant::now() + Duration::from_secs(5);
-            while temporary_files(&dir).is_subset(&before) && Instant::now() < deadline {
+            let stored = entry_files(&dir).len();
+            while temporary_files(&dir).is_subset(&before)
+                && entry_files(&dir).len() <= stored
+                && Instant::now() < deadline
+            {
                 thread::sleep(Duration::from_micros(200));
             }
         }

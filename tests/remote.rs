@@ -7,10 +7,11 @@
 #![cfg(feature = "remote")]
 
 mod common;
+#[path = "common/moto.rs"]
+mod moto;
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::LazyLock;
@@ -18,8 +19,8 @@ use std::time::{Duration, Instant};
 
 use common::{append_line, child_test, entry_files, fresh_dir};
 use memo::prelude::*;
+use moto::{Moto, BUCKET};
 
-const BUCKET: &str = "memo-test";
 /// What the child computes and where it counts: set by the parent.
 const KEYS: &str = "MEMO_TEST_KEYS";
 const COUNTER: &str = "MEMO_TEST_COUNTER";
@@ -27,78 +28,6 @@ const SLEEP_MS: &str = "MEMO_TEST_SLEEP_MS";
 const STRICT: &str = "MEMO_TEST_STRICT";
 /// Makes the child return wrong values: an attacker planting results.
 const WRONG: &str = "MEMO_TEST_WRONG";
-
-/// A moto S3 server on a free loopback port, stopped when dropped.
-struct Moto {
-    child: std::sync::Mutex<Option<Child>>,
-    port: u16,
-}
-
-impl Moto {
-    fn start() -> Moto {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let child = Command::new("moto_server")
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!(
-                    "cannot start moto_server ({e}): install it with \
-                     `pip install 'moto[server]==5.2.5'` (.ci/run does)"
-                )
-            });
-        let moto = Moto {
-            child: std::sync::Mutex::new(Some(child)),
-            port,
-        };
-        let started = Instant::now();
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                started.elapsed() < Duration::from_secs(30),
-                "moto_server did not listen on port {port} within 30 s"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        moto.create_bucket();
-        moto
-    }
-
-    /// `PUT /<bucket>`: moto accepts it without a signature.
-    fn create_bucket(&self) {
-        let mut stream = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
-        write!(
-            stream,
-            "PUT /{BUCKET} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
-            self.port
-        )
-        .unwrap();
-        let mut response = String::new();
-        stream.read_to_string(&mut response).unwrap();
-        assert!(response.starts_with("HTTP/1.1 200"), "{response}");
-    }
-
-    fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
-    }
-
-    fn stop(&self) {
-        if let Some(mut child) = self.child.lock().unwrap().take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for Moto {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
 
 /// The cache of the child: the environment's, strict when asked.
 static CHILD_MEMORY: LazyLock<Memory> = LazyLock::new(|| {
