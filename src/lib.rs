@@ -119,3 +119,8 @@ pub mod prelude {
 pub mod __private {
     pub use memo_runtime::__private::*;
 }
+
+/// The examples of `docs/REMOTE.md`, compiled as doctests.
+#[cfg(all(doctest, feature = "remote"))]
+#[doc = include_str!("../docs/REMOTE.md")]
+pub struct RemoteDoc;

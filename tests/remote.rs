@@ -66,6 +66,29 @@ fn child_machine() {
     println!("misses={} hits={}", stats.misses, stats.hits);
 }
 
+/// Not a test of its own: one job of a job array (with `MEMO_SHARD`) or the gather step
+/// (without), mapping `square_slowly` over the keys with `.par_cached_map`.
+#[test]
+#[ignore = "run by the other tests of this file as a child process"]
+fn child_mapper() {
+    let keys: Vec<u64> = std::env::var(KEYS)
+        .expect("keys")
+        .split(',')
+        .map(|k| k.parse().unwrap())
+        .collect();
+    match keys.par_cached_map(square_slowly).try_collect() {
+        Ok(values) => {
+            for (x, y) in keys.iter().zip(values) {
+                println!("value {x}={y}");
+            }
+        }
+        Err(error) if error.awaits_other_shards() => println!("share done: {error}"),
+        Err(error) => panic!("{error}"),
+    }
+    let stats = CHILD_MEMORY.stats();
+    println!("misses={} hits={}", stats.misses, stats.hits);
+}
+
 /// A machine: its own local folder, the shared server and prefix.
 struct Machine<'a> {
     moto: &'a Moto,
@@ -92,7 +115,11 @@ impl<'a> Machine<'a> {
     }
 
     fn command(&self, keys: &[u64]) -> Command {
-        let mut command = child_test("child_machine");
+        self.command_of("child_machine", keys)
+    }
+
+    fn command_of(&self, child: &str, keys: &[u64]) -> Command {
+        let mut command = child_test(child);
         let keys: Vec<String> = keys.iter().map(u64::to_string).collect();
         command
             .env("MEMO_DIR", format!("s3://{BUCKET}/{}", self.prefix))
@@ -433,6 +460,52 @@ fn the_inspector_lists_verifies_and_evicts_a_remote_cache() {
     assert_eq!(inspect(&moto, "insp", &["stats"])["entries"], 2);
     inspect(&moto, "insp", &["clear", "--yes"]);
     assert_eq!(inspect(&moto, "insp", &["stats"])["entries"], 0);
+}
+
+#[test]
+fn shards_of_a_job_array_on_four_machines_then_a_gather_compute_each_item_once() {
+    let moto = Moto::start();
+    let dir = fresh_dir("remote-shards");
+    let keys: Vec<u64> = (0..40).collect();
+    // One job after the other, so that only the shards split the work (running together, the
+    // leases alone would too).
+    let mut shares = Vec::new();
+    for i in 1..=4 {
+        let counter = dir.join(format!("counter{i}"));
+        let job = Machine::new(&moto, "shards", &dir, &format!("job{i}"))
+            .with("MEMO_SHARD", format!("{i}/4"))
+            .with(COUNTER, counter.display().to_string());
+        let output = job.command_of("child_mapper", &keys).output().unwrap();
+        assert!(output.status.success(), "{}", text(&output));
+        if i < 4 {
+            assert!(text(&output).contains("share done"), "{}", text(&output));
+        } else {
+            // The last job finds the other shares on the server and returns everything.
+            assert_eq!(values(&output), right(&keys), "{}", text(&output));
+        }
+        shares.push(computations(&counter));
+    }
+    let mut all = BTreeMap::new();
+    for share in &shares {
+        assert!(
+            !share.is_empty() && share.len() < 25,
+            "each job computes its share only: {shares:?}"
+        );
+        for (&key, &n) in share {
+            *all.entry(key).or_insert(0) += n;
+        }
+    }
+    assert_eq!(
+        all,
+        keys.iter().map(|&k| (k, 1)).collect(),
+        "every item computed exactly once by the four jobs"
+    );
+    // The gather step, on a fifth machine: every value from the server, nothing computed.
+    let gather = Machine::new(&moto, "shards", &dir, "gather");
+    let output = gather.command_of("child_mapper", &keys).output().unwrap();
+    assert!(output.status.success(), "{}", text(&output));
+    assert_eq!(values(&output), right(&keys));
+    assert!(text(&output).contains("misses=0"), "{}", text(&output));
 }
 
 /// Waits until the machines have started `n` computations.

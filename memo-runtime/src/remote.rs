@@ -978,7 +978,8 @@ enum Claim {
 pub(crate) struct Lease {
     remote: Arc<RemoteStore>,
     path: ObjectPath,
-    tag: Arc<Mutex<Option<String>>>,
+    /// Set when a renewal failed: the lease may be another machine's now.
+    lost: Arc<AtomicBool>,
     renewal: Option<tokio::task::JoinHandle<()>>,
 }
 
@@ -993,37 +994,60 @@ impl fmt::Debug for Lease {
 impl Lease {
     fn start(remote: &Arc<RemoteStore>, path: ObjectPath, tag: Option<String>) -> Self {
         let tag = Arc::new(Mutex::new(tag));
-        let renewal =
-            remote.runtime.as_ref().map(|runtime| {
-                let (objects, path, tag) =
-                    (Arc::clone(&remote.objects), path.clone(), Arc::clone(&tag));
-                let store = Arc::downgrade(remote);
-                let every = remote.lease / 3;
-                runtime.spawn(async move {
-                loop {
-                    tokio::time::sleep(every).await;
-                    let Some(store) = store.upgrade() else { return };
-                    let current = tag.lock().unwrap_or_else(PoisonError::into_inner).clone();
-                    let mode = PutMode::Update(UpdateVersion { e_tag: current, version: None });
-                    let body = PutPayload::from(store.lease_body());
-                    match objects.put_opts(&path, body, PutOptions::from(mode)).await {
-                        Ok(put) => *tag.lock().unwrap_or_else(PoisonError::into_inner) = put.e_tag,
-                        Err(error) => {
-                            // Taken over (this machine was unreachable for a whole lease) or
-                            // unreachable now: the computation goes on; its result is still
-                            // written with a conditional create.
-                            tracing::debug!(target: "memo", "renewing the lease {path}: {error}");
-                            return;
-                        }
-                    }
-                }
-            })
-            });
+        let lost = Arc::new(AtomicBool::new(false));
+        let renewal = remote.runtime.as_ref().map(|runtime| {
+            let renew = renew(
+                Arc::downgrade(remote),
+                path.clone(),
+                Arc::clone(&tag),
+                Arc::clone(&lost),
+            );
+            runtime.spawn(renew)
+        });
         Lease {
             remote: Arc::clone(remote),
             path,
-            tag,
+            lost,
             renewal,
+        }
+    }
+}
+
+/// Renews a lease every third of its length, until it is dropped (which aborts this) or a
+/// renewal fails.
+async fn renew(
+    store: std::sync::Weak<RemoteStore>,
+    path: ObjectPath,
+    tag: Arc<Mutex<Option<String>>>,
+    lost: Arc<AtomicBool>,
+) {
+    loop {
+        let Some(every) = store.upgrade().map(|s| s.lease / 3) else {
+            return;
+        };
+        tokio::time::sleep(every).await;
+        let Some(store) = store.upgrade() else {
+            return;
+        };
+        let current = tag.lock().unwrap_or_else(PoisonError::into_inner).clone();
+        let mode = PutMode::Update(UpdateVersion {
+            e_tag: current,
+            version: None,
+        });
+        let body = PutPayload::from(store.lease_body());
+        match store
+            .objects
+            .put_opts(&path, body, PutOptions::from(mode))
+            .await
+        {
+            Ok(put) => *tag.lock().unwrap_or_else(PoisonError::into_inner) = put.e_tag,
+            Err(error) => {
+                // Taken over (this machine was unreachable for a whole lease) or unreachable now:
+                // the computation goes on; its result is still written with a conditional create.
+                tracing::debug!(target: "memo", "renewing the lease {path}: {error}");
+                lost.store(true, Ordering::Relaxed);
+                return;
+            }
         }
     }
 }
@@ -1033,20 +1057,13 @@ impl Drop for Lease {
         if let Some(renewal) = self.renewal.take() {
             renewal.abort();
         }
-        // Removed only while it is still this process's (best effort: a lease left behind
-        // expires).
+        // Removed unless a renewal failed (then it may be another machine's now). Best effort:
+        // a lease left behind expires.
+        if self.lost.load(Ordering::Relaxed) {
+            return;
+        }
         let (objects, path) = (Arc::clone(&self.remote.objects), self.path.clone());
-        let ours = self
-            .tag
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone();
-        let _ = self.remote.run(async move {
-            let current = objects.head(&path).await.ok().and_then(|m| m.e_tag);
-            if current.is_some() && current == ours {
-                let _ = objects.delete(&path).await;
-            }
-        });
+        let _ = self.remote.run(async move { objects.delete(&path).await });
     }
 }
 
