@@ -14,11 +14,14 @@ use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::LazyLock;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{LazyLock, OnceLock};
 use std::time::{Duration, Instant};
 
 use common::{append_line, child_test, entry_files, fresh_dir};
 use memo::prelude::*;
+use memo::remote::RemoteConfig;
+use memo::AsMemory;
 use moto::{Moto, BUCKET};
 
 /// What the child computes and where it counts: set by the parent.
@@ -91,7 +94,7 @@ fn child_mapper() {
 
 /// A machine: its own local folder, the shared server and prefix.
 struct Machine<'a> {
-    moto: &'a Moto,
+    endpoint: String,
     prefix: &'a str,
     local: PathBuf,
     counter: PathBuf,
@@ -99,9 +102,14 @@ struct Machine<'a> {
 }
 
 impl<'a> Machine<'a> {
-    fn new(moto: &'a Moto, prefix: &'a str, dir: &Path, name: &str) -> Self {
+    fn new(moto: &Moto, prefix: &'a str, dir: &Path, name: &str) -> Self {
+        Machine::at(moto.endpoint(), prefix, dir, name)
+    }
+
+    /// A machine whose S3 endpoint is `endpoint`.
+    fn at(endpoint: String, prefix: &'a str, dir: &Path, name: &str) -> Self {
         Machine {
-            moto,
+            endpoint,
             prefix,
             local: dir.join(name),
             counter: dir.join("counter"),
@@ -124,7 +132,7 @@ impl<'a> Machine<'a> {
         command
             .env("MEMO_DIR", format!("s3://{BUCKET}/{}", self.prefix))
             .env("MEMO_LOCAL_DIR", &self.local)
-            .env("AWS_ENDPOINT", self.moto.endpoint())
+            .env("AWS_ENDPOINT", &self.endpoint)
             .env("AWS_ALLOW_HTTP", "true")
             .env("AWS_ACCESS_KEY_ID", "test")
             .env("AWS_SECRET_ACCESS_KEY", "test")
@@ -506,6 +514,106 @@ fn shards_of_a_job_array_on_four_machines_then_a_gather_compute_each_item_once()
     assert!(output.status.success(), "{}", text(&output));
     assert_eq!(values(&output), right(&keys));
     assert!(text(&output).contains("misses=0"), "{}", text(&output));
+}
+
+#[test]
+fn a_server_that_never_answers_times_out_and_the_program_goes_on() {
+    // Accepts connections and never answers, until the test ends.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let endpoint = format!("http://{}", listener.local_addr().unwrap());
+    listener.set_nonblocking(true).unwrap();
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let held = {
+        let done = std::sync::Arc::clone(&done);
+        std::thread::spawn(move || {
+            let mut open = Vec::new();
+            let deadline = Instant::now() + Duration::from_secs(120);
+            while !done.load(Ordering::Relaxed) && Instant::now() < deadline {
+                if let Ok((stream, _)) = listener.accept() {
+                    open.push(stream);
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        })
+    };
+    let dir = fresh_dir("remote-silent");
+    let machine = Machine::at(endpoint, "silent", &dir, "m").with("MEMO_REMOTE_TIMEOUT", "1");
+    let started = Instant::now();
+    let output = machine.run(&[2, 3, 4]);
+    let spent = started.elapsed();
+    done.store(true, Ordering::Relaxed);
+    held.join().unwrap();
+    assert_eq!(values(&output), right(&[2, 3, 4]));
+    let shown = text(&output);
+    assert!(
+        shown.contains("caching in the local folder only"),
+        "{shown}"
+    );
+    assert_eq!(
+        shown.matches("caching in the local folder only").count(),
+        1,
+        "one warning per outage: {shown}"
+    );
+    assert!(
+        spent < Duration::from_secs(60),
+        "the time limit bounds the wait: {spent:?}"
+    );
+}
+
+/// A cache made at run time (the server's port is known only then).
+struct Late(OnceLock<Memory>);
+
+impl AsMemory for Late {
+    fn as_memory(&self) -> &Memory {
+        self.0.get().expect("set by the test")
+    }
+}
+
+static LIMITED: Late = Late(OnceLock::new());
+static BLOCKS: AtomicUsize = AtomicUsize::new(0);
+
+#[cached(memory = LIMITED)]
+fn block(x: u64) -> Vec<u8> {
+    BLOCKS.fetch_add(1, Ordering::Relaxed);
+    vec![x as u8; 64 << 10]
+}
+
+#[test]
+fn the_local_folder_keeps_its_own_size_limit_and_the_server_keeps_everything() {
+    let moto = Moto::start();
+    let dir = fresh_dir("remote-limit");
+    let memory = RemoteConfig::new(format!("s3://{BUCKET}/limit"))
+        .option("aws_endpoint", moto.endpoint())
+        .option("aws_allow_http", "true")
+        .option("aws_access_key_id", "test")
+        .option("aws_secret_access_key", "test")
+        .option("aws_region", "us-east-1")
+        .local_dir(dir.join("local"))
+        .local_limit(Some(256 << 10))
+        .build()
+        .unwrap()
+        .memory_tier(0);
+    assert!(LIMITED.0.set(memory).is_ok());
+    for x in 0..40 {
+        assert_eq!(block(x)[0], x as u8);
+    }
+    assert_eq!(BLOCKS.load(Ordering::Relaxed), 40);
+    // 2.5 MiB stored: the size checks (every 1 MiB stored) evict locally, in the background.
+    let started = Instant::now();
+    while entry_files(&dir.join("local")).len() >= 40 {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "nothing evicted locally"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let remote = LIMITED.as_memory().functions().unwrap();
+    assert_eq!(remote[0].entries(), 40, "the server keeps every entry");
+    // Every value is still a hit: from the local folder, or fetched again from the server.
+    for x in 0..40 {
+        assert_eq!(block(x)[0], x as u8);
+    }
+    assert_eq!(BLOCKS.load(Ordering::Relaxed), 40, "nothing recomputed");
 }
 
 /// Waits until the machines have started `n` computations.

@@ -47,6 +47,9 @@ pub const MEMO_SECRET: &str = "MEMO_SECRET";
 /// Environment variable setting the lease of a remote cache, in seconds (see
 /// [`RemoteConfig::lease`]).
 pub const MEMO_LEASE: &str = "MEMO_LEASE";
+/// Environment variable setting the time limit of one request to a remote store, in seconds
+/// (see [`RemoteConfig::timeout`]).
+pub const MEMO_REMOTE_TIMEOUT: &str = "MEMO_REMOTE_TIMEOUT";
 /// Environment variable naming the local folder in front of a remote store (default:
 /// [`Memory::default_location`](crate::Memory::default_location)).
 pub const MEMO_LOCAL_DIR: &str = "MEMO_LOCAL_DIR";
@@ -130,7 +133,7 @@ impl RemoteConfig {
     }
 
     /// [`RemoteConfig::new`] with the settings the environment gives: [`MEMO_LOCAL_DIR`],
-    /// [`MEMO_SECRET`] and [`MEMO_LEASE`].
+    /// [`MEMO_SECRET`], [`MEMO_LEASE`] and [`MEMO_REMOTE_TIMEOUT`].
     pub fn from_env(url: impl Into<String>) -> Self {
         let mut config = RemoteConfig::new(url);
         if let Some(dir) = std::env::var_os(MEMO_LOCAL_DIR).filter(|d| !d.is_empty()) {
@@ -139,18 +142,11 @@ impl RemoteConfig {
         if let Some(secret) = std::env::var_os(MEMO_SECRET).filter(|s| !s.is_empty()) {
             config = config.secret(secret.as_encoded_bytes());
         }
-        let lease = std::env::var(MEMO_LEASE).ok();
-        match lease
-            .as_deref()
-            .map(|text| (text, text.trim().parse::<f64>()))
-        {
-            Some((_, Ok(secs))) if secs.is_finite() && secs > 0.0 => {
-                config = config.lease(Duration::from_secs_f64(secs));
-            }
-            Some((text, _)) if !text.is_empty() => crate::log::warn(&format!(
-                "{MEMO_LEASE}={text:?} is not a number of seconds; the lease is {DEFAULT_LEASE:?}"
-            )),
-            _ => {}
+        if let Some(lease) = seconds_from_env(MEMO_LEASE, DEFAULT_LEASE) {
+            config = config.lease(lease);
+        }
+        if let Some(timeout) = seconds_from_env(MEMO_REMOTE_TIMEOUT, DEFAULT_REMOTE_TIMEOUT) {
+            config = config.timeout(timeout);
         }
         config
     }
@@ -236,6 +232,21 @@ impl RemoteConfig {
             remote: Arc::new(remote),
         };
         Ok((local_dir, local_limit, tiered))
+    }
+}
+
+/// A duration in seconds from the environment variable `name`; a value that is not a positive
+/// number of seconds is warned about and ignored (`default` stays).
+fn seconds_from_env(name: &str, default: Duration) -> Option<Duration> {
+    let text = std::env::var(name).ok().filter(|t| !t.trim().is_empty())?;
+    match text.trim().parse::<f64>() {
+        Ok(secs) if secs.is_finite() && secs > 0.0 => Some(Duration::from_secs_f64(secs)),
+        _ => {
+            crate::log::warn(&format!(
+                "{name}={text:?} is not a positive number of seconds; using {default:?}"
+            ));
+            None
+        }
     }
 }
 
