@@ -55,6 +55,18 @@ fn square_slowly(x: u64) -> u64 {
     x * x
 }
 
+/// Values expire after 2 s.
+#[cached(memory = CHILD_MEMORY, expire = "2s")]
+fn square_expiring(x: u64) -> u64 {
+    if let Some(counter) = std::env::var_os(COUNTER) {
+        append_line(Path::new(&counter), &format!("computed {x}"));
+    }
+    x * x
+}
+
+/// Which function the child calls: `square_slowly`, or `square_expiring` when set.
+const EXPIRING: &str = "MEMO_TEST_EXPIRING";
+
 /// Not a test of its own: one machine, run by the tests below as a child process. Prints one
 /// `value x=y` line per key of `MEMO_TEST_KEYS` (comma-separated).
 #[test]
@@ -63,7 +75,12 @@ fn child_machine() {
     let keys = std::env::var(KEYS).expect("keys");
     for key in keys.split(',').filter(|k| !k.is_empty()) {
         let x: u64 = key.parse().unwrap();
-        println!("value {x}={}", square_slowly(x));
+        let y = if std::env::var_os(EXPIRING).is_some() {
+            square_expiring(x)
+        } else {
+            square_slowly(x)
+        };
+        println!("value {x}={y}");
     }
     let stats = CHILD_MEMORY.stats();
     println!("misses={} hits={}", stats.misses, stats.hits);
@@ -614,6 +631,24 @@ fn the_local_folder_keeps_its_own_size_limit_and_the_server_keeps_everything() {
         assert_eq!(block(x)[0], x as u8);
     }
     assert_eq!(BLOCKS.load(Ordering::Relaxed), 40, "nothing recomputed");
+}
+
+#[test]
+fn an_expired_entry_on_the_server_is_recomputed_once_and_replaced() {
+    let moto = Moto::start();
+    let dir = fresh_dir("remote-expired");
+    let machine = |name: &str| Machine::new(&moto, "expired", &dir, name).with(EXPIRING, "1");
+    machine("first").run(&[6]);
+    std::thread::sleep(Duration::from_millis(2500));
+    // Expired: recomputed, and the newer entry replaces the old one on the server...
+    let output = machine("second").run(&[6]);
+    assert_eq!(values(&output), right(&[6]));
+    assert_eq!(computations(&dir.join("counter")), BTreeMap::from([(6, 2)]));
+    // ...so that the next machine uses it.
+    let output = machine("third").run(&[6]);
+    assert_eq!(values(&output), right(&[6]));
+    assert!(text(&output).contains("misses=0"), "{}", text(&output));
+    assert_eq!(computations(&dir.join("counter")), BTreeMap::from([(6, 2)]));
 }
 
 /// Waits until the machines have started `n` computations.

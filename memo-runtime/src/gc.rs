@@ -285,6 +285,29 @@ pub(crate) struct Candidate {
 }
 
 /// Runs [`Memory::reduce_size`] on a store (and its location, for the eviction log).
+/// How many bytes may be stored between two checks of a size limit: a tenth of it, at least
+/// 1 MiB.
+pub(crate) fn check_interval(limit: u64) -> u64 {
+    (limit / 10).max(1 << 20)
+}
+
+/// Enforces a size limit of `store` (whose folder is `location`) on a thread of its own.
+pub(crate) fn enforce_in_background(
+    store: std::sync::Arc<dyn Store>,
+    location: PathBuf,
+    limit: u64,
+) {
+    let spawned = std::thread::Builder::new()
+        .name("memo-gc".into())
+        .spawn(move || {
+            let limits = Limits::new().max_bytes(limit);
+            if let Err(error) = reduce_size(&*store, &location, &limits) {
+                crate::log::warn(&format!("enforcing the cache size limit: {error}"));
+            }
+        });
+    drop(spawned);
+}
+
 pub(crate) fn reduce_size(
     store: &dyn Store,
     location: &Path,
@@ -324,6 +347,7 @@ pub(crate) fn reduce_size(
     let mut log = String::new();
     for (candidate, reason) in planned {
         if !limits.dry_run {
+            // Gone already (another process evicted it): nothing to do.
             store.remove_entry(&candidate.path)?;
             let secs = SystemTime::now()
                 .duration_since(UNIX_EPOCH)

@@ -185,13 +185,22 @@ impl Memory {
     }
 
     /// A cache shared through a remote store, with a local folder in front of it; see
-    /// [`RemoteConfig`](crate::remote::RemoteConfig).
+    /// [`RemoteConfig`](crate::remote::RemoteConfig) and `docs/REMOTE.md`.
+    ///
+    /// Values are read from the local folder first and written to both. What manages a cache
+    /// works on the shared, remote store: [`Memory::functions`], [`Memory::entries`],
+    /// [`Memory::verify`], [`Memory::reduce_size`] (the inspector's `gc`) evict from it for
+    /// every machine; [`Memory::clear`] and [`Memory::clear_function`] empty both. The size
+    /// limit of the local folder ([`Memory::bytes_limit`], from
+    /// [`RemoteConfig::local_limit`](crate::remote::RemoteConfig::local_limit)) is enforced on
+    /// it alone; [`Memory::location`] is that folder.
     #[cfg(feature = "remote")]
     pub fn remote(config: crate::remote::RemoteConfig) -> Result<Self, Error> {
-        let (local_dir, local_limit, tiered) = config.open()?;
-        let store: Arc<dyn Store> = Arc::new(tiered);
-        let mut memory = Memory::build(Some(local_dir.clone()), Some(store));
-        memory.local_tier = Some(Arc::new(DirStore::new(local_dir)));
+        let tiered = config.open()?;
+        let local: Arc<dyn Store> = Arc::clone(&tiered.local) as Arc<dyn Store>;
+        let (local_dir, local_limit) = (tiered.local_dir.clone(), tiered.local_limit);
+        let mut memory = Memory::build(Some(local_dir), Some(Arc::new(tiered)));
+        memory.local_tier = Some(local);
         memory.bytes_limit = local_limit;
         Ok(memory)
     }
@@ -320,12 +329,18 @@ impl Memory {
     /// of the process, and a power failure can only lose recent entries, never tear one (a torn
     /// entry fails its checksum and is a miss).
     ///
+    /// A setting of local caches: on a remote cache ([`Memory::remote_url`]) it is ignored (the
+    /// object store decides the remote durability) and [`Memory::is_durable`] stays `false`.
+    ///
     /// ```
     /// let memory = memo_runtime::Memory::new("/tmp/cache").durable(true);
     /// assert!(memory.is_durable());
     /// ```
     pub fn durable(mut self, durable: bool) -> Self {
-        if let (Some(location), None) = (&self.location, self.remote_url()) {
+        if self.remote_url().is_some() {
+            return self;
+        }
+        if let Some(location) = &self.location {
             self.store = Some(Arc::new(DirStore::new(location.clone()).durable(durable)));
         }
         self.durable = durable;
@@ -409,25 +424,15 @@ impl Memory {
         let Some(limit) = self.bytes_limit else {
             return;
         };
-        let interval = (limit / 10).max(1 << 20);
         let since = self.stored_since_check.fetch_add(bytes, Ordering::Relaxed) + bytes;
-        if since < interval {
+        if since < gc::check_interval(limit) {
             return;
         }
         self.stored_since_check.store(0, Ordering::Relaxed);
         let store = self.local_tier.clone().or_else(|| self.store.clone());
-        let (Some(store), Some(location)) = (store, self.location.clone()) else {
-            return;
-        };
-        let spawned = std::thread::Builder::new()
-            .name("memo-gc".into())
-            .spawn(move || {
-                let limits = Limits::new().max_bytes(limit);
-                if let Err(error) = gc::reduce_size(&*store, &location, &limits) {
-                    crate::log::warn(&format!("enforcing the cache size limit: {error}"));
-                }
-            });
-        drop(spawned);
+        if let (Some(store), Some(location)) = (store, self.location.clone()) {
+            gc::enforce_in_background(store, location, limit);
+        }
     }
 
     /// The lock timeout in force; see [`Memory::lock_timeout`].
@@ -494,10 +499,11 @@ impl Memory {
         let Some(store) = &self.store else {
             return Ok(0);
         };
+        let mut removed = 0;
         for (path, _) in &report.broken {
-            store.remove_entry(path)?;
+            removed += usize::from(store.remove_entry(path)?);
         }
-        Ok(report.broken.len())
+        Ok(removed)
     }
 
     /// Every function stored in this cache, with its versions, entry counts, sizes, last use and

@@ -21,7 +21,7 @@
 use std::fmt;
 use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -151,8 +151,9 @@ impl RemoteConfig {
         config
     }
 
-    /// The local folder in front of the remote store (default: [`MEMO_LOCAL_DIR`], else
-    /// [`Memory::default_location`](crate::Memory::default_location)).
+    /// The local folder in front of the remote store (default: [`MEMO_LOCAL_DIR`], else `remote`
+    /// in [`Memory::default_location`](crate::Memory::default_location), apart from the
+    /// entries of local caches there).
     pub fn local_dir(mut self, dir: impl Into<PathBuf>) -> Self {
         self.local_dir = Some(dir.into());
         self
@@ -169,15 +170,17 @@ impl RemoteConfig {
     }
 
     /// How long a lease on a key being computed lasts without renewal (default:
-    /// [`DEFAULT_LEASE`]). Machines' clocks must agree to well within this.
+    /// [`DEFAULT_LEASE`]; at least 300 ms, at most a day). Machines' clocks must agree to well
+    /// within this.
     pub fn lease(mut self, lease: Duration) -> Self {
-        self.lease = lease.max(Duration::from_millis(300));
+        self.lease = lease.clamp(Duration::from_millis(300), Duration::from_secs(86_400));
         self
     }
 
-    /// The time limit of one request (default: [`DEFAULT_REMOTE_TIMEOUT`]).
+    /// The time limit of one request (default: [`DEFAULT_REMOTE_TIMEOUT`]; at least 100 ms, at
+    /// most an hour). Retries of a request stop after twice this.
     pub fn timeout(mut self, timeout: Duration) -> Self {
-        self.timeout = timeout;
+        self.timeout = timeout.clamp(Duration::from_millis(100), Duration::from_secs(3600));
         self
     }
 
@@ -188,9 +191,10 @@ impl RemoteConfig {
     }
 
     /// How long memo works with the local folder only after a remote failure before it tries
-    /// the remote store again (default: [`DEFAULT_RETRY_AFTER`]).
+    /// the remote store again, with one request (default: [`DEFAULT_RETRY_AFTER`]; at most a
+    /// day).
     pub fn retry_after(mut self, pause: Duration) -> Self {
-        self.retry_after = pause;
+        self.retry_after = pause.min(Duration::from_secs(86_400));
         self
     }
 
@@ -219,19 +223,21 @@ impl RemoteConfig {
         crate::Memory::remote(self)
     }
 
-    /// The local folder and its limit, and the tiered store.
-    pub(crate) fn open(self) -> Result<(PathBuf, Option<u64>, Tiered), Error> {
+    /// The tiered store: the local folder (with its limit) in front of the remote store.
+    pub(crate) fn open(self) -> Result<Tiered, Error> {
         let local_dir = self
             .local_dir
             .clone()
-            .unwrap_or_else(crate::Memory::default_location);
+            .unwrap_or_else(|| crate::Memory::default_location().join("remote"));
         let local_limit = self.local_limit;
         let remote = RemoteStore::open(self)?;
-        let tiered = Tiered {
-            local: DirStore::new(local_dir.clone()),
+        Ok(Tiered {
+            local: Arc::new(DirStore::new(local_dir.clone())),
+            local_dir,
+            local_limit,
+            fetched_since_check: AtomicU64::new(0),
             remote: Arc::new(remote),
-        };
-        Ok((local_dir, local_limit, tiered))
+        })
     }
 }
 
@@ -240,7 +246,7 @@ impl RemoteConfig {
 fn seconds_from_env(name: &str, default: Duration) -> Option<Duration> {
     let text = std::env::var(name).ok().filter(|t| !t.trim().is_empty())?;
     match text.trim().parse::<f64>() {
-        Ok(secs) if secs.is_finite() && secs > 0.0 => Some(Duration::from_secs_f64(secs)),
+        Ok(secs) if secs > 0.0 => Duration::try_from_secs_f64(secs).ok(),
         _ => {
             crate::log::warn(&format!(
                 "{name}={text:?} is not a positive number of seconds; using {default:?}"
@@ -269,6 +275,8 @@ pub(crate) struct RemoteStore {
     owner: String,
     /// Until when the remote store is left alone after a failure.
     down_until: Mutex<Option<Instant>>,
+    /// Whether the current outage was warned about (cleared by a success).
+    warned: AtomicBool,
     strict: AtomicBool,
 }
 
@@ -289,11 +297,12 @@ impl Drop for RemoteStore {
     }
 }
 
-/// What a remote failure is: the object's state (absent, present, changed) or an outage.
+/// What a remote failure is: the object's state (absent, present, changed since read), with
+/// the server's word, or an outage.
 enum Failure {
-    NotFound,
-    AlreadyExists,
-    Changed,
+    NotFound(String),
+    AlreadyExists(String),
+    Changed(String),
     Outage(Error),
 }
 
@@ -409,6 +418,7 @@ impl RemoteStore {
             retry_after: config.retry_after,
             owner: format!("{host}:{}:{}", std::process::id(), &nonce.to_hex()[..8]),
             down_until: Mutex::new(None),
+            warned: AtomicBool::new(false),
             strict: AtomicBool::new(false),
         })
     }
@@ -444,36 +454,53 @@ impl RemoteStore {
     /// Sorts an object store error into the object's state or an outage.
     fn classify(&self, action: &'static str, error: object_store::Error) -> Failure {
         match error {
-            object_store::Error::NotFound { .. } => Failure::NotFound,
-            object_store::Error::AlreadyExists { .. } => Failure::AlreadyExists,
+            object_store::Error::NotFound { .. } => Failure::NotFound(error.to_string()),
+            object_store::Error::AlreadyExists { .. } => Failure::AlreadyExists(error.to_string()),
             object_store::Error::Precondition { .. } | object_store::Error::NotModified { .. } => {
-                Failure::Changed
+                Failure::Changed(error.to_string())
             }
             other => Failure::Outage(self.error(action, other)),
         }
     }
 
-    /// Whether the remote store is worth trying now (not within the pause after a failure).
+    /// Whether to send a request now. After a failure the store is left alone for
+    /// `retry_after`; then the first caller probes it (the others still see it paused until
+    /// that probe succeeds or fails again).
     fn usable(&self) -> bool {
-        let down = self
-            .down_until
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        down.is_none_or(|until| Instant::now() >= until)
-    }
-
-    /// Records an outage: the store is left alone for a while, with one warning per outage.
-    fn outage(&self, error: &Error) {
         let mut down = self
             .down_until
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        let was_up = down.is_none_or(|until| Instant::now() >= until);
-        *down = Some(Instant::now() + self.retry_after);
-        drop(down);
-        if was_up && !self.strict.load(Ordering::Relaxed) {
+        match *down {
+            None => true,
+            Some(until) if Instant::now() >= until => {
+                *down = Instant::now().checked_add(self.retry_after);
+                true
+            }
+            Some(_) => false,
+        }
+    }
+
+    /// A request went through: the store is up.
+    fn succeeded(&self) {
+        *self
+            .down_until
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = None;
+        self.warned.store(false, Ordering::Relaxed);
+    }
+
+    /// Records an outage: the store is left alone for a while, with one warning per outage.
+    fn outage(&self, error: &Error) {
+        let pause = Instant::now().checked_add(self.retry_after);
+        *self
+            .down_until
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = pause;
+        let first = !self.warned.swap(true, Ordering::Relaxed);
+        if first && !self.strict.load(Ordering::Relaxed) {
             crate::log::warn(&format!(
-                "{error}; caching in the local folder only, the remote store is tried again in {:?}",
+                "{error}; caching in the local folder only, the remote store is tried again every {:?}",
                 self.retry_after
             ));
         }
@@ -512,6 +539,15 @@ impl RemoteStore {
     fn object_of(&self, shown: &Path) -> Option<ObjectPath> {
         let shown = shown.to_str()?;
         let below = shown.strip_prefix(&self.url)?.strip_prefix('/')?;
+        // Only objects of the cache's layout, never anything else in the bucket.
+        let layout = below.strip_prefix(LAYOUT_DIR)?.strip_prefix('/')?;
+        if layout.is_empty()
+            || layout
+                .split('/')
+                .any(|part| part.is_empty() || part == "..")
+        {
+            return None;
+        }
         let prefix = &self.root.as_ref()[..self.root.as_ref().len() - LAYOUT_DIR.len()];
         ObjectPath::parse(format!("{prefix}{below}")).ok()
     }
@@ -531,74 +567,47 @@ impl RemoteStore {
     /// Checks remote bytes for `key` and returns the length of the entry in them (without the
     /// MAC): header, key and checksum always; the MAC when a secret is set.
     fn check(&self, bytes: &[u8], key: &crate::key::CacheKey) -> Result<usize, String> {
-        let header = entry::decode_header(bytes).map_err(|e| e.to_string())?;
-        let entry_len = usize::try_from(header.payload_len)
-            .ok()
-            .and_then(|n| n.checked_add(HEADER_LEN))
-            .ok_or("the header claims an impossible length")?;
-        let has_mac = match bytes.len().checked_sub(entry_len) {
-            Some(0) => false,
-            Some(MAC_LEN) => true,
-            _ => {
-                return Err(format!(
-                    "{} bytes, where the header claims {entry_len} (plus {MAC_LEN} with a MAC)",
-                    bytes.len()
-                ))
-            }
-        };
-        if let Some(mac_key) = &self.mac_key {
-            if !has_mac {
-                return Err(
-                    "no MAC, and this cache requires entries authenticated by its secret".into(),
-                );
-            }
-            let expected = blake3::keyed_hash(mac_key, &bytes[..entry_len]);
-            let found =
-                blake3::Hash::from_bytes(bytes[entry_len..].try_into().map_err(|_| "short MAC")?);
-            // `blake3::Hash` compares in constant time.
-            if expected != found {
-                return Err("its MAC is wrong: not written with this cache's secret".into());
-            }
-        }
-        entry::decode(&bytes[..entry_len], key).map_err(|e| e.to_string())?;
-        Ok(entry_len)
+        check_entry(self.mac_key.as_ref(), bytes, key)
     }
 
-    /// The object's bytes, or `None` when it does not exist.
-    fn get(&self, path: ObjectPath) -> Result<Option<Vec<u8>>, Failure> {
+    /// The object's bytes and description, or `None` when it does not exist.
+    fn get(&self, path: ObjectPath) -> Result<Option<(Vec<u8>, ObjectMeta)>, Failure> {
         let objects = Arc::clone(&self.objects);
         let result = self
             .run(async move {
                 let got = objects.get(&path).await?;
-                got.bytes().await
+                let meta = got.meta.clone();
+                Ok::<_, object_store::Error>((got.bytes().await?, meta))
             })
             .map_err(Failure::Outage)?;
         match result {
-            Ok(bytes) => Ok(Some(Vec::from(bytes))),
+            Ok((bytes, meta)) => Ok(Some((Vec::from(bytes), meta))),
             Err(e) => match self.classify("reading from", e) {
-                Failure::NotFound => Ok(None),
+                Failure::NotFound(_) => Ok(None),
                 other => Err(other),
             },
         }
     }
 
+    /// Stores `payload` at `path`; returns the version written (for a later `If-Match`).
     fn put(
         &self,
         path: ObjectPath,
-        bytes: Vec<u8>,
+        payload: PutPayload,
         mode: PutMode,
-    ) -> Result<Option<String>, Failure> {
+    ) -> Result<UpdateVersion, Failure> {
         let objects = Arc::clone(&self.objects);
         let result = self
             .run(async move {
                 let options = PutOptions::from(mode);
-                objects
-                    .put_opts(&path, PutPayload::from(bytes), options)
-                    .await
+                objects.put_opts(&path, payload, options).await
             })
             .map_err(Failure::Outage)?;
         result
-            .map(|put| put.e_tag)
+            .map(|put| UpdateVersion {
+                e_tag: put.e_tag,
+                version: put.version,
+            })
             .map_err(|e| self.classify("writing to", e))
     }
 
@@ -610,7 +619,7 @@ impl RemoteStore {
         {
             Ok(meta) => Ok(Some(meta)),
             Err(e) => match self.classify("reading from", e) {
-                Failure::NotFound => Ok(None),
+                Failure::NotFound(_) => Ok(None),
                 other => Err(other),
             },
         }
@@ -620,10 +629,10 @@ impl RemoteStore {
     fn read(&self, at: &EntryAddress<'_>) -> Result<Option<Vec<u8>>, Error> {
         let path = self.entry_path(at)?;
         let shown = self.display(&path);
-        let Some(mut bytes) = self
+        let got = self
             .get(path)
-            .map_err(|f| self.outage_of(f, "reading from"))?
-        else {
+            .map_err(|f| self.failure("reading from", f))?;
+        let Some((mut bytes, _)) = got else {
             return Ok(None);
         };
         match self.check(&bytes, at.key) {
@@ -641,35 +650,52 @@ impl RemoteStore {
         }
     }
 
-    /// An outage as an error; the object states are not expected where this is used.
-    fn outage_of(&self, failure: Failure, action: &'static str) -> Error {
+    /// A failure as an error, with the server's word.
+    fn failure(&self, action: &'static str, failure: Failure) -> Error {
         match failure {
             Failure::Outage(error) => error,
-            Failure::NotFound => self.error(action, "not found"),
-            Failure::AlreadyExists => self.error(action, "already exists"),
-            Failure::Changed => self.error(action, "changed meanwhile"),
+            Failure::NotFound(word) | Failure::AlreadyExists(word) | Failure::Changed(word) => {
+                self.error(action, word)
+            }
         }
     }
 
-    /// Stores an entry unless one is there; a broken one there is replaced.
+    /// Stores an entry unless an equal or newer one is there. One in the way that is broken,
+    /// or older (it expired, or its `validate` refused it), is replaced, conditionally on being
+    /// the one read: a newer one written meanwhile is kept.
     fn write(&self, at: &EntryAddress<'_>, header: &[u8], payload: &[u8]) -> Result<(), Error> {
         let path = self.entry_path(at)?;
-        let bytes = self.sealed(header, payload);
-        match self.put(path.clone(), bytes.clone(), PutMode::Create) {
-            Ok(_) => Ok(()),
-            Err(Failure::AlreadyExists) => {
-                // Another machine stored this key first: keep its entry, unless it is broken.
-                let present = self
-                    .get(path.clone())
-                    .map_err(|f| self.outage_of(f, "reading from"))?;
-                if present.is_some_and(|p| self.check(&p, at.key).is_ok()) {
+        // Shared by both attempts without copying the bytes again.
+        let payload = PutPayload::from(self.sealed(header, payload));
+        let failed = |f| self.failure("writing to", f);
+        match self.put(path.clone(), payload.clone(), PutMode::Create) {
+            Ok(_) => return Ok(()),
+            Err(Failure::AlreadyExists(_)) => {}
+            Err(failure) => return Err(failed(failure)),
+        }
+        let present = self
+            .get(path.clone())
+            .map_err(|f| self.failure("reading from", f))?;
+        let mode = match present {
+            Some((bytes, meta)) => {
+                let created = |b: &[u8]| entry::decode_header(b).ok().map(|h| h.created);
+                let newer_or_equal =
+                    self.check(&bytes, at.key).is_ok() && created(&bytes) >= created(header);
+                if newer_or_equal {
                     return Ok(());
                 }
-                self.put(path, bytes, PutMode::Overwrite)
-                    .map(drop)
-                    .map_err(|f| self.outage_of(f, "writing to"))
+                PutMode::Update(UpdateVersion {
+                    e_tag: meta.e_tag,
+                    version: meta.version,
+                })
             }
-            Err(failure) => Err(self.outage_of(failure, "writing to")),
+            // Removed meanwhile.
+            None => PutMode::Create,
+        };
+        match self.put(path, payload, mode) {
+            // Replaced, or another machine wrote it meanwhile: either way an entry is there.
+            Ok(_) | Err(Failure::Changed(_) | Failure::AlreadyExists(_)) => Ok(()),
+            Err(failure) => Err(failed(failure)),
         }
     }
 
@@ -678,22 +704,24 @@ impl RemoteStore {
             "{}/{SOURCE_FILE}",
             Self::version_relative(function, version)
         ))?;
-        match self.put(path, text.as_bytes().to_vec(), PutMode::Create) {
-            Ok(_) | Err(Failure::AlreadyExists) => Ok(()),
-            Err(failure) => Err(self.outage_of(failure, "writing to")),
+        let payload = PutPayload::from(text.as_bytes().to_vec());
+        match self.put(path, payload, PutMode::Create) {
+            Ok(_) | Err(Failure::AlreadyExists(_)) => Ok(()),
+            Err(failure) => Err(self.failure("writing to", failure)),
         }
     }
 
-    fn lease_body(&self) -> Vec<u8> {
-        let expires = SystemTime::now() + self.lease;
-        let millis = expires
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis());
-        format!("owner={}\nexpires={millis}\n", self.owner).into_bytes()
+    fn lease_body(&self) -> PutPayload {
+        let expires = SystemTime::now()
+            .checked_add(self.lease)
+            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+            .map_or(u128::from(u64::MAX), |d| d.as_millis());
+        PutPayload::from(format!("owner={}\nexpires={expires}\n", self.owner).into_bytes())
     }
 
-    /// Claims `at` across machines: a lease of this process's, or word that the value is stored
-    /// (or that `deadline` passed while another machine held the lease).
+    /// Claims `at` across machines: a lease of this process's, or word that the value was
+    /// stored under another machine's lease (or that `deadline` passed while another machine
+    /// held it).
     fn claim(
         self: &Arc<Self>,
         at: &EntryAddress<'_>,
@@ -701,87 +729,64 @@ impl RemoteStore {
     ) -> Result<Claim, Error> {
         let lease_path = self.lease_path(at)?;
         let entry_path = self.entry_path(at)?;
+        let failed = |f| self.failure("taking a lease in", f);
         let mut pause = Duration::from_millis(20);
+        // Polls are spaced out up to a second (or a fortieth of a short lease).
+        let longest = (self.lease / 40).clamp(Duration::from_millis(50), Duration::from_secs(1));
+        let mut create = true;
         let mut waited = false;
         loop {
-            match self.put(lease_path.clone(), self.lease_body(), PutMode::Create) {
-                Ok(tag) => return Ok(Claim::Leased(Lease::start(self, lease_path, tag), waited)),
-                Err(Failure::AlreadyExists) => {}
-                Err(failure) => return Err(self.outage_of(failure, "taking a lease in")),
+            if create {
+                match self.put(lease_path.clone(), self.lease_body(), PutMode::Create) {
+                    Ok(version) => {
+                        let lease = Lease::start(self, lease_path, version);
+                        return Ok(Claim::Leased(lease, waited));
+                    }
+                    Err(Failure::AlreadyExists(_)) => {}
+                    Err(failure) => return Err(failed(failure)),
+                }
             }
             waited = true;
-            if self
-                .head(entry_path.clone())
-                .map_err(|f| self.outage_of(f, "reading from"))?
-                .is_some()
-            {
-                return Ok(Claim::Stored);
-            }
-            let objects = Arc::clone(&self.objects);
-            let path = lease_path.clone();
-            let held = self.run(async move {
-                let got = objects.get(&path).await?;
-                let meta = got.meta.clone();
-                Ok::<_, object_store::Error>((got.bytes().await?, meta))
-            })?;
-            match held {
-                Ok((body, meta)) if lease_expired(&body) => {
-                    let update = PutMode::Update(UpdateVersion {
-                        e_tag: meta.e_tag,
-                        version: meta.version,
-                    });
-                    match self.put(lease_path.clone(), self.lease_body(), update) {
-                        Ok(tag) => {
-                            tracing::debug!(target: "memo", "took over the expired lease {lease_path}");
-                            return Ok(Claim::Leased(Lease::start(self, lease_path, tag), true));
+            create = false;
+            match self.get(lease_path.clone()).map_err(failed)? {
+                // Released meanwhile: take it (after the pause).
+                None => create = true,
+                Some((body, lease)) => {
+                    // A value stored after the lease was taken or last renewed is the holder's
+                    // (both times are the server's).
+                    let stored = self
+                        .head(entry_path.clone())
+                        .map_err(|f| self.failure("reading from", f))?;
+                    if stored.is_some_and(|entry| entry.last_modified >= lease.last_modified) {
+                        return Ok(Claim::Stored);
+                    }
+                    // Expired, or this process's own (a create whose answer was lost).
+                    let ours = lease_owner(&body) == Some(self.owner.as_str());
+                    if ours || lease_expired(&body) {
+                        let update = PutMode::Update(UpdateVersion {
+                            e_tag: lease.e_tag,
+                            version: lease.version,
+                        });
+                        match self.put(lease_path.clone(), self.lease_body(), update) {
+                            Ok(version) => {
+                                tracing::debug!(target: "memo", "took over the lease {lease_path}");
+                                let lease = Lease::start(self, lease_path, version);
+                                return Ok(Claim::Leased(lease, !ours));
+                            }
+                            // Taken over or released by another machine meanwhile: look again.
+                            Err(Failure::Changed(_) | Failure::NotFound(_)) => {}
+                            Err(failure) => return Err(failed(failure)),
                         }
-                        // Another machine took it over, or its holder released it: look again.
-                        Err(Failure::Changed | Failure::NotFound) => continue,
-                        Err(failure) => return Err(self.outage_of(failure, "taking a lease in")),
                     }
                 }
-                Ok(_) => {}
-                Err(e) => match self.classify("reading from", e) {
-                    // Released meanwhile: try to take it at once.
-                    Failure::NotFound => continue,
-                    other => return Err(self.outage_of(other, "reading a lease in")),
-                },
             }
-            if deadline.is_some_and(|d| Instant::now() + pause > d) {
+            let after_pause = Instant::now().checked_add(pause);
+            if deadline.is_some_and(|d| after_pause.is_none_or(|t| t > d)) {
                 return Ok(Claim::TimedOut);
             }
             std::thread::sleep(pause);
-            pause = (pause * 2).min(Duration::from_millis(250));
+            pause = (pause * 2).min(longest);
         }
-    }
-
-    /// Removes leases that expired more than `older_than` ago (their holders died).
-    fn clean_leases(
-        &self,
-        function: &str,
-        version: &str,
-        older_than: Duration,
-    ) -> Result<usize, Error> {
-        let prefix = self.path(Self::version_relative(function, version))?;
-        let objects = Arc::clone(&self.objects);
-        let metas =
-            self.run(async move { objects.list(Some(&prefix)).try_collect::<Vec<_>>().await })?;
-        let metas = metas.map_err(|e| self.error("listing", e))?;
-        let stale = SystemTime::now() - older_than.saturating_add(self.lease);
-        let mut removed = 0;
-        for meta in metas {
-            let modified = system_time(&meta);
-            if meta.location.as_ref().ends_with(LEASE_SUFFIX) && modified < stale {
-                let objects = Arc::clone(&self.objects);
-                if self
-                    .run(async move { objects.delete(&meta.location).await })?
-                    .is_ok()
-                {
-                    removed += 1;
-                }
-            }
-        }
-        Ok(removed)
     }
 
     /// Every object below `prefix` (default: the whole cache).
@@ -825,24 +830,15 @@ impl RemoteStore {
         .map_err(|e| self.error("removing from", e))
     }
 
-    /// The first bytes of many objects, concurrently (in the order given).
+    /// The first `len` bytes of many objects, concurrently (in the order given); `None` for an
+    /// object that could not be read.
     fn heads_of(&self, paths: Vec<ObjectPath>, len: u64) -> Result<Vec<Option<Vec<u8>>>, Error> {
         let objects = Arc::clone(&self.objects);
         self.run(async move {
             futures::stream::iter(paths)
                 .map(|path| {
                     let objects = Arc::clone(&objects);
-                    async move {
-                        let got = if len == u64::MAX {
-                            match objects.get(&path).await {
-                                Ok(got) => got.bytes().await,
-                                Err(e) => Err(e),
-                            }
-                        } else {
-                            objects.get_range(&path, 0..len).await
-                        };
-                        got.ok().map(Vec::from)
-                    }
+                    async move { objects.get_range(&path, 0..len).await.ok().map(Vec::from) }
                 })
                 .buffered(CONCURRENT)
                 .collect::<Vec<_>>()
@@ -906,17 +902,21 @@ impl RemoteStore {
         ))?;
         let shown = self.display(&path);
         match self.get(path) {
-            Ok(Some(bytes)) => {
+            Ok(Some((bytes, _))) => {
                 String::from_utf8(bytes).map_err(|e| self.error("reading a source text from", e))
             }
             Ok(None) => Err(self.error(
                 "reading from",
                 format!("{} does not exist", shown.display()),
             )),
-            Err(failure) => Err(self.outage_of(failure, "reading from")),
+            Err(failure) => Err(self.failure("reading from", failure)),
         }
     }
 
+    /// Checks every entry on the server, 16 at a time, keeping only the verdicts. An entry that
+    /// cannot be read (the network, the server) fails the verification rather than being
+    /// reported broken, so that `--fix` never removes an entry for a passing failure; so does a
+    /// secret that no entry carries (most likely not the cache's).
     fn verify(&self) -> Result<VerifyReport, Error> {
         let mut report = VerifyReport::default();
         let mut checked = Vec::new();
@@ -929,19 +929,58 @@ impl RemoteStore {
                 checked.push(meta.location.clone());
             }
         }
-        let contents = self.heads_of(checked.clone(), u64::MAX)?;
-        for (path, bytes) in checked.iter().zip(contents) {
-            let name = path.as_ref().rsplit('/').next().unwrap_or_default();
-            let verdict = match (decode_hex_key(name), bytes) {
-                (None, _) => Err("not an entry name".to_owned()),
-                (_, None) => Err("could not be read".to_owned()),
-                (Some(key), Some(bytes)) => self.check(&bytes, &key).map(drop),
-            };
+        let objects = Arc::clone(&self.objects);
+        let mac_key = self.mac_key;
+        let verdicts = self.run(async move {
+            futures::stream::iter(checked)
+                .map(|path| {
+                    let objects = Arc::clone(&objects);
+                    async move {
+                        let name = path.as_ref().rsplit('/').next().unwrap_or_default();
+                        let Some(key) = decode_hex_key(name) else {
+                            return Ok(Some((path, Err("not an entry name".to_owned()))));
+                        };
+                        let bytes = match objects.get(&path).await {
+                            Ok(got) => got.bytes().await,
+                            Err(e) => Err(e),
+                        };
+                        match bytes {
+                            Ok(bytes) => {
+                                let verdict = check_entry(mac_key.as_ref(), &bytes, &key);
+                                Ok(Some((path, verdict.map(drop))))
+                            }
+                            // Removed meanwhile.
+                            Err(object_store::Error::NotFound { .. }) => Ok(None),
+                            Err(e) => Err(e),
+                        }
+                    }
+                })
+                .buffer_unordered(CONCURRENT)
+                .try_filter_map(|verdict| async move { Ok(verdict) })
+                .try_collect::<Vec<_>>()
+                .await
+        })?;
+        let verdicts = verdicts.map_err(|e| self.error("verifying", e))?;
+        let mut wrong_mac = 0;
+        for (path, verdict) in verdicts {
             match verdict {
                 Ok(()) => report.valid += 1,
-                Err(reason) => report.broken.push((self.display(path), reason)),
+                Err(reason) => {
+                    wrong_mac += usize::from(reason.contains("MAC"));
+                    report.broken.push((self.display(&path), reason));
+                }
             }
         }
+        if self.mac_key.is_some() && report.valid == 0 && wrong_mac > 0 {
+            return Err(self.error(
+                "verifying",
+                format!(
+                    "no entry carries a MAC of this secret ({wrong_mac} carry another or none): \
+                     is {MEMO_SECRET} the one this cache is written with?"
+                ),
+            ));
+        }
+        report.broken.sort();
         Ok(report)
     }
 
@@ -954,6 +993,54 @@ impl RemoteStore {
         }
         Ok(assemble_listing(listed))
     }
+}
+
+/// Checks remote bytes for `key` and returns the length of the entry in them (without the
+/// MAC): header, key and checksum always; the MAC when `mac_key` is given.
+fn check_entry(
+    mac_key: Option<&[u8; 32]>,
+    bytes: &[u8],
+    key: &crate::key::CacheKey,
+) -> Result<usize, String> {
+    let header = entry::decode_header(bytes).map_err(|e| e.to_string())?;
+    let entry_len = usize::try_from(header.payload_len)
+        .ok()
+        .and_then(|n| n.checked_add(HEADER_LEN))
+        .ok_or("the header claims an impossible length")?;
+    let has_mac = match bytes.len().checked_sub(entry_len) {
+        Some(0) => false,
+        Some(MAC_LEN) => true,
+        _ => {
+            return Err(format!(
+                "{} bytes, where the header claims {entry_len} (plus {MAC_LEN} with a MAC)",
+                bytes.len()
+            ))
+        }
+    };
+    if let Some(mac_key) = mac_key {
+        if !has_mac {
+            return Err(
+                "no MAC, and this cache requires entries authenticated by its secret".into(),
+            );
+        }
+        let expected = blake3::keyed_hash(mac_key, &bytes[..entry_len]);
+        let mut found = [0u8; MAC_LEN];
+        found.copy_from_slice(&bytes[entry_len..]);
+        // `blake3::Hash` compares in constant time.
+        if expected != blake3::Hash::from_bytes(found) {
+            return Err("its MAC is wrong: not written with this cache's secret".into());
+        }
+    }
+    entry::decode(&bytes[..entry_len], key).map_err(|e| e.to_string())?;
+    Ok(entry_len)
+}
+
+/// The owner a lease names.
+fn lease_owner(body: &[u8]) -> Option<&str> {
+    std::str::from_utf8(body)
+        .ok()?
+        .lines()
+        .find_map(|line| line.strip_prefix("owner="))
 }
 
 fn system_time(meta: &ObjectMeta) -> SystemTime {
@@ -989,7 +1076,7 @@ enum Claim {
 pub(crate) struct Lease {
     remote: Arc<RemoteStore>,
     path: ObjectPath,
-    /// Set when a renewal failed: the lease may be another machine's now.
+    /// Set when a renewal was refused: the lease may be another machine's now.
     lost: Arc<AtomicBool>,
     renewal: Option<tokio::task::JoinHandle<()>>,
 }
@@ -1003,14 +1090,13 @@ impl fmt::Debug for Lease {
 }
 
 impl Lease {
-    fn start(remote: &Arc<RemoteStore>, path: ObjectPath, tag: Option<String>) -> Self {
-        let tag = Arc::new(Mutex::new(tag));
+    fn start(remote: &Arc<RemoteStore>, path: ObjectPath, version: UpdateVersion) -> Self {
         let lost = Arc::new(AtomicBool::new(false));
         let renewal = remote.runtime.as_ref().map(|runtime| {
             let renew = renew(
                 Arc::downgrade(remote),
                 path.clone(),
-                Arc::clone(&tag),
+                version,
                 Arc::clone(&lost),
             );
             runtime.spawn(renew)
@@ -1025,39 +1111,49 @@ impl Lease {
 }
 
 /// Renews a lease every third of its length, until it is dropped (which aborts this) or a
-/// renewal fails.
+/// renewal is refused. A renewal that fails for another reason (the network, a busy server) is
+/// tried again sooner.
 async fn renew(
     store: std::sync::Weak<RemoteStore>,
     path: ObjectPath,
-    tag: Arc<Mutex<Option<String>>>,
+    mut version: UpdateVersion,
     lost: Arc<AtomicBool>,
 ) {
+    let Some(every) = store.upgrade().map(|s| s.lease / 3) else {
+        return;
+    };
+    let mut wait = every;
     loop {
-        let Some(every) = store.upgrade().map(|s| s.lease / 3) else {
-            return;
-        };
-        tokio::time::sleep(every).await;
+        tokio::time::sleep(wait).await;
         let Some(store) = store.upgrade() else {
             return;
         };
-        let current = tag.lock().unwrap_or_else(PoisonError::into_inner).clone();
-        let mode = PutMode::Update(UpdateVersion {
-            e_tag: current,
-            version: None,
-        });
-        let body = PutPayload::from(store.lease_body());
-        match store
+        let mode = PutMode::Update(version.clone());
+        let result = store
             .objects
-            .put_opts(&path, body, PutOptions::from(mode))
-            .await
-        {
-            Ok(put) => *tag.lock().unwrap_or_else(PoisonError::into_inner) = put.e_tag,
-            Err(error) => {
-                // Taken over (this machine was unreachable for a whole lease) or unreachable now:
-                // the computation goes on; its result is still written with a conditional create.
-                tracing::debug!(target: "memo", "renewing the lease {path}: {error}");
+            .put_opts(&path, store.lease_body(), PutOptions::from(mode))
+            .await;
+        match result {
+            Ok(put) => {
+                version = UpdateVersion {
+                    e_tag: put.e_tag,
+                    version: put.version,
+                };
+                wait = every;
+            }
+            Err(
+                error @ (object_store::Error::Precondition { .. }
+                | object_store::Error::NotFound { .. }),
+            ) => {
+                // Taken over (this machine could not renew it for a whole lease): the
+                // computation goes on; its result is still written with a conditional create.
+                tracing::debug!(target: "memo", "the lease {path} was taken over: {error}");
                 lost.store(true, Ordering::Relaxed);
                 return;
+            }
+            Err(error) => {
+                tracing::debug!(target: "memo", "renewing the lease {path}: {error}");
+                wait = every / 4;
             }
         }
     }
@@ -1068,22 +1164,37 @@ impl Drop for Lease {
         if let Some(renewal) = self.renewal.take() {
             renewal.abort();
         }
-        // Removed unless a renewal failed (then it may be another machine's now). Best effort:
-        // a lease left behind expires.
-        if self.lost.load(Ordering::Relaxed) {
+        // Removed unless it may be another machine's now, or the store is paused after a
+        // failure (a lease left behind expires; waiters that see the value stored after it do
+        // not wait for that). On a thread of an async runtime the removal is sent without
+        // waiting, so that an executor is never blocked; elsewhere it is waited for, so that a
+        // process that exits right after does not leave it behind.
+        if self.lost.load(Ordering::Relaxed) || !self.remote.usable() {
             return;
         }
         let (objects, path) = (Arc::clone(&self.remote.objects), self.path.clone());
-        let _ = self.remote.run(async move { objects.delete(&path).await });
+        let remove = async move { objects.delete(&path).await };
+        if tokio::runtime::Handle::try_current().is_ok() {
+            if let Some(runtime) = &self.remote.runtime {
+                drop(runtime.spawn(remove));
+            }
+        } else {
+            let _ = self.remote.run(remove);
+        }
     }
 }
 
 /// The local folder in front of a remote store: what [`Memory`](crate::Memory) uses for a
 /// remote cache. Values are read locally first and written to both; management (listing,
-/// verification, eviction by the inspector) works on the remote store, the shared one.
+/// verification, eviction by the inspector) works on the remote store, the shared one, and
+/// clearing works on both.
 #[derive(Debug)]
 pub(crate) struct Tiered {
-    pub(crate) local: DirStore,
+    pub(crate) local: Arc<DirStore>,
+    pub(crate) local_dir: PathBuf,
+    pub(crate) local_limit: Option<u64>,
+    /// Bytes copied from the remote store into the local folder since the last size check.
+    fetched_since_check: AtomicU64,
     remote: Arc<RemoteStore>,
 }
 
@@ -1095,16 +1206,12 @@ impl Tiered {
         operation: impl FnOnce(&Arc<RemoteStore>) -> Result<T, Error>,
     ) -> Result<Option<T>, Error> {
         let strict = self.remote.strict.load(Ordering::Relaxed);
-        if !strict && !self.remote.usable() {
+        if !self.remote.usable() && !strict {
             return Ok(None);
         }
         match operation(&self.remote) {
             Ok(value) => {
-                *self
-                    .remote
-                    .down_until
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner) = None;
+                self.remote.succeeded();
                 Ok(Some(value))
             }
             Err(error) => {
@@ -1116,6 +1223,21 @@ impl Tiered {
                 }
             }
         }
+    }
+
+    /// Counts bytes copied into the local folder; past the check interval of its size limit,
+    /// enforces the limit in the background (as stores do, see `Memory::bytes_limit`).
+    fn note_fetched(&self, bytes: u64) {
+        let Some(limit) = self.local_limit else {
+            return;
+        };
+        let since = self.fetched_since_check.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        if since < crate::gc::check_interval(limit) {
+            return;
+        }
+        self.fetched_since_check.store(0, Ordering::Relaxed);
+        let local: Arc<dyn Store> = Arc::clone(&self.local) as Arc<dyn Store>;
+        crate::gc::enforce_in_background(local, self.local_dir.clone(), limit);
     }
 }
 
@@ -1135,10 +1257,13 @@ impl Store for Tiered {
         let Some(Some(bytes)) = self.remote(|remote| remote.read(at))? else {
             return Ok(None);
         };
-        // Kept locally, so that the next hit is a local read.
+        // Checked, without its MAC: kept locally, so that the next hit is a local read.
         let (header, payload) = bytes.split_at(HEADER_LEN);
-        if let Err(error) = self.local.write(at, header, payload) {
-            tracing::debug!(target: "memo", "keeping a remote entry locally: {error}");
+        match self.local.write(at, header, payload) {
+            Ok(()) => self.note_fetched(bytes.len() as u64),
+            Err(error) => {
+                tracing::debug!(target: "memo", "keeping a remote entry locally: {error}")
+            }
         }
         Ok(Some(EntryBytes::Heap(bytes)))
     }
@@ -1164,7 +1289,7 @@ impl Store for Tiered {
     }
 
     fn lock(&self, at: &EntryAddress<'_>, timeout: Option<Duration>) -> Result<Acquired, Error> {
-        let deadline = timeout.map(|t| Instant::now() + t);
+        let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
         let Acquired::Lock { lock, waited } = self.local.lock(at, timeout)? else {
             return Ok(Acquired::TimedOut);
         };
@@ -1190,27 +1315,25 @@ impl Store for Tiered {
         }
     }
 
+    /// The local folder's clean-up only: a lease left on the server by a machine that died is
+    /// taken over when its key is next needed, and listing the server on every first store
+    /// would cost every process of a job array a full listing.
     fn clean_version(
         &self,
         function: &str,
         version: &str,
         older_than: Duration,
     ) -> Result<Cleanup, Error> {
-        let mut cleanup = self.local.clean_version(function, version, older_than)?;
-        if let Some(leases) =
-            self.remote(|remote| remote.clean_leases(function, version, older_than))?
-        {
-            cleanup.lock_files += leases;
-        }
-        Ok(cleanup)
+        self.local.clean_version(function, version, older_than)
     }
 
     fn verify(&self) -> Result<VerifyReport, Error> {
         self.remote.verify()
     }
 
+    /// The local folder's versions (what [`Store::clean_version`] cleans).
     fn versions(&self) -> Vec<(String, String)> {
-        self.remote.versions().unwrap_or_default()
+        self.local.versions()
     }
 
     fn listing(&self) -> Result<Vec<Listed>, Error> {
@@ -1245,7 +1368,7 @@ impl Store for Tiered {
         self.remote.delete_all(self.remote.root.clone())
     }
 
-    fn remove_entry(&self, path: &Path) -> Result<(), Error> {
+    fn remove_entry(&self, path: &Path) -> Result<bool, Error> {
         let Some(object) = self.remote.object_of(path) else {
             return self.local.remove_entry(path);
         };
@@ -1254,7 +1377,8 @@ impl Store for Tiered {
             .remote
             .run(async move { objects.delete(&object).await })?
         {
-            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Ok(()) => Ok(true),
+            Err(object_store::Error::NotFound { .. }) => Ok(false),
             Err(e) => Err(self.remote.error("removing from", e)),
         }
     }

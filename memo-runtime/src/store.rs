@@ -105,9 +105,9 @@ pub(crate) trait Store: Send + Sync {
     fn remove_version(&self, function: &str, version: &str) -> Result<(), Error>;
     /// Removes everything memo stored.
     fn clear(&self) -> Result<(), Error>;
-    /// Removes one entry, named by the path a listing or a verification gave for it; an entry
-    /// already gone is not an error.
-    fn remove_entry(&self, path: &Path) -> Result<(), Error>;
+    /// Removes one entry, named by the path a listing or a verification gave for it; whether
+    /// it was there (an entry already gone is not an error).
+    fn remove_entry(&self, path: &Path) -> Result<bool, Error>;
     /// Where the cache lives, as a URL, when it is not (only) a local folder.
     fn remote_url(&self) -> Option<&str> {
         None
@@ -1008,10 +1008,10 @@ impl Store for DirStore {
         remove_dir(&self.base)
     }
 
-    fn remove_entry(&self, path: &Path) -> Result<(), Error> {
+    fn remove_entry(&self, path: &Path) -> Result<bool, Error> {
         match fs::remove_file(path) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
             Err(e) => Err(Error::io("removing cache entry", path, e)),
         }
     }
