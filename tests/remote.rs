@@ -651,6 +651,59 @@ fn an_expired_entry_on_the_server_is_recomputed_once_and_replaced() {
     assert_eq!(computations(&dir.join("counter")), BTreeMap::from([(6, 2)]));
 }
 
+static ASYNC_SHARED: Late = Late(OnceLock::new());
+static FETCHES: AtomicUsize = AtomicUsize::new(0);
+
+#[cached(memory = ASYNC_SHARED)]
+async fn fetch_page(id: u64) -> String {
+    FETCHES.fetch_add(1, Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    format!("page {id}")
+}
+
+#[test]
+fn async_functions_share_through_the_server_inside_a_tokio_runtime() {
+    let moto = Moto::start();
+    let dir = fresh_dir("remote-async");
+    let memory = RemoteConfig::new(format!("s3://{BUCKET}/async"))
+        .option("aws_endpoint", moto.endpoint())
+        .option("aws_allow_http", "true")
+        .option("aws_access_key_id", "test")
+        .option("aws_secret_access_key", "test")
+        .option("aws_region", "us-east-1")
+        .local_dir(dir.join("local"))
+        .build()
+        .unwrap()
+        .memory_tier(0);
+    assert!(ASYNC_SHARED.0.set(memory).is_ok());
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        // Four tasks on one key: computed once, its lease taken and released on the way.
+        let tasks: Vec<_> = (0..4).map(|_| tokio::spawn(fetch_page(1))).collect();
+        for task in tasks {
+            assert_eq!(task.await.unwrap(), "page 1");
+        }
+        assert_eq!(fetch_page(2).await, "page 2");
+    });
+    assert_eq!(FETCHES.load(Ordering::Relaxed), 2);
+    // The values are on the server: with the local folder gone, they are fetched, not computed.
+    std::fs::remove_dir_all(dir.join("local")).unwrap();
+    runtime.block_on(async {
+        assert_eq!(fetch_page(1).await, "page 1");
+        assert_eq!(fetch_page(2).await, "page 2");
+    });
+    assert_eq!(FETCHES.load(Ordering::Relaxed), 2);
+    assert_eq!(
+        ASYNC_SHARED.as_memory().functions().unwrap()[0].entries(),
+        2
+    );
+    drop(runtime);
+}
+
 /// Waits until the machines have started `n` computations.
 fn wait_for_computations(counter: &Path, n: usize) {
     let started = Instant::now();
