@@ -404,9 +404,10 @@ impl RemoteStore {
             .secret
             .as_ref()
             .map(|secret| blake3::derive_key("memo remote entry MAC v1", secret));
-        let nonce = blake3::hash(
-            format!("{:?}{:?}", SystemTime::now(), std::thread::current().id()).as_bytes(),
-        );
+        // Unique per store: two stores of one process (two `Memory` values) are two owners.
+        static STORES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let nth = STORES.fetch_add(1, Ordering::Relaxed);
+        let nonce = blake3::hash(format!("{:?} {nth}", SystemTime::now()).as_bytes());
         let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "host".to_owned());
         Ok(RemoteStore {
             objects,
