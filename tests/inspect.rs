@@ -7,12 +7,12 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::sync::LazyLock;
 use std::time::{Duration, SystemTime};
 
-use common::{entry_files, fresh_dir};
+use common::{entry_files, fresh_dir, inspector};
 use memo::prelude::*;
 use serde_json::Value;
 
@@ -31,26 +31,6 @@ fn alpha(x: u64) -> u64 {
 #[cached(memory = MEMORY)]
 fn beta(text: String) -> Vec<u8> {
     text.into_bytes()
-}
-
-/// The inspector binary, built with the examples by `cargo test`.
-fn inspector() -> PathBuf {
-    let debug = std::env::current_exe()
-        .unwrap()
-        .parent()
-        .and_then(Path::parent)
-        .unwrap()
-        .to_path_buf();
-    let binary = debug
-        .join("examples")
-        .join(format!("inspect{}", std::env::consts::EXE_SUFFIX));
-    assert!(
-        binary.exists(),
-        "{} is missing: `cargo test` builds the examples (a filtered `cargo test --test inspect` \
-         does not; run `cargo build --example inspect` first)",
-        binary.display()
-    );
-    binary
 }
 
 fn inspect(args: &[&str]) -> Output {

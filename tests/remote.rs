@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{LazyLock, OnceLock};
 use std::time::{Duration, Instant};
 
-use common::{append_line, child_test, entry_files, fresh_dir};
+use common::{append_line, child_test, entry_files, fresh_dir, inspector};
 use memo::prelude::*;
 use memo::remote::RemoteConfig;
 use memo::AsMemory;
@@ -375,25 +375,6 @@ fn a_secret_keeps_results_planted_without_it_out() {
     assert!(text(&output).contains("misses=1"), "{}", text(&output));
 }
 
-/// The inspector binary, built with the examples by `cargo test`.
-fn inspector() -> PathBuf {
-    let debug = std::env::current_exe()
-        .unwrap()
-        .parent()
-        .and_then(Path::parent)
-        .unwrap()
-        .to_path_buf();
-    let binary = debug
-        .join("examples")
-        .join(format!("inspect{}", std::env::consts::EXE_SUFFIX));
-    assert!(
-        binary.exists(),
-        "{} is missing: `cargo test --features remote` builds the examples",
-        binary.display()
-    );
-    binary
-}
-
 /// Runs the inspector on the server's `prefix` and parses its `--json` output.
 fn inspect(moto: &Moto, prefix: &str, args: &[&str]) -> serde_json::Value {
     let output = Command::new(inspector())
@@ -577,6 +558,16 @@ fn a_server_that_never_answers_times_out_and_the_program_goes_on() {
     );
 }
 
+/// A remote cache on the server's `prefix`, configured in code.
+fn config_for(moto: &Moto, prefix: &str) -> RemoteConfig {
+    RemoteConfig::new(format!("s3://{BUCKET}/{prefix}"))
+        .option("aws_endpoint", moto.endpoint())
+        .option("aws_allow_http", "true")
+        .option("aws_access_key_id", "test")
+        .option("aws_secret_access_key", "test")
+        .option("aws_region", "us-east-1")
+}
+
 /// A cache made at run time (the server's port is known only then).
 struct Late(OnceLock<Memory>);
 
@@ -599,12 +590,7 @@ fn block(x: u64) -> Vec<u8> {
 fn the_local_folder_keeps_its_own_size_limit_and_the_server_keeps_everything() {
     let moto = Moto::start();
     let dir = fresh_dir("remote-limit");
-    let memory = RemoteConfig::new(format!("s3://{BUCKET}/limit"))
-        .option("aws_endpoint", moto.endpoint())
-        .option("aws_allow_http", "true")
-        .option("aws_access_key_id", "test")
-        .option("aws_secret_access_key", "test")
-        .option("aws_region", "us-east-1")
+    let memory = config_for(&moto, "limit")
         .local_dir(dir.join("local"))
         .local_limit(Some(256 << 10))
         .build()
@@ -665,12 +651,7 @@ async fn fetch_page(id: u64) -> String {
 fn async_functions_share_through_the_server_inside_a_tokio_runtime() {
     let moto = Moto::start();
     let dir = fresh_dir("remote-async");
-    let memory = RemoteConfig::new(format!("s3://{BUCKET}/async"))
-        .option("aws_endpoint", moto.endpoint())
-        .option("aws_allow_http", "true")
-        .option("aws_access_key_id", "test")
-        .option("aws_secret_access_key", "test")
-        .option("aws_region", "us-east-1")
+    let memory = config_for(&moto, "async")
         .local_dir(dir.join("local"))
         .build()
         .unwrap()

@@ -343,38 +343,23 @@ impl RemoteStore {
         };
         let bucket_url = format!("{scheme}://{bucket}");
         let bad = |e: object_store::Error| config_error(format!("remote store `{url}`: {e}"));
+        // The same settings for every provider's builder.
+        macro_rules! configured {
+            ($builder:expr) => {{
+                let mut builder = $builder.with_url(bucket_url).with_retry(retry);
+                for (key, value) in &settings {
+                    builder = builder.with_config(key.parse().map_err(bad)?, value);
+                }
+                Arc::new(builder.build().map_err(bad)?)
+            }};
+        }
         let objects: Arc<dyn ObjectStore> = match scheme {
-            "s3" | "s3a" => {
-                let mut builder = object_store::aws::AmazonS3Builder::from_env()
-                    .with_url(bucket_url)
-                    .with_retry(retry);
-                for (key, value) in &settings {
-                    let key = key.parse().map_err(bad)?;
-                    builder = builder.with_config(key, value);
-                }
-                Arc::new(builder.build().map_err(bad)?)
-            }
+            "s3" | "s3a" => configured!(object_store::aws::AmazonS3Builder::from_env()),
             #[cfg(feature = "remote-gcp")]
-            "gs" => {
-                let mut builder = object_store::gcp::GoogleCloudStorageBuilder::from_env()
-                    .with_url(bucket_url)
-                    .with_retry(retry);
-                for (key, value) in &settings {
-                    let key = key.parse().map_err(bad)?;
-                    builder = builder.with_config(key, value);
-                }
-                Arc::new(builder.build().map_err(bad)?)
-            }
+            "gs" => configured!(object_store::gcp::GoogleCloudStorageBuilder::from_env()),
             #[cfg(feature = "remote-azure")]
             "az" | "abfs" | "abfss" | "azure" => {
-                let mut builder = object_store::azure::MicrosoftAzureBuilder::from_env()
-                    .with_url(bucket_url)
-                    .with_retry(retry);
-                for (key, value) in &settings {
-                    let key = key.parse().map_err(bad)?;
-                    builder = builder.with_config(key, value);
-                }
-                Arc::new(builder.build().map_err(bad)?)
+                configured!(object_store::azure::MicrosoftAzureBuilder::from_env())
             }
             other => {
                 return Err(config_error(format!(

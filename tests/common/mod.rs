@@ -108,3 +108,23 @@ impl Counter {
         self.0.load(Ordering::SeqCst)
     }
 }
+
+/// The inspector binary, built with the examples by `cargo test`.
+pub fn inspector() -> PathBuf {
+    let debug = std::env::current_exe()
+        .unwrap()
+        .parent()
+        .and_then(Path::parent)
+        .unwrap()
+        .to_path_buf();
+    let binary = debug
+        .join("examples")
+        .join(format!("inspect{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        binary.exists(),
+        "{} is missing: `cargo test` builds the examples (a filtered `cargo test --test inspect` \
+         does not; run `cargo build --example inspect` first)",
+        binary.display()
+    );
+    binary
+}
