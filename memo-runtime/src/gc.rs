@@ -284,7 +284,6 @@ pub(crate) struct Candidate {
     pub last_used: SystemTime,
 }
 
-/// Runs [`Memory::reduce_size`] on a store (and its location, for the eviction log).
 /// How many bytes may be stored between two checks of a size limit: a tenth of it, at least
 /// 1 MiB.
 pub(crate) fn check_interval(limit: u64) -> u64 {
@@ -308,6 +307,7 @@ pub(crate) fn enforce_in_background(
     drop(spawned);
 }
 
+/// Runs [`Memory::reduce_size`] on a store (and its location, for the eviction log).
 pub(crate) fn reduce_size(
     store: &dyn Store,
     location: &Path,
@@ -347,7 +347,7 @@ pub(crate) fn reduce_size(
     let mut log = String::new();
     for (candidate, reason) in planned {
         if !limits.dry_run {
-            // Gone already (another process evicted it): nothing to do.
+            // An entry already gone (another process evicted it) is not an error.
             store.remove_entry(&candidate.path)?;
             let secs = SystemTime::now()
                 .duration_since(UNIX_EPOCH)

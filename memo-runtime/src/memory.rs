@@ -188,9 +188,10 @@ impl Memory {
     /// [`RemoteConfig`](crate::remote::RemoteConfig) and `docs/REMOTE.md`.
     ///
     /// Values are read from the local folder first and written to both. What manages a cache
-    /// works on the shared, remote store: [`Memory::functions`], [`Memory::entries`],
-    /// [`Memory::verify`], [`Memory::reduce_size`] (the inspector's `gc`) evict from it for
-    /// every machine; [`Memory::clear`] and [`Memory::clear_function`] empty both. The size
+    /// works on the shared, remote store: [`Memory::functions`], [`Memory::entries`] and
+    /// [`Memory::verify`] list and check it, [`Memory::reduce_size`] (the inspector's `gc`)
+    /// evicts from it for every machine, [`Memory::clear`] and [`Memory::clear_function`] empty
+    /// it and the local folder. The size
     /// limit of the local folder ([`Memory::bytes_limit`], from
     /// [`RemoteConfig::local_limit`](crate::remote::RemoteConfig::local_limit)) is enforced on
     /// it alone; [`Memory::location`] is that folder.
