@@ -353,9 +353,17 @@ fn stats(memory: &Memory, json: bool) -> Result<(), Failure> {
     let entries: usize = functions.iter().map(FunctionInfo::entries).sum();
     let bytes: u64 = functions.iter().map(FunctionInfo::bytes).sum();
     let compute: Duration = functions.iter().map(FunctionInfo::compute_time).sum();
+    // A remote cache by its URL, else the folder.
+    let location = match memory.remote_url() {
+        Some(url) => url.to_owned(),
+        None => memory
+            .location()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default(),
+    };
     if json {
         let totals = serde_json::json!({
-            "cache": memory.remote_url().map(str::to_owned).or_else(|| memory.location().map(|p| p.display().to_string())),
+            "cache": location,
             "functions": functions.len(),
             "versions": versions,
             "entries": entries,
@@ -365,13 +373,6 @@ fn stats(memory: &Memory, json: bool) -> Result<(), Failure> {
         println!("{}", serde_json::to_string_pretty(&totals)?);
         return Ok(());
     }
-    let location = match memory.remote_url() {
-        Some(url) => url.to_owned(),
-        None => memory
-            .location()
-            .map(|p| p.display().to_string())
-            .unwrap_or_default(),
-    };
     println!("cache:          {location}");
     println!("functions:      {}", functions.len());
     println!("versions:       {versions}");
