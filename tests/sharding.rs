@@ -142,32 +142,36 @@ fn shards_run_one_after_another_compute_every_item_once() {
     let mut done = 0;
     for index in 1..=4 {
         let shard = shard(index, 4);
-        let outcome = items
-            .par_cached_map(split)
-            .shard(shard)
-            .jobs(3)
-            .run()
-            .unwrap();
-        assert_eq!(outcome.shard, Some(shard));
+        let run = items.par_cached_map(split).shard(shard).jobs(3).run();
+        // (from cache, computed, left to other shards), from the outcome or the error.
+        let (from_cache, computed, left) = match &run {
+            Ok(outcome) => {
+                assert_eq!(outcome.shard, Some(shard));
+                assert_eq!(
+                    outcome.results, expected,
+                    "the last shard completes the map"
+                );
+                (outcome.from_cache, outcome.computed, 0)
+            }
+            Err(error) => {
+                assert!(error.awaits_other_shards(), "{error}");
+                assert_eq!(error.shard, Some(shard));
+                (
+                    error.from_cache,
+                    error.computed,
+                    error.left_to_other_shards.len(),
+                )
+            }
+        };
         assert_eq!(
-            outcome.from_cache, done,
+            from_cache, done,
             "shard {shard} is served what the shards before it computed"
         );
-        assert!(
-            outcome.computed > 0,
-            "shard {shard} has a share of 40 items"
-        );
-        done += outcome.computed;
+        assert!(computed > 0, "shard {shard} has a share of 40 items");
+        done += computed;
         assert_eq!(SPLIT.total(), done, "shard {shard} computed only its share");
-        assert_eq!(outcome.left_to_other_shards, 40 - done, "shard {shard}");
-        if index < 4 {
-            assert!(outcome.results.is_empty(), "shard {shard} is not complete");
-        } else {
-            assert_eq!(
-                outcome.results, expected,
-                "the last shard completes the map"
-            );
-        }
+        assert_eq!(left, 40 - done, "shard {shard}");
+        assert_eq!(run.is_ok(), index == 4, "only the last shard is complete");
     }
     for &x in &items {
         assert_eq!(SPLIT.of(x), 1, "item {x} is computed by exactly one shard");
@@ -177,7 +181,7 @@ fn shards_run_one_after_another_compute_every_item_once() {
     let gather = items.par_cached_map(split).no_shard().run().unwrap();
     assert_eq!(gather.results, expected);
     assert_eq!((gather.computed, gather.from_cache), (0, 40));
-    assert_eq!((gather.left_to_other_shards, gather.shard), (0, None));
+    assert_eq!(gather.shard, None);
     assert_eq!(SPLIT.total(), 40);
 }
 
@@ -232,11 +236,9 @@ fn a_shard_whose_others_have_not_run_returns_an_error_naming_what_they_left() {
 
     // Once the other shards ran, the same shard collects everything, computing nothing.
     for index in [1, 3] {
-        items
-            .par_cached_map(part)
-            .shard(shard(index, 3))
-            .run()
-            .unwrap();
+        // Shard 1 still misses shard 3's items (an error that awaits them); shard 3 has all.
+        let run = items.par_cached_map(part).shard(shard(index, 3)).run();
+        assert_eq!(run.is_ok(), index == 3);
     }
     assert_eq!(PART.total(), 30);
     let all: Vec<u64> = items.par_cached_map(part).shard(second).collect();
@@ -264,8 +266,9 @@ fn a_shard_that_finishes_after_the_others_returns_everything() {
             if calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == items.len() {
                 thread::scope(|scope| {
                     scope.spawn(|| {
-                        let other = items.par_cached_map(late).shard(shard(2, 2)).run();
-                        assert_eq!(other.unwrap().left_to_other_shards, 24 - LATE.total());
+                        let other = items.par_cached_map(late).shard(shard(2, 2)).try_collect();
+                        let left = other.unwrap_err().left_to_other_shards.len();
+                        assert_eq!(left, 24 - LATE.total());
                     });
                 });
             }
@@ -275,7 +278,6 @@ fn a_shard_that_finishes_after_the_others_returns_everything() {
         .jobs(1)
         .run()
         .unwrap();
-    assert_eq!(outcome.left_to_other_shards, 0);
     assert_eq!(
         outcome.results,
         items.iter().map(|x| x * 5).collect::<Vec<_>>()
@@ -354,65 +356,111 @@ fn equal_items_land_in_one_shard_whatever_the_order() {
 }
 
 #[test]
-fn items_of_a_closure_without_cached_calls_are_split_by_position() {
-    let error = (0..12u64)
-        .par_cached_map(|x| x * 2)
-        .shard(shard(2, 4))
-        .jobs(1)
-        .progress(false)
-        .try_collect()
-        .unwrap_err();
-    assert!(error.awaits_other_shards(), "{error}");
-    for i in 0..12 {
-        if i % 4 == 1 {
-            assert_eq!(
-                error.partial[i],
-                Some(2 * i as u64),
-                "item {i} is shard 2's"
-            );
-        }
-        if error.left_to_other_shards.contains(&i) {
-            assert_ne!(i % 4, 1, "item {i} is shard 2's");
-            assert_eq!(error.partial[i], None);
-        }
+fn items_of_a_closure_without_cached_calls_are_computed_by_every_shard() {
+    // Nothing of them can be shared: each shard computes them all, and is complete.
+    for index in 1..=4 {
+        let outcome = (0..12u64)
+            .par_cached_map(|x| x * 2)
+            .shard(shard(index, 4))
+            .progress(false)
+            .run()
+            .unwrap();
+        assert_eq!(outcome.results, (0..12).map(|x| x * 2).collect::<Vec<_>>());
+        assert_eq!((outcome.computed, outcome.from_cache), (12, 0));
     }
-    // One shard of one is every item.
-    let all: Vec<u64> = (0..12u64)
-        .par_cached_map(|x| x * 2)
-        .shard(shard(1, 1))
-        .collect();
-    assert_eq!(all, (0..12).map(|x| x * 2).collect::<Vec<_>>());
+}
+
+static MIXED: Computations = Computations::new();
+
+#[cached(memory = MEMORY)]
+fn mixed(x: u64) -> u64 {
+    MIXED.record(x);
+    x + 7
 }
 
 #[test]
-fn a_failure_under_a_shard_is_reported_with_the_items_left() {
-    let error = (0..8u64)
-        .par_cached_map(|x| {
-            if x == 5 {
-                panic!("five is broken");
-            }
-            x
-        })
-        .shard(shard(2, 4))
-        .jobs(1)
-        .progress(false)
-        .try_collect()
-        .unwrap_err();
-    assert!(!error.awaits_other_shards());
-    assert_eq!(error.failures.len(), 1);
-    assert_eq!(error.failures[0].index, 5);
-    let message = error.to_string();
-    assert!(
-        message.starts_with(
-            "shard 2/4: 1 of 8 items failed (every other item of this shard finished and is \
-             cached):\n  item 5: five is broken\nbesides, "
-        ),
-        "{message}"
+fn a_closure_that_calls_a_cached_function_for_some_items_only_is_split_by_key() {
+    // Item 0 calls nothing cached: under a shard, the other items are still looked up and split
+    // by their keys (not all computed by whichever shard met item 0 first).
+    let f = |x: u64| if x == 0 { 0 } else { mixed(x) };
+    let items: Vec<u64> = (0..30).collect();
+    for index in 1..=3 {
+        let before = MIXED.total();
+        let _ = items.par_cached_map(f).shard(shard(index, 3)).jobs(2).run();
+        let share = MIXED.total() - before;
+        assert!(
+            share > 0 && share < 20,
+            "shard {index}/3 computed {share} of 29 items: only its share"
+        );
+    }
+    for x in 1..30 {
+        assert_eq!(MIXED.of(x), 1, "item {x} is computed by exactly one shard");
+    }
+    let all = items.par_cached_map(f).shard(shard(2, 3)).run().unwrap();
+    assert_eq!(
+        all.results,
+        (0..30)
+            .map(|x| if x == 0 { 0 } else { x + 7 })
+            .collect::<Vec<_>>()
     );
-    assert!(
-        message.ends_with("items belong to other shards and are not cached yet; run without a shard (or .no_shard()) once all shards are done to gather the results"),
-        "{message}"
+    assert_eq!(MIXED.total(), 29);
+}
+
+static FRAGILE: Computations = Computations::new();
+
+#[cached(memory = MEMORY)]
+fn fragile(x: u64) -> u64 {
+    FRAGILE.record(x);
+    assert!(x != 5, "five is broken");
+    x
+}
+
+#[test]
+fn a_failing_item_is_tried_and_reported_by_the_shard_that_owns_it_only() {
+    let items: Vec<u64> = (0..16).collect();
+    let mut reporters = Vec::new();
+    for index in 1..=4 {
+        let error = items
+            .par_cached_map(fragile)
+            .shard(shard(index, 4))
+            .jobs(1)
+            .progress(false)
+            .try_collect()
+            .unwrap_err();
+        if error.failures.is_empty() {
+            // Not its item: left to its shard, still missing at the end.
+            assert!(error.awaits_other_shards(), "{error}");
+            assert!(error.left_to_other_shards.contains(&5), "{error}");
+            continue;
+        }
+        reporters.push(index);
+        assert!(!error.awaits_other_shards());
+        assert_eq!(error.failures.len(), 1);
+        assert_eq!(error.failures[0].index, 5);
+        let message = error.to_string();
+        assert!(
+            message.starts_with(&format!(
+                "shard {index}/4: 1 of 16 items failed (every other item"
+            )),
+            "{message}"
+        );
+        assert!(message.contains("\n  item 5: five is broken"), "{message}");
+        if !error.left_to_other_shards.is_empty() {
+            assert!(
+                message.ends_with(
+                    "items belong to other shards and are not cached yet; run without a shard \
+                     (or .no_shard()) once all shards are done to gather the results"
+                ),
+                "{message}"
+            );
+        }
+    }
+    assert_eq!(
+        reporters.len(),
+        1,
+        "only the shard that owns item 5 reports it"
     );
+    assert_eq!(FRAGILE.of(5), 1, "item 5 is tried by its own shard only");
 }
 
 // --- Shards as processes: the test binary runs itself as the child. ---
@@ -438,8 +486,14 @@ fn expected_job_results() -> Vec<u64> {
 fn report(outcome: Result<MapOutcome<u64>, MapError<u64, u64>>) {
     match outcome {
         Ok(outcome) => println!(
-            "computed={} from_cache={} left={} results={:?}",
-            outcome.computed, outcome.from_cache, outcome.left_to_other_shards, outcome.results
+            "computed={} from_cache={} left=0 results={:?}",
+            outcome.computed, outcome.from_cache, outcome.results
+        ),
+        Err(error) if error.awaits_other_shards() => println!(
+            "computed={} from_cache={} left={}",
+            error.computed,
+            error.from_cache,
+            error.left_to_other_shards.len()
         ),
         Err(error) => println!(
             "error={error}\nshard_error={}",
@@ -611,6 +665,23 @@ fn four_processes_share_the_misses_then_a_fifth_gathers_the_results() {
         ITEMS as usize,
         "the gather computes nothing"
     );
+}
+
+#[test]
+fn with_the_cache_off_a_shard_computes_every_item_and_returns_them_all() {
+    // Nothing can be shared: each job is a plain parallel map, not an incomplete share forever.
+    let dir = fresh_dir("disabled-shard");
+    let (cache, counter) = (dir.join("cache"), dir.join("counter"));
+    let output = child(&cache, &counter, Some("2/4"), "collect")
+        .env("MEMO_DISABLE", "1")
+        .output()
+        .unwrap();
+    let stdout = stdout_of(output);
+    assert!(
+        stdout.contains(&format!("results={:?}", expected_job_results())),
+        "{stdout}"
+    );
+    assert_eq!(count_lines(&counter), ITEMS as usize);
 }
 
 #[test]

@@ -29,9 +29,19 @@
 //! A missed item belongs to shard `i` of `n` when the first 8 bytes of its cache key (the key of
 //! the first cached call it made that missed), read as a little-endian `u64`, are `i - 1` modulo
 //! `n`: the split does not depend on the order of the items, and equal items land in one shard.
-//! Items whose `f` calls no cached function (or runs with the cache disabled) have no key and are
-//! split by position instead. Once every shard is done, a run without a shard (or with
-//! [`CachedMap::no_shard`]) gathers the results, all hits, and computes whatever is still missing.
+//! So the first cached call of `f` should be the item's own (do shared set-up, such as loading a
+//! data set, before the map, or cache it first in one job): items whose first missed call is
+//! shared all land in one shard. Items without a key (`f` calls no cached function, or the cache
+//! is off) can share nothing: every shard computes them. After its share, a shard looks the other
+//! items up again: what the other shards stored meanwhile is a hit, so the shard that finishes
+//! last has every result; an item that fails there is left to its own shard to report. Once
+//! every shard is done, a run without a shard (or with [`CachedMap::no_shard`]) gathers the
+//! results, all hits, and computes whatever is still missing (a shard that failed or never ran).
+//!
+//! [`MEMO_SHARD`] applies to every map of the process, nested ones and those of libraries
+//! included; a map that must be complete inside a job takes [`CachedMap::no_shard`]. In a
+//! pipeline of maps, a stage's shards end with an error until the stage is complete, so each
+//! stage is its own job array, followed by its gather step.
 
 use std::any::Any;
 use std::collections::HashSet;
@@ -123,19 +133,16 @@ impl Shard {
             .map_err(|error| invalid(text.to_owned(), error))
     }
 
-    /// Whether the item at `position`, whose look-up missed with `key`, is this shard's to
-    /// compute.
-    fn owns(self, key: Option<&CacheKey>, position: usize) -> bool {
-        let count = self.count as u64;
-        let slot = match key {
-            Some(key) => {
-                let mut first = [0; 8];
-                first.copy_from_slice(&key.as_bytes()[..8]);
-                u64::from_le_bytes(first) % count
-            }
-            None => position as u64 % count,
+    /// Whether an item whose look-up missed with `key` is this shard's to compute. An item
+    /// without a key (its `f` calls no cached function, or the cache is off) is every shard's:
+    /// nothing of it can be shared, so each shard computes it.
+    fn owns(self, key: Option<&CacheKey>) -> bool {
+        let Some(key) = key else {
+            return true;
         };
-        slot == self.index as u64 - 1
+        let mut first = [0; 8];
+        first.copy_from_slice(&key.as_bytes()[..8]);
+        u64::from_le_bytes(first) % self.count as u64 == self.index as u64 - 1
     }
 }
 
@@ -316,17 +323,13 @@ enum ShardSetting {
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct MapOutcome<R> {
-    /// The results, in input order. Empty when items were left to other shards
-    /// ([`left_to_other_shards`](MapOutcome::left_to_other_shards) is not 0): gather them with a
-    /// run without a shard once every shard is done.
+    /// The results, in input order: all of them (a map that is not complete, under a
+    /// [`Shard`], is a [`MapError`]).
     pub results: Vec<R>,
     /// Items answered from the cache.
     pub from_cache: usize,
     /// Items computed.
     pub computed: usize,
-    /// Items that missed and belong to other shards: not computed here, and still not cached at
-    /// the end of the map. Always 0 without a shard.
-    pub left_to_other_shards: usize,
     /// The shard the map ran as, if any.
     pub shard: Option<Shard>,
     /// Wall time of the whole map.
@@ -362,6 +365,10 @@ pub struct MapError<T, R> {
     pub left_to_other_shards: Vec<usize>,
     /// The shard the map ran as, if any.
     pub shard: Option<Shard>,
+    /// Items answered from the cache.
+    pub from_cache: usize,
+    /// Items computed (the failed ones not counted).
+    pub computed: usize,
     /// Why [`MEMO_SHARD`] is invalid, if it is; see [`MapError::shard_error`]. (Boxed: a rare
     /// case, kept out of the size of every `Result` that carries a `MapError`.)
     shard_error: Option<Box<ShardError>>,
@@ -489,7 +496,7 @@ enum Step<R> {
     /// Missed in the look-up; to be computed.
     Pending(Option<CacheKey>),
     /// Missed in the look-up, and belongs to another shard.
-    Elsewhere(Option<CacheKey>),
+    Elsewhere,
     Failed(String),
 }
 
@@ -513,6 +520,8 @@ impl<T, R> Finished<T, R> {
             partial: self.results,
             left_to_other_shards: self.elsewhere,
             shard: self.shard,
+            from_cache: self.from_cache,
+            computed: self.computed,
             shard_error: None,
         }
     }
@@ -565,29 +574,25 @@ where
     /// are served as usual; the misses of other shards are not computed.
     ///
     /// When every item has a result at the end (the other shards had finished), the map returns
-    /// them all, as without a shard. Otherwise [`run`](CachedMap::run) reports how many items were
-    /// left to other shards ([`MapOutcome::left_to_other_shards`], with no results),
-    /// [`try_collect`](CachedMap::try_collect) returns a [`MapError`] that
-    /// [`awaits_other_shards`](MapError::awaits_other_shards), and [`collect`](CachedMap::collect)
-    /// panics with it. Once every shard is done, a run without a shard gathers the results.
+    /// them all, as without a shard. Otherwise [`run`](CachedMap::run) and
+    /// [`try_collect`](CachedMap::try_collect) return a [`MapError`] that
+    /// [`awaits_other_shards`](MapError::awaits_other_shards), with this shard's counts, and
+    /// [`collect`](CachedMap::collect) panics with it. Once every shard is done, a run without a
+    /// shard gathers the results.
     ///
     /// ```
     /// use memo_runtime::par_map::{ParCachedMap, Shard};
     ///
-    /// // The job of a job array that computes the 2nd of 4 shares of the misses. (`f` would be a
-    /// // `#[cached]` function, or call one; this closure caches nothing.)
+    /// // The job of a job array that computes the 2nd of 4 shares of the misses. `f` would call
+    /// // a `#[cached]` function; this closure caches nothing, so every shard computes every item.
     /// let shard = Shard::new(2, 4).unwrap();
-    /// let outcome = (0..100u64)
-    ///     .par_cached_map(|x| x * x)
-    ///     .shard(shard)
-    ///     .progress(false)
-    ///     .run()
-    ///     .unwrap();
-    /// assert_eq!(outcome.shard, Some(shard));
-    /// let done = outcome.from_cache + outcome.computed;
-    /// assert_eq!(done + outcome.left_to_other_shards, 100);
-    /// if outcome.left_to_other_shards == 0 {
-    ///     assert_eq!(outcome.results.len(), 100); // complete: the other shards had finished
+    /// match (0..100u64).par_cached_map(|x| x * x).shard(shard).try_collect() {
+    ///     Ok(results) => assert_eq!(results.len(), 100), // complete
+    ///     Err(error) if error.awaits_other_shards() => {
+    ///         // This job's share is computed and cached; a later run gathers the rest.
+    ///         println!("{} computed here; {error}", error.computed);
+    ///     }
+    ///     Err(error) => panic!("{error}"),
     /// }
     /// ```
     pub fn shard(mut self, shard: Shard) -> Self {
@@ -621,24 +626,18 @@ where
         bar
     }
 
-    /// Runs the map and reports what it did; see the [module documentation](self). Under a
-    /// [`Shard`] whose map leaves items to other shards, the outcome has no results but says how
-    /// many were left ([`MapOutcome::left_to_other_shards`]).
+    /// Runs the map and reports what it did; see the [module documentation](self). A map that
+    /// does not have every result is a [`MapError`]: items failed, or under a [`Shard`], items
+    /// of other shards are not cached yet ([`MapError::awaits_other_shards`]).
     pub fn run(self) -> Result<MapOutcome<R>, MapError<T, R>> {
         let finished = self.execute()?;
-        if !finished.failures.is_empty() {
+        if !finished.failures.is_empty() || !finished.elsewhere.is_empty() {
             return Err(finished.error());
         }
-        let complete = finished.elsewhere.is_empty();
         Ok(MapOutcome {
-            results: if complete {
-                finished.results.into_iter().flatten().collect()
-            } else {
-                Vec::new()
-            },
+            results: finished.results.into_iter().flatten().collect(),
             from_cache: finished.from_cache,
             computed: finished.computed,
-            left_to_other_shards: finished.elsewhere.len(),
             shard: finished.shard,
             elapsed: finished.elapsed,
             saved: finished.saved,
@@ -681,6 +680,9 @@ where
         let shard = match self.resolve_shard() {
             Ok(shard) => shard,
             Err(error) => {
+                if self.summary {
+                    eprintln!("memo: {error}; no item was looked up or computed");
+                }
                 return Err(MapError {
                     failures: Vec::new(),
                     partial: std::iter::repeat_with(|| None)
@@ -688,8 +690,10 @@ where
                         .collect(),
                     left_to_other_shards: Vec::new(),
                     shard: None,
+                    from_cache: 0,
+                    computed: 0,
                     shard_error: Some(Box::new(error)),
-                })
+                });
             }
         };
         let bar = self.progress_bar();
@@ -719,11 +723,13 @@ where
             ));
         };
 
-        // 1. Look every item up; stop probing once `f` turns out to call no cached function.
+        // 1. Look every item up; stop probing once `f` turns out to call no cached function
+        //    (not under a shard, where each item's key decides whose it is, so every item is
+        //    looked up).
         let uncached = AtomicBool::new(false);
         let all: Vec<usize> = (0..items.len()).collect();
         let mut steps: Vec<Step<R>> = pool.map(&all, |i| {
-            if uncached.load(Ordering::Relaxed) {
+            if shard.is_none() && uncached.load(Ordering::Relaxed) {
                 return Step::Pending(None);
             }
             let step = match probe::probe(|| f(items[i].clone())) {
@@ -750,8 +756,8 @@ where
         if let Some(shard) = shard {
             for (i, step) in steps.iter_mut().enumerate() {
                 if let Step::Pending(key) = *step {
-                    if !shard.owns(key.as_ref(), i) {
-                        *step = Step::Elsewhere(key);
+                    if !shard.owns(key.as_ref()) {
+                        *step = Step::Elsewhere;
                         elsewhere.push(i);
                     }
                 }
@@ -791,11 +797,11 @@ where
         }
 
         // 3. Under a shard, look the items of other shards up again: those the other shards
-        //    stored meanwhile are hits now. (Items without a key are never cached: not again.)
+        //    stored meanwhile are hits now.
         let again: Vec<usize> = elsewhere
             .iter()
             .copied()
-            .filter(|&i| matches!(steps[i], Step::Elsewhere(Some(_))))
+            .filter(|&i| matches!(steps[i], Step::Elsewhere))
             .collect();
         if !again.is_empty() {
             let outcomes = pool.map(&again, |i| match probe::probe(|| f(items[i].clone())) {
@@ -804,15 +810,15 @@ where
                     update(&tally);
                     Some(Step::Done(value, tally))
                 }
-                Probe::Missed(_) => None,
-                Probe::Panicked(payload) => Some(Step::Failed(panic_message(&*payload))),
+                // Still missing; or failing, which its own shard reports.
+                Probe::Missed(_) | Probe::Panicked(_) => None,
             });
             for (i, outcome) in again.into_iter().zip(outcomes) {
                 if let Some(step) = outcome {
                     steps[i] = step;
                 }
             }
-            elsewhere.retain(|&i| matches!(steps[i], Step::Elsewhere(_)));
+            elsewhere.retain(|&i| matches!(steps[i], Step::Elsewhere));
         }
         bar.finish_and_clear();
 
@@ -839,7 +845,7 @@ where
                     });
                     results.push(None);
                 }
-                Step::Elsewhere(_) => results.push(None),
+                Step::Elsewhere => results.push(None),
                 Step::Pending(_) => unreachable!("every pending item is computed in step 2"),
             }
         }
