@@ -1,6 +1,6 @@
 //! Hit and miss latency through an S3 server: `cargo bench --features remote --bench remote`.
 //!
-//! Starts a moto server on loopback (`pip install 'moto[server]==5.2.5'`), then times, per call,
+//! Starts a moto server on loopback (found or installed as the tests do), then times, per call,
 //! on machines that each have a local folder of their own (all without the in-process memory
 //! tier, so every hit reads storage):
 //!

@@ -1,5 +1,5 @@
-//! One cache shared by many "machines" through a real S3 server on loopback: `moto_server`
-//! (`pip install 'moto[server]==5.2.5'`; `.ci/run` installs it), started by each test on a port
+//! One cache shared by many "machines" through a real S3 server on loopback: moto
+//! (`tests/common/moto.rs` finds or installs it; `.ci/run` installs it), started by each test on a port
 //! of its own and stopped when the test ends. Each machine is a child process (this test binary
 //! running `child_machine`) with a local folder of its own, so the only thing they share is the
 //! server: what one computed, the others read from it.
@@ -405,7 +405,7 @@ fn overwrite_object(moto: &Moto, url: &str, bytes: &[u8]) {
         s3 = boto3.client('s3', endpoint_url=sys.argv[1], aws_access_key_id='test', \
         aws_secret_access_key='test', region_name='us-east-1')\n\
         s3.put_object(Bucket=sys.argv[2], Key=sys.argv[3], Body=sys.stdin.buffer.read())\n";
-    let mut child = Command::new("python3")
+    let mut child = Command::new(moto::python())
         .args(["-c", script, &moto.endpoint(), bucket, key])
         .stdin(Stdio::piped())
         .spawn()
