@@ -23,9 +23,8 @@ use std::sync::OnceLock;
 use std::time::Instant;
 
 use memo::prelude::*;
-use memo::remote::RemoteConfig;
 use memo::AsMemory;
-use moto::{Moto, BUCKET};
+use moto::Moto;
 
 /// Calls per figure.
 const CALLS: u64 = 300;
@@ -82,12 +81,7 @@ fn main() {
     let moto = Moto::start();
     let root = tempfile::tempdir().unwrap();
     let remote = |name: &str| {
-        RemoteConfig::new(format!("s3://{BUCKET}/bench"))
-            .option("aws_endpoint", moto.endpoint())
-            .option("aws_allow_http", "true")
-            .option("aws_access_key_id", "test")
-            .option("aws_secret_access_key", "test")
-            .option("aws_region", "us-east-1")
+        moto.config("bench")
             .local_dir(root.path().join(name))
             .build()
             .unwrap()

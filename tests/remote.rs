@@ -20,7 +20,6 @@ use std::time::{Duration, Instant};
 
 use common::{append_line, child_test, entry_files, fresh_dir, inspector};
 use memo::prelude::*;
-use memo::remote::RemoteConfig;
 use memo::AsMemory;
 use moto::{Moto, BUCKET};
 
@@ -558,16 +557,6 @@ fn a_server_that_never_answers_times_out_and_the_program_goes_on() {
     );
 }
 
-/// A remote cache on the server's `prefix`, configured in code.
-fn config_for(moto: &Moto, prefix: &str) -> RemoteConfig {
-    RemoteConfig::new(format!("s3://{BUCKET}/{prefix}"))
-        .option("aws_endpoint", moto.endpoint())
-        .option("aws_allow_http", "true")
-        .option("aws_access_key_id", "test")
-        .option("aws_secret_access_key", "test")
-        .option("aws_region", "us-east-1")
-}
-
 /// A cache made at run time (the server's port is known only then).
 struct Late(OnceLock<Memory>);
 
@@ -590,7 +579,8 @@ fn block(x: u64) -> Vec<u8> {
 fn the_local_folder_keeps_its_own_size_limit_and_the_server_keeps_everything() {
     let moto = Moto::start();
     let dir = fresh_dir("remote-limit");
-    let memory = config_for(&moto, "limit")
+    let memory = moto
+        .config("limit")
         .local_dir(dir.join("local"))
         .local_limit(Some(256 << 10))
         .build()
@@ -651,7 +641,8 @@ async fn fetch_page(id: u64) -> String {
 fn async_functions_share_through_the_server_inside_a_tokio_runtime() {
     let moto = Moto::start();
     let dir = fresh_dir("remote-async");
-    let memory = config_for(&moto, "async")
+    let memory = moto
+        .config("async")
         .local_dir(dir.join("local"))
         .build()
         .unwrap()

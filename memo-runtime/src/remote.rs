@@ -566,8 +566,13 @@ impl RemoteStore {
                 Ok::<_, object_store::Error>((got.bytes().await?, meta))
             })
             .map_err(Failure::Outage)?;
+        self.found(result.map(|(bytes, meta)| (Vec::from(bytes), meta)))
+    }
+
+    /// A read's answer, an absent object as `None`.
+    fn found<T>(&self, result: Result<T, object_store::Error>) -> Result<Option<T>, Failure> {
         match result {
-            Ok((bytes, meta)) => Ok(Some((Vec::from(bytes), meta))),
+            Ok(value) => Ok(Some(value)),
             Err(e) => match self.classify("reading from", e) {
                 Failure::NotFound(_) => Ok(None),
                 other => Err(other),
@@ -599,16 +604,10 @@ impl RemoteStore {
 
     fn head(&self, path: ObjectPath) -> Result<Option<ObjectMeta>, Failure> {
         let objects = Arc::clone(&self.objects);
-        match self
+        let result = self
             .run(async move { objects.head(&path).await })
-            .map_err(Failure::Outage)?
-        {
-            Ok(meta) => Ok(Some(meta)),
-            Err(e) => match self.classify("reading from", e) {
-                Failure::NotFound(_) => Ok(None),
-                other => Err(other),
-            },
-        }
+            .map_err(Failure::Outage)?;
+        self.found(result)
     }
 
     /// Reads an entry, checked; `None` when absent or broken (a broken one is warned about).
@@ -837,10 +836,18 @@ impl RemoteStore {
             plain_name(function)?,
             plain_name(version)?,
         ))?;
-        let metas: Vec<ObjectMeta> = self
-            .list(Some(prefix))?
+        self.entry_infos(self.list(Some(prefix))?)
+    }
+
+    /// The entries among listed objects (leases and source texts left out), with what their
+    /// headers say (read 16 at a time), most recently used first.
+    fn entry_infos(&self, metas: Vec<ObjectMeta>) -> Result<Vec<EntryInfo>, Error> {
+        let metas: Vec<ObjectMeta> = metas
             .into_iter()
-            .filter(|m| self.parts(m).len() == 4 && decode_hex_key(self.parts(m)[3]).is_some())
+            .filter(|m| {
+                let parts = self.parts(m);
+                parts.len() == 4 && decode_hex_key(parts[3]).is_some()
+            })
             .collect();
         let headers = self.heads_of(
             metas.iter().map(|m| m.location.clone()).collect(),
@@ -865,20 +872,6 @@ impl RemoteStore {
             .collect();
         entries.sort_by(|a, b| b.last_used.cmp(&a.last_used).then(a.key.cmp(&b.key)));
         Ok(entries)
-    }
-
-    fn versions(&self) -> Result<Vec<(String, String)>, Error> {
-        let mut versions: Vec<(String, String)> = Vec::new();
-        for meta in self.list(None)? {
-            let parts = self.parts(&meta);
-            if parts.len() >= 3 {
-                let pair = (parts[0].to_owned(), parts[1].to_owned());
-                if !versions.contains(&pair) {
-                    versions.push(pair);
-                }
-            }
-        }
-        Ok(versions)
     }
 
     fn source(&self, function: &str, version: &str) -> Result<String, Error> {
@@ -970,10 +963,23 @@ impl RemoteStore {
         Ok(report)
     }
 
+    /// One listing of the whole cache, grouped by version (not one more per version).
     fn listing(&self) -> Result<Vec<Listed>, Error> {
+        let mut versions: Vec<((String, String), Vec<ObjectMeta>)> = Vec::new();
+        for meta in self.list(None)? {
+            let parts = self.parts(&meta);
+            if parts.len() < 3 {
+                continue;
+            }
+            let pair = (parts[0].to_owned(), parts[1].to_owned());
+            match versions.iter_mut().find(|(known, _)| *known == pair) {
+                Some((_, metas)) => metas.push(meta),
+                None => versions.push((pair, vec![meta])),
+            }
+        }
         let mut listed: Vec<ListedVersion> = Vec::new();
-        for (function, version) in self.versions()? {
-            let entries = self.entries(&function, &version)?;
+        for ((function, version), metas) in versions {
+            let entries = self.entry_infos(metas)?;
             let source = self.source(&function, &version).ok();
             listed.push((function, version, source, entries));
         }

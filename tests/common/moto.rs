@@ -142,6 +142,16 @@ impl Moto {
         format!("http://127.0.0.1:{}", self.port)
     }
 
+    /// A remote cache on this server's bucket, below `prefix`, configured in code.
+    pub fn config(&self, prefix: &str) -> memo::remote::RemoteConfig {
+        memo::remote::RemoteConfig::new(format!("s3://{BUCKET}/{prefix}"))
+            .option("aws_endpoint", self.endpoint())
+            .option("aws_allow_http", "true")
+            .option("aws_access_key_id", "test")
+            .option("aws_secret_access_key", "test")
+            .option("aws_region", "us-east-1")
+    }
+
     pub fn stop(&self) {
         if let Some(mut child) = self.child.lock().unwrap().take() {
             let _ = child.kill();
