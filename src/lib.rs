@@ -98,11 +98,14 @@ pub mod remote {
 }
 
 /// The on-disk format and folder layout: [`key`](format::key) (how arguments become a key),
-/// [`entry`](format::entry) (header and payload) and [`store`](format::store) (folders and atomic
-/// writes). Documented for people and tools; the full text is `docs/FORMAT.md`.
+/// [`entry`](format::entry) (header and payload), [`store`](format::store) (folders and atomic
+/// writes) and `pack` (small entries appended to shared files, Unix). Documented for people and
+/// tools; the full text is `docs/FORMAT.md`.
 pub mod format {
     pub use memo_runtime::entry;
     pub use memo_runtime::key;
+    #[cfg(unix)]
+    pub use memo_runtime::pack;
     pub use memo_runtime::store;
 }
 

@@ -2,7 +2,7 @@
 
 use std::future::Future;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -346,11 +346,7 @@ fn write_entry(
     };
     let header =
         entry::encode_header_with_flags(at.key, entry.created, entry.duration, flags, stored);
-    store.write(at, &header, stored)?;
-    if let Some(preview) = entry.preview {
-        // Best effort: an entry without its preview is still a complete entry.
-        let _ = store.save_preview(at, preview);
-    }
+    store.write(at, &header, stored, entry.preview)?;
     Ok((header.len() + stored.len()) as u64)
 }
 
@@ -475,7 +471,16 @@ pub struct CachedFunction {
     version: OnceLock<String>,
     function_key: OnceLock<FunctionKey>,
     write_warned: AtomicBool,
+    /// The longest computation of this function seen in this process, in nanoseconds plus one
+    /// (0: none yet); see [`LOCK_FROM`].
+    slowest: AtomicU64,
 }
+
+/// A miss takes the key's cross-process lock (so that processes missing the same key at once
+/// compute it once) unless every computation of the function this process has seen took less
+/// than this: then the lock would cost more than the duplicate work it can save, and the
+/// function runs at once (storing stays atomic; two processes may both compute the value).
+pub const LOCK_FROM: Duration = Duration::from_micros(200);
 
 #[derive(Debug)]
 struct Names {
@@ -492,6 +497,7 @@ impl CachedFunction {
             version: OnceLock::new(),
             function_key: OnceLock::new(),
             write_warned: AtomicBool::new(false),
+            slowest: AtomicU64::new(0),
         }
     }
 
@@ -626,8 +632,12 @@ impl CachedFunction {
                 Claim::Owner(flight) => {
                     // This thread computes the key for the process; now for all processes.
                     let mut may_be_stored = absent;
-                    let acquired = store.lock(&at, memory.lock_timeout_value());
-                    let lock = self.take_lock(memory, acquired, &mut may_be_stored);
+                    let lock = if self.needs_lock() {
+                        let acquired = store.lock(&at, memory.lock_timeout_value());
+                        self.take_lock(memory, acquired, &mut may_be_stored)
+                    } else {
+                        None
+                    };
                     // Another thread or process may have stored the value meanwhile.
                     if mode == CallMode::Cached && may_be_stored {
                         if let Lookup::Hit(value) =
@@ -641,6 +651,7 @@ impl CachedFunction {
                     let started = Instant::now();
                     let value = compute();
                     let duration = started.elapsed();
+                    self.note_duration(duration);
                     Counters::bump(&memory.counters.misses);
                     let payload = match P::stored(&value) {
                         Some(stored) => {
@@ -763,6 +774,17 @@ impl CachedFunction {
                 }
             }
         }
+    }
+
+    /// Whether a miss takes the cross-process lock: unless all computations seen were quick.
+    fn needs_lock(&self) -> bool {
+        let slowest = self.slowest.load(Ordering::Relaxed);
+        slowest == 0 || slowest > LOCK_FROM.as_nanos() as u64
+    }
+
+    fn note_duration(&self, duration: Duration) {
+        let nanos = u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX - 1);
+        self.slowest.fetch_max(nanos + 1, Ordering::Relaxed);
     }
 
     /// This function's identity in the memory tier: the address of its static.

@@ -371,6 +371,10 @@ pub(crate) fn reduce_size(
             reason,
         });
     }
+    if !limits.dry_run && !report.evicted.is_empty() {
+        // Evicted packed entries free their space when their packs are merged.
+        store.compact();
+    }
     if !limits.dry_run {
         for (function, version) in &old_versions {
             store.remove_version(function, version)?;

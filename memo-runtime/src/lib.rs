@@ -34,6 +34,8 @@ pub mod key;
 mod lock;
 mod log;
 pub mod memory;
+#[cfg(unix)]
+pub mod pack;
 pub mod par_map;
 pub mod preview;
 mod probe;

@@ -12,7 +12,7 @@ use crate::error::Error;
 use crate::flight::InFlight;
 use crate::gc::{self, GcReport, Limits};
 use crate::inventory::{EntryInfo, FunctionInfo};
-use crate::store::{Cleanup, DirStore, Store, VerifyReport};
+use crate::store::{Cleanup, DirStore, Store, VerifyReport, DEFAULT_PACK_LIMIT};
 use crate::tier::Tier;
 
 /// Whether `location` names a remote store (`scheme://...`) rather than a folder.
@@ -73,6 +73,8 @@ pub struct Memory {
     pub(crate) tier: Option<Tier>,
     tier_size: u64,
     durable: bool,
+    /// Entries up to this size are appended to packs ([`Memory::pack_limit`]).
+    pack_limit: u64,
     /// With a remote store: the local folder in front of it, where the size limit applies.
     local_tier: Option<Arc<dyn Store>>,
 }
@@ -156,6 +158,7 @@ impl Memory {
             tier: Tier::new(DEFAULT_MEMORY_TIER),
             tier_size: DEFAULT_MEMORY_TIER,
             durable: false,
+            pack_limit: DEFAULT_PACK_LIMIT,
             local_tier: None,
         }
     }
@@ -341,11 +344,50 @@ impl Memory {
         if self.remote_url().is_some() {
             return self;
         }
-        if let Some(location) = &self.location {
-            self.store = Some(Arc::new(DirStore::new(location.clone()).durable(durable)));
-        }
         self.durable = durable;
+        self.rebuild_store();
         self
+    }
+
+    /// The folder store again, after a setting of it changed.
+    fn rebuild_store(&mut self) {
+        if let Some(location) = &self.location {
+            let store = DirStore::new(location.clone())
+                .durable(self.durable)
+                .pack_limit(self.pack_limit);
+            self.store = Some(Arc::new(store));
+        }
+    }
+
+    /// Appends entries of up to `bytes` bytes (the 72-byte header and the payload) to packs:
+    /// files shared by the entries of a function version, one written by each process, instead
+    /// of a file per entry. The default, [`DEFAULT_PACK_LIMIT`] (16 KiB), makes a small miss
+    /// cost one append instead of a new file, and a new process read a version's small entries
+    /// with a few reads; `0` gives every entry a file of its own. Larger entries always have
+    /// their own file (read mapped). Packs are Unix only: elsewhere every entry has a file.
+    ///
+    /// Packed entries are read, listed, verified and evicted like the others; the space of
+    /// evicted ones is reclaimed when the packs of processes that ended are merged (by the size
+    /// limit's eviction, and by the clean-up a process runs on a version's first use).
+    ///
+    /// A setting of local caches, ignored on a remote one.
+    ///
+    /// ```
+    /// let memory = memo_runtime::Memory::new("/tmp/cache").pack_limit(0);
+    /// assert_eq!(memory.pack_limit_value(), 0);
+    /// ```
+    pub fn pack_limit(mut self, bytes: u64) -> Self {
+        if self.remote_url().is_some() {
+            return self;
+        }
+        self.pack_limit = bytes;
+        self.rebuild_store();
+        self
+    }
+
+    /// The pack limit in force; see [`Memory::pack_limit`].
+    pub fn pack_limit_value(&self) -> u64 {
+        self.pack_limit
     }
 
     /// Whether writes are durable ([`Memory::durable`]).

@@ -648,7 +648,13 @@ impl RemoteStore {
     /// Stores an entry unless an equal or newer one is there. One in the way that is broken,
     /// or older (it expired, or its `validate` refused it), is replaced, conditionally on being
     /// the one read: a newer one written meanwhile is kept.
-    fn write(&self, at: &EntryAddress<'_>, header: &[u8], payload: &[u8]) -> Result<(), Error> {
+    fn write(
+        &self,
+        at: &EntryAddress<'_>,
+        header: &[u8],
+        payload: &[u8],
+        _preview: Option<&str>,
+    ) -> Result<(), Error> {
         let path = self.entry_path(at)?;
         // Shared by both attempts without copying the bytes again.
         let payload = PutPayload::from(self.sealed(header, payload));
@@ -1251,7 +1257,7 @@ impl Store for Tiered {
         };
         // Checked, without its MAC: kept locally, so that the next hit is a local read.
         let (header, payload) = bytes.split_at(HEADER_LEN);
-        match self.local.write(at, header, payload) {
+        match self.local.write(at, header, payload, None) {
             Ok(()) => self.note_fetched(bytes.len() as u64),
             Err(error) => {
                 tracing::debug!(target: "memo", "keeping a remote entry locally: {error}")
@@ -1260,18 +1266,20 @@ impl Store for Tiered {
         Ok(Some(EntryBytes::Heap(bytes)))
     }
 
-    fn write(&self, at: &EntryAddress<'_>, header: &[u8], payload: &[u8]) -> Result<(), Error> {
-        let local = self.local.write(at, header, payload);
-        self.remote(|remote| remote.write(at, header, payload))?;
+    fn write(
+        &self,
+        at: &EntryAddress<'_>,
+        header: &[u8],
+        payload: &[u8],
+        preview: Option<&str>,
+    ) -> Result<(), Error> {
+        let local = self.local.write(at, header, payload, preview);
+        self.remote(|remote| remote.write(at, header, payload, None))?;
         local
     }
 
     fn touch(&self, at: &EntryAddress<'_>) {
         self.local.touch(at);
-    }
-
-    fn save_preview(&self, at: &EntryAddress<'_>, preview: &str) -> Result<(), Error> {
-        self.local.save_preview(at, preview)
     }
 
     fn save_source(&self, function: &str, version: &str, text: &str) -> Result<(), Error> {

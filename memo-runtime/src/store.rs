@@ -20,7 +20,7 @@ use std::collections::{HashMap, HashSet};
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, SystemTime};
 
 use crate::entry::{self, HEADER_LEN};
@@ -28,6 +28,8 @@ use crate::error::Error;
 use crate::inventory::{EntryInfo, FunctionInfo, Listed, VersionInfo};
 use crate::key::CacheKey;
 use crate::lock::{self, Acquired};
+#[cfg(unix)]
+use crate::pack::{self, Found, Packs};
 
 /// Name of the layout folder under the root; bumped when the layout changes.
 pub const LAYOUT_DIR: &str = "v1";
@@ -69,13 +71,18 @@ pub(crate) trait Store: Send + Sync {
     fn version_location(&self, function: &str, version: &str) -> PathBuf;
     /// The stored bytes of an entry, or `None` when there is none.
     fn read(&self, at: &EntryAddress<'_>) -> Result<Option<EntryBytes>, Error>;
-    /// Stores an entry atomically: readers see the old state or the complete new entry.
-    fn write(&self, at: &EntryAddress<'_>, header: &[u8], payload: &[u8]) -> Result<(), Error>;
+    /// Stores an entry atomically, with the arguments' preview when there is one: readers see
+    /// the old state or the complete new entry.
+    fn write(
+        &self,
+        at: &EntryAddress<'_>,
+        header: &[u8],
+        payload: &[u8],
+        preview: Option<&str>,
+    ) -> Result<(), Error>;
     /// Marks an entry as just used (for least-recently-used eviction), best effort: called
     /// when a value served from memory was last marked long ago ([`TOUCH_AFTER`]).
     fn touch(&self, at: &EntryAddress<'_>);
-    /// Records the argument preview of an entry.
-    fn save_preview(&self, at: &EntryAddress<'_>, preview: &str) -> Result<(), Error>;
     /// Records the source text of a function version, if it is not recorded yet.
     fn save_source(&self, function: &str, version: &str, text: &str) -> Result<(), Error>;
     /// Takes the cross-process lock of an entry, waiting at most `timeout` for another holder.
@@ -114,6 +121,8 @@ pub(crate) trait Store: Send + Sync {
     }
     /// Whether a failure of a remote store is an error (strict mode) rather than a warning.
     fn set_strict(&self, _strict: bool) {}
+    /// Reclaims the space of removed entries where that is worth it (after an eviction).
+    fn compact(&self) {}
 }
 
 /// The folder name of a function identity (`crate::module::name`): `::` becomes `.`, and any
@@ -153,7 +162,19 @@ pub(crate) struct DirStore {
     /// The version folders' lock files, kept open (Linux).
     #[cfg(target_os = "linux")]
     lock_files: Mutex<HashMap<PathBuf, Arc<File>>>,
+    /// Entries up to this many bytes (header and payload) are appended to packs.
+    pack_limit: u64,
+    /// The packs of the versions used, by short version name, then function folder name.
+    #[cfg(unix)]
+    packs: RwLock<PackMap>,
 }
+
+/// The packs of the versions a store used: short version name -> (function folder, packs).
+#[cfg(unix)]
+type PackMap = HashMap<String, Vec<(String, Arc<Packs>)>, rustc_hash::FxBuildHasher>;
+
+/// Entries up to this size (72-byte header and payload) are packed by default.
+pub const DEFAULT_PACK_LIMIT: u64 = 16 * 1024;
 
 /// What [`Memory::clean`](crate::Memory::clean) removed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -190,7 +211,91 @@ impl DirStore {
             preview_files: Mutex::default(),
             #[cfg(target_os = "linux")]
             lock_files: Mutex::default(),
+            pack_limit: DEFAULT_PACK_LIMIT,
+            #[cfg(unix)]
+            packs: RwLock::default(),
         }
+    }
+
+    /// The same store, packing entries up to `bytes` (0: every entry in a file of its own).
+    pub(crate) fn pack_limit(mut self, bytes: u64) -> Self {
+        self.pack_limit = bytes;
+        self
+    }
+
+    /// The packs of a version folder (`short`: its name), created on first use.
+    #[cfg(unix)]
+    fn packs_of(&self, function: &str, short: &str) -> Result<Arc<Packs>, Error> {
+        {
+            let map = self.packs.read().unwrap_or_else(PoisonError::into_inner);
+            if let Some(found) = map
+                .get(short)
+                .and_then(|list| list.iter().find(|(name, _)| name == function))
+            {
+                return Ok(Arc::clone(&found.1));
+            }
+        }
+        let dir = self.base.join(function).join(short);
+        self.check_no_links(&dir)?;
+        let mut map = self.packs.write().unwrap_or_else(PoisonError::into_inner);
+        if map.len() >= KEEP_OPEN * 2 {
+            // Many versions in one process: their indexes are rebuilt when used again.
+            map.clear();
+        }
+        let list = map.entry(short.to_owned()).or_default();
+        if let Some(found) = list.iter().find(|(name, _)| name == function) {
+            return Ok(Arc::clone(&found.1));
+        }
+        let packs = Arc::new(Packs::new(dir, self.durable));
+        list.push((function.to_owned(), Arc::clone(&packs)));
+        Ok(packs)
+    }
+
+    /// Appends a record for `at` to its version's packs.
+    #[cfg(unix)]
+    fn append(
+        &self,
+        at: &EntryAddress<'_>,
+        kind: pack::Kind,
+        body: &[&[u8]],
+        preview: Option<&str>,
+    ) -> Result<(), Error> {
+        let short = at.version.get(..VERSION_DIR_DIGITS).unwrap_or(at.version);
+        let packs = self.packs_of(at.function, short)?;
+        let create = |dir: &Path| -> io::Result<()> {
+            self.create_dir(dir).map_err(io::Error::other)?;
+            self.check_no_links(dir).map_err(io::Error::other)
+        };
+        let preview = preview.map_or(&b""[..], str::as_bytes);
+        packs
+            .append(kind, at.key, body, preview, &create)
+            .map_err(|e| {
+                Error::io(
+                    "appending to the packs of",
+                    self.version_dir(at.function, at.version),
+                    e,
+                )
+            })
+    }
+
+    /// Tells the processes using version folders below `dir` that they are being removed, and
+    /// forgets this process's packs.
+    fn retire(&self, dirs: &[PathBuf]) {
+        #[cfg(unix)]
+        {
+            for dir in dirs {
+                pack::mark_removed(dir);
+            }
+            let mut map = self.packs.write().unwrap_or_else(PoisonError::into_inner);
+            for list in map.values() {
+                for (_, packs) in list {
+                    packs.forget();
+                }
+            }
+            map.clear();
+        }
+        #[cfg(not(unix))]
+        let _ = dirs;
     }
 
     /// The same store, flushing each entry to the disk before a write returns when `durable`.
@@ -210,6 +315,81 @@ impl DirStore {
             .and_then(|folder| folder.sync_all())
             .map_err(|e| Error::io("flushing to disk the folder", dir, e))?;
         Ok(())
+    }
+
+    /// Records the argument preview of an entry that has a file of its own.
+    fn save_preview(&self, at: &EntryAddress<'_>, preview: &str) -> Result<(), Error> {
+        let path = self.version_dir(at.function, at.version).join(PREVIEW_FILE);
+        let line = crate::preview::line(&at.key.to_hex(), preview);
+        let fail = |e| Error::io("recording an argument preview in", &path, e);
+        // Kept open: a miss appends one line with one write. (Should another process remove the
+        // version folder meanwhile, the lines go to the removed file: previews are best effort.)
+        let file = {
+            let mut files = self
+                .preview_files
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            match files.get(&path) {
+                Some(file) => Arc::clone(file),
+                None => {
+                    let mut options = fs::OpenOptions::new();
+                    options.create(true).append(true);
+                    #[cfg(unix)]
+                    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+                    let file = Arc::new(options.open(&path).map_err(fail)?);
+                    keep_open(&mut files, path.clone(), &file);
+                    file
+                }
+            }
+        };
+        // One write per line: lines of concurrent writers never interleave.
+        (&*file).write_all(line.as_bytes()).map_err(fail)
+    }
+
+    /// The function folder, version folder and key of an entry's path
+    /// (`<base>/<function>/<version>/<kk>/<key>`), when it is one.
+    #[cfg(unix)]
+    fn packed_address(&self, path: &Path) -> Option<(String, String, CacheKey)> {
+        let below = path.strip_prefix(&self.base).ok()?;
+        let parts: Vec<&str> = below
+            .iter()
+            .map(|part| part.to_str())
+            .collect::<Option<_>>()?;
+        let [function, short, _, name] = parts.as_slice() else {
+            return None;
+        };
+        let key = decode_hex_key(name)?;
+        Some((
+            plain_name(function).ok()?.to_owned(),
+            plain_name(short).ok()?.to_owned(),
+            key,
+        ))
+    }
+
+    /// The entries of a version folder's packs, as a listing shows them.
+    #[cfg(unix)]
+    fn packed_entries(dir: &Path) -> Vec<EntryInfo> {
+        let contents = pack::contents(dir);
+        contents
+            .entries
+            .into_iter()
+            .map(|packed| {
+                let hex = packed.key.to_hex();
+                let decoded = entry::decode_header(&packed.body).ok();
+                let written = SystemTime::UNIX_EPOCH + Duration::from_nanos(packed.written);
+                EntryInfo {
+                    path: dir.join(&hex[..2]).join(&hex),
+                    key: hex,
+                    created: decoded.map_or(SystemTime::UNIX_EPOCH, |h| h.created),
+                    // Packs do not record uses: an entry's last use is when it was written.
+                    last_used: written,
+                    duration: decoded.map_or(Duration::ZERO, |h| h.duration),
+                    size: (pack::RECORD_HEADER + packed.body.len()) as u64,
+                    readable: decoded.is_some(),
+                    preview: packed.preview,
+                }
+            })
+            .collect()
     }
 
     /// Closes the files kept open, before this store removes folders.
@@ -296,7 +476,13 @@ impl DirStore {
             return Vec::new();
         };
         read.flatten()
-            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+            .filter(|e| {
+                let name = e.file_name();
+                let name = name.to_string_lossy();
+                e.file_type().is_ok_and(|t| t.is_dir())
+                    && name.len() == 2
+                    && name.bytes().all(|b| b.is_ascii_hexdigit())
+            })
             .map(|e| e.path())
             .collect()
     }
@@ -758,6 +944,22 @@ impl Store for DirStore {
     }
 
     fn read(&self, at: &EntryAddress<'_>) -> Result<Option<EntryBytes>, Error> {
+        #[cfg(unix)]
+        {
+            let short = at.version.get(..VERSION_DIR_DIGITS).unwrap_or(at.version);
+            let packs = self.packs_of(at.function, short)?;
+            match packs.get(at.key) {
+                Ok(Found::Absent) => return Ok(None),
+                Ok(Found::Entry(bytes)) => return Ok(Some(EntryBytes::Heap(bytes))),
+                Ok(Found::File) => {}
+                Err(e) => {
+                    let dir = self
+                        .version_dir(at.function, at.version)
+                        .join(pack::PACK_DIR);
+                    return Err(Error::io("reading a cache entry in the packs of", dir, e));
+                }
+            }
+        }
         let path = self.entry_path(at);
         if let Some(dir) = path.parent() {
             self.check_no_links(dir)?;
@@ -841,6 +1043,16 @@ impl Store for DirStore {
                 }
             }
         }
+        // Packs of processes that ended, merged (and their removed entries dropped) once there
+        // are a few of them.
+        #[cfg(unix)]
+        pack::compact(&self.version_dir(function, version), 4, self.durable).map_err(|e| {
+            Error::io(
+                "compacting the packs of",
+                self.version_dir(function, version),
+                e,
+            )
+        })?;
         Ok(cleanup)
     }
 
@@ -913,6 +1125,8 @@ impl Store for DirStore {
                 });
             }
         }
+        #[cfg(unix)]
+        entries.extend(Self::packed_entries(&self.version_dir(function, version)));
         entries.sort_by(|a, b| b.last_used.cmp(&a.last_used).then(a.key.cmp(&b.key)));
         Ok(entries)
     }
@@ -938,14 +1152,47 @@ impl Store for DirStore {
                     }
                 }
             }
+            #[cfg(unix)]
+            {
+                let contents = pack::contents(&version_dir);
+                for packed in contents.entries {
+                    match entry::decode(&packed.body, &packed.key) {
+                        Ok(_) => report.valid += 1,
+                        Err(reason) => {
+                            let hex = packed.key.to_hex();
+                            let path = version_dir.join(&hex[..2]).join(&hex);
+                            report.broken.push((path, reason.to_string()));
+                        }
+                    }
+                }
+                report.broken.extend(contents.damaged);
+            }
         }
         Ok(report)
     }
 
-    fn write(&self, at: &EntryAddress<'_>, header: &[u8], payload: &[u8]) -> Result<(), Error> {
+    fn write(
+        &self,
+        at: &EntryAddress<'_>,
+        header: &[u8],
+        payload: &[u8],
+        preview: Option<&str>,
+    ) -> Result<(), Error> {
+        #[cfg(unix)]
+        if (header.len() + payload.len()) as u64 <= self.pack_limit {
+            return self.append(at, pack::Kind::Entry, &[header, payload], preview);
+        }
         let path = self.entry_path(at);
         let dir = path.parent().unwrap_or(&self.base).to_path_buf();
-        self.write_atomic(&dir, &path, &[header, payload])
+        self.write_atomic(&dir, &path, &[header, payload])?;
+        if let Some(preview) = preview {
+            // Best effort: an entry without its preview is still a complete entry.
+            let _ = self.save_preview(at, preview);
+        }
+        // The packs' index says the entry is a file, so that look-ups need not try the file.
+        #[cfg(unix)]
+        self.append(at, pack::Kind::File, &[], None)?;
+        Ok(())
     }
 
     fn touch(&self, at: &EntryAddress<'_>) {
@@ -953,34 +1200,6 @@ impl Store for DirStore {
             // Best effort, as for a read: an entry whose time cannot be set is older for eviction.
             let _ = file.set_modified(SystemTime::now());
         }
-    }
-
-    fn save_preview(&self, at: &EntryAddress<'_>, preview: &str) -> Result<(), Error> {
-        let path = self.version_dir(at.function, at.version).join(PREVIEW_FILE);
-        let line = crate::preview::line(&at.key.to_hex(), preview);
-        let fail = |e| Error::io("recording an argument preview in", &path, e);
-        // Kept open: a miss appends one line with one write. (Should another process remove the
-        // version folder meanwhile, the lines go to the removed file: previews are best effort.)
-        let file = {
-            let mut files = self
-                .preview_files
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
-            match files.get(&path) {
-                Some(file) => Arc::clone(file),
-                None => {
-                    let mut options = fs::OpenOptions::new();
-                    options.create(true).append(true);
-                    #[cfg(unix)]
-                    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-                    let file = Arc::new(options.open(&path).map_err(fail)?);
-                    keep_open(&mut files, path.clone(), &file);
-                    file
-                }
-            }
-        };
-        // One write per line: lines of concurrent writers never interleave.
-        (&*file).write_all(line.as_bytes()).map_err(fail)
     }
 
     fn save_source(&self, function: &str, version: &str, text: &str) -> Result<(), Error> {
@@ -995,24 +1214,65 @@ impl Store for DirStore {
     fn remove_version(&self, function: &str, version: &str) -> Result<(), Error> {
         let (function, version) = (plain_name(function)?, plain_name(version)?);
         self.forget_open_files();
-        remove_dir(&self.version_dir(function, version))
+        let dir = self.version_dir(function, version);
+        self.retire(std::slice::from_ref(&dir));
+        remove_dir(&dir)
     }
 
     fn clear_function(&self, function: &str) -> Result<(), Error> {
         self.forget_open_files();
-        remove_dir(&self.base.join(plain_name(function)?))
+        let dir = self.base.join(plain_name(function)?);
+        let versions: Vec<PathBuf> = self
+            .version_dirs()
+            .into_iter()
+            .filter(|version| version.parent() == Some(&dir))
+            .collect();
+        self.retire(&versions);
+        remove_dir(&dir)
     }
 
     fn clear(&self) -> Result<(), Error> {
         self.forget_open_files();
+        self.retire(&self.version_dirs());
         remove_dir(&self.base)
     }
 
     fn remove_entry(&self, path: &Path) -> Result<bool, Error> {
-        match fs::remove_file(path) {
-            Ok(()) => Ok(true),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
-            Err(e) => Err(Error::io("removing cache entry", path, e)),
+        #[cfg(unix)]
+        if path
+            .extension()
+            .is_some_and(|e| pack::PACK_SUFFIX.strip_prefix('.') == Some(&*e.to_string_lossy()))
+        {
+            // A pack that `verify` found damaged: what follows the damage goes.
+            return pack::repair(path).map_err(|e| Error::io("repairing pack", path, e));
+        }
+        let removed = match fs::remove_file(path) {
+            Ok(()) => true,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => false,
+            Err(e) => return Err(Error::io("removing cache entry", path, e)),
+        };
+        #[cfg(unix)]
+        if let Some((function, short, key)) = self.packed_address(path) {
+            let packs = self.packs_of(&function, &short)?;
+            if let Ok(Found::Entry(_)) = packs.get(&key) {
+                let at = EntryAddress {
+                    function: &function,
+                    version: &short,
+                    key: &key,
+                };
+                self.append(&at, pack::Kind::Removed, &[], None)?;
+                return Ok(true);
+            }
+        }
+        Ok(removed)
+    }
+
+    fn compact(&self) {
+        #[cfg(unix)]
+        for dir in self.version_dirs() {
+            if let Err(error) = pack::compact(&dir, 2, self.durable) {
+                tracing::debug!(target: "memo", "compacting the packs of {}: {error}", dir.display());
+            }
         }
     }
 }
@@ -1062,7 +1322,7 @@ mod tests {
     #[test]
     fn many_versions_keep_few_files_open_and_lose_nothing() {
         let dir = tempfile::tempdir().unwrap();
-        let store = DirStore::new(dir.path().to_path_buf());
+        let store = DirStore::new(dir.path().to_path_buf()).pack_limit(0);
         let key = CacheKey::from_bytes([7; 32]);
         let versions: Vec<String> = (0..3 * KEEP_OPEN)
             .map(|i| format!("{i:016x}{}", "0".repeat(48)))
@@ -1074,8 +1334,10 @@ mod tests {
                     version,
                     key: &key,
                 };
-                store.write(&at, b"header", b"payload").unwrap();
-                store.save_preview(&at, &format!("round {round}")).unwrap();
+                let preview = format!("round {round}");
+                store
+                    .write(&at, b"header", b"payload", Some(&preview))
+                    .unwrap();
                 #[cfg(target_os = "linux")]
                 match store.lock(&at, None).unwrap() {
                     Acquired::Lock { waited, .. } => assert!(!waited),
@@ -1087,6 +1349,8 @@ mod tests {
         assert!(open(&store.preview_files) <= KEEP_OPEN);
         #[cfg(target_os = "linux")]
         assert!(open(&store.lock_files) <= KEEP_OPEN);
+        #[cfg(unix)]
+        assert!(store.packs.read().unwrap().len() <= 2 * KEEP_OPEN);
         for version in &versions {
             let folder = store.version_dir("k.f", version);
             let previews = std::fs::read_to_string(folder.join(PREVIEW_FILE)).unwrap();

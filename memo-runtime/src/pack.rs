@@ -1,0 +1,1003 @@
+//! Packs: small entries appended to files shared by a function version, instead of one file each.
+//!
+//! A new file and its name cost tens of microseconds; an append to an open file costs one. So
+//! entries up to the pack limit (see [`Memory::pack_limit`](crate::Memory::pack_limit)) are
+//! records in a version folder's packs, and larger ones keep a file of their own (read mapped).
+//!
+//! ```text
+//! <version>/
+//!   .generation           16 bytes shared by every process through a memory map: a counter
+//!                         bumped after each record (u64), and a "removed" flag (u64)
+//!   packs/<pid>-<n>.pack  records, appended by one process each (it holds the file's flock)
+//! ```
+//!
+//! Each process keeps an index of the version's records in memory, built on its first look-up
+//! by reading the packs, and brought up to date only when the shared counter moved: a look-up
+//! whose key is not in an up-to-date index is a miss without a system call. A record is
+//! complete and checksummed before the counter moves, and a reader stops at the first record
+//! that is incomplete (a write in progress, or a writer killed in the middle: the next look-up
+//! reads on from there) or damaged (the rest of that pack is then ignored, and its entries are
+//! misses). Later records of a key win over earlier ones (by the time they were written):
+//! a "removed" record hides an entry, a "file" record says the entry has a file of its own.
+//!
+//! Record layout (little-endian; [`RECORD_HEADER`] bytes, then the body, then the preview):
+//!
+//! | offset | size | field |
+//! |---|---|---|
+//! | 0 | 4 | magic `MPK1` |
+//! | 4 | 1 | kind: 1 entry (the body is the entry: header and payload), 2 file, 3 removed |
+//! | 5 | 3 | zero |
+//! | 8 | 4 | body length |
+//! | 12 | 4 | preview length (the arguments' `Debug` form, UTF-8) |
+//! | 16 | 8 | written, nanoseconds since the Unix epoch |
+//! | 24 | 32 | the entry's key |
+//! | 56 | 8 | XXH3-64 of bytes 0..56, the body and the preview |
+
+use std::collections::HashMap;
+use std::ffi::OsString;
+use std::fs::{self, File};
+use std::io;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{PoisonError, RwLock, RwLockWriteGuard};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use xxhash_rust::xxh3::Xxh3Default;
+
+use crate::key::CacheKey;
+
+/// The folder of a version's packs.
+pub const PACK_DIR: &str = "packs";
+/// The file of a version's shared change counter.
+pub const GENERATION_FILE: &str = ".generation";
+/// The name every pack file ends with.
+pub const PACK_SUFFIX: &str = ".pack";
+/// The four bytes every record starts with.
+pub const RECORD_MAGIC: [u8; 4] = *b"MPK1";
+/// Length of a record's fixed header.
+pub const RECORD_HEADER: usize = 64;
+/// A process starts a new pack when its current one has grown past this size, so that packs of
+/// a long-running process can be compacted too.
+const ROLL_AT: u64 = 256 << 20;
+/// Packs are read in pieces of this size.
+const READ_PIECE: usize = 1 << 20;
+/// A record longer than this is damage, not a record (entries this large have their own file).
+const LONGEST: u32 = 1 << 30;
+
+/// What a record says about its key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// The body is the entry.
+    Entry = 1,
+    /// The entry is a file of its own.
+    File = 2,
+    /// The entry was removed.
+    Removed = 3,
+}
+
+impl Kind {
+    fn from_byte(byte: u8) -> Option<Kind> {
+        match byte {
+            1 => Some(Kind::Entry),
+            2 => Some(Kind::File),
+            3 => Some(Kind::Removed),
+            _ => None,
+        }
+    }
+}
+
+/// One record, as read from a pack.
+#[derive(Debug, Clone, Copy)]
+pub struct Record<'a> {
+    /// What it says.
+    pub kind: Kind,
+    /// When it was written, in nanoseconds since the Unix epoch.
+    pub written: u64,
+    /// The entry's key.
+    pub key: CacheKey,
+    /// The entry (for [`Kind::Entry`]), else empty.
+    pub body: &'a [u8],
+    /// The arguments' preview, when one was recorded.
+    pub preview: &'a [u8],
+    /// Where the record starts in its pack.
+    pub offset: u64,
+}
+
+/// Nanoseconds since the Unix epoch, now.
+pub(crate) fn now_nanos() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+}
+
+/// Encodes one record. `body` is given in parts (an entry's header and payload).
+pub fn encode(kind: Kind, written: u64, key: &CacheKey, body: &[&[u8]], preview: &[u8]) -> Vec<u8> {
+    let body_len: usize = body.iter().map(|part| part.len()).sum();
+    let mut record = Vec::with_capacity(RECORD_HEADER + body_len + preview.len());
+    record.extend_from_slice(&RECORD_MAGIC);
+    record.extend_from_slice(&[kind as u8, 0, 0, 0]);
+    record.extend_from_slice(&u32::try_from(body_len).unwrap_or(u32::MAX).to_le_bytes());
+    record.extend_from_slice(&u32::try_from(preview.len()).unwrap_or(0).to_le_bytes());
+    record.extend_from_slice(&written.to_le_bytes());
+    record.extend_from_slice(key.as_bytes());
+    let mut hasher = Xxh3Default::new();
+    hasher.update(&record);
+    for part in body {
+        hasher.update(part);
+    }
+    let preview = if u32::try_from(preview.len()).is_ok() {
+        preview
+    } else {
+        &[]
+    };
+    hasher.update(preview);
+    record.extend_from_slice(&hasher.digest().to_le_bytes());
+    for part in body {
+        record.extend_from_slice(part);
+    }
+    record.extend_from_slice(preview);
+    record
+}
+
+/// How far [`parse`] got.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Parsed {
+    /// Bytes of complete, valid records from the start.
+    pub consumed: usize,
+    /// Why the record at `consumed` is not valid, when it is complete but damaged; `None` when
+    /// the bytes simply end there (possibly inside a record still being written).
+    pub damage: Option<String>,
+}
+
+/// Reads the records in `bytes`, which start at offset `base` of their pack, calling `each`
+/// for every valid one, up to the first that is incomplete or damaged.
+pub fn parse(bytes: &[u8], base: u64, mut each: impl FnMut(Record<'_>)) -> Parsed {
+    let mut at = 0;
+    loop {
+        let rest = &bytes[at..];
+        if rest.len() < RECORD_HEADER {
+            return Parsed {
+                consumed: at,
+                damage: None,
+            };
+        }
+        let damaged = |why: &str| Parsed {
+            consumed: at,
+            damage: Some(format!("record at byte {}: {why}", base + at as u64)),
+        };
+        let word =
+            |from: usize| u32::from_le_bytes(rest[from..from + 4].try_into().unwrap_or([0; 4]));
+        let long =
+            |from: usize| u64::from_le_bytes(rest[from..from + 8].try_into().unwrap_or([0; 8]));
+        if rest[..4] != RECORD_MAGIC {
+            return damaged("not a record (bad magic bytes)");
+        }
+        let Some(kind) = Kind::from_byte(rest[4]) else {
+            return damaged("unknown record kind");
+        };
+        let (body_len, preview_len) = (word(8), word(12));
+        if body_len > LONGEST || preview_len > LONGEST {
+            return damaged("impossible length");
+        }
+        let end = RECORD_HEADER + body_len as usize + preview_len as usize;
+        if rest.len() < end {
+            return Parsed {
+                consumed: at,
+                damage: None,
+            };
+        }
+        let mut hasher = Xxh3Default::new();
+        hasher.update(&rest[..56]);
+        hasher.update(&rest[RECORD_HEADER..end]);
+        if hasher.digest() != long(56) {
+            return damaged("checksum mismatch (damaged record)");
+        }
+        let mut key = [0u8; 32];
+        key.copy_from_slice(&rest[24..56]);
+        let body_end = RECORD_HEADER + body_len as usize;
+        each(Record {
+            kind,
+            written: long(16),
+            key: CacheKey::from_bytes(key),
+            body: &rest[RECORD_HEADER..body_end],
+            preview: &rest[body_end..end],
+            offset: base + at as u64,
+        });
+        at += end;
+    }
+}
+
+/// Reads a whole pack and parses it; `each` sees every valid record.
+pub(crate) fn read_pack(path: &Path, each: impl FnMut(Record<'_>)) -> io::Result<Parsed> {
+    let bytes = fs::read(path)?;
+    Ok(parse(&bytes, 0, each))
+}
+
+/// The shared change counter of a version folder, mapped into every process that uses it.
+struct Generation {
+    map: memmap2::MmapMut,
+}
+
+impl Generation {
+    const LEN: u64 = 16;
+
+    /// Opens (with `create`, creates) the counter file in `dir`.
+    fn open(dir: &Path, create: bool) -> io::Result<Generation> {
+        let path = dir.join(GENERATION_FILE);
+        let file = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(create)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&path)?;
+        // Two processes may do this at once: extending to the same length changes nothing.
+        if file.metadata()?.len() < Self::LEN {
+            file.set_len(Self::LEN)?;
+        }
+        // SAFETY: a shared mapping of a file memo only ever extends to 16 bytes and changes
+        // through these atomics (the file is never truncated); page-aligned, so the atomics are
+        // aligned.
+        let map = unsafe {
+            memmap2::MmapOptions::new()
+                .len(Self::LEN as usize)
+                .map_mut(&file)?
+        };
+        Ok(Generation { map })
+    }
+
+    fn word(&self, index: usize) -> &AtomicU64 {
+        // SAFETY: the mapping is 16 bytes, page-aligned and lives as long as `self`; other
+        // processes change it only through atomic operations too.
+        unsafe { &*self.map.as_ptr().cast::<AtomicU64>().add(index) }
+    }
+
+    fn load(&self) -> u64 {
+        self.word(0).load(Ordering::Acquire)
+    }
+
+    /// Bumps the counter; returns its value before.
+    fn bump(&self) -> u64 {
+        self.word(0).fetch_add(1, Ordering::AcqRel)
+    }
+
+    fn removed(&self) -> bool {
+        self.word(1).load(Ordering::Acquire) != 0
+    }
+
+    fn mark_removed(&self) {
+        self.word(1).store(1, Ordering::Release);
+        self.bump();
+    }
+}
+
+/// Tells every process using the version folder `dir` that it is about to be removed, so that
+/// none keeps serving or appending to its packs.
+pub(crate) fn mark_removed(dir: &Path) {
+    if let Ok(generation) = Generation::open(dir, false) {
+        generation.mark_removed();
+    }
+}
+
+/// Where an index entry's record is.
+#[derive(Debug, Clone, Copy)]
+struct Slot {
+    kind: Kind,
+    written: u64,
+    pack: u32,
+    /// Where the body starts in the pack.
+    body_at: u64,
+    body_len: u32,
+}
+
+/// A pack this process knows.
+#[derive(Debug)]
+struct Pack {
+    name: OsString,
+    file: File,
+    /// How far its records have been read into the index.
+    scanned: u64,
+    /// Set when a damaged record stopped the reading for good.
+    damaged: bool,
+}
+
+/// This process's own pack of a version.
+#[derive(Debug)]
+struct Writer {
+    pack: u32,
+    file: File,
+    end: u64,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    generation: Option<Generation>,
+    /// The counter's value when the index was last brought up to date.
+    seen: u64,
+    index: HashMap<CacheKey, Slot, rustc_hash::FxBuildHasher>,
+    packs: Vec<Option<Pack>>,
+    writer: Option<Writer>,
+    /// Whether the folder was looked at once for entry files written without a record.
+    files_listed: bool,
+}
+
+impl std::fmt::Debug for Generation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Generation({})", self.load())
+    }
+}
+
+/// What the packs know of a key.
+#[derive(Debug)]
+pub(crate) enum Found {
+    /// No record and no entry file: the entry is absent.
+    Absent,
+    /// The entry's bytes.
+    Entry(Vec<u8>),
+    /// The entry is a file of its own (or may be: a file older than packs).
+    File,
+}
+
+/// The packs of one version folder, as this process sees them.
+#[derive(Debug)]
+pub(crate) struct Packs {
+    dir: PathBuf,
+    durable: bool,
+    state: RwLock<State>,
+}
+
+impl Packs {
+    pub(crate) fn new(dir: PathBuf, durable: bool) -> Packs {
+        Packs {
+            dir,
+            durable,
+            state: RwLock::default(),
+        }
+    }
+
+    fn write_state(&self) -> RwLockWriteGuard<'_, State> {
+        self.state.write().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Looks `key` up; reads the packs' new records first when another process added some.
+    pub(crate) fn get(&self, key: &CacheKey) -> io::Result<Found> {
+        {
+            let state = self.state.read().unwrap_or_else(PoisonError::into_inner);
+            if let Some(generation) = &state.generation {
+                if generation.load() == state.seen && !generation.removed() {
+                    return self.found(&state, key);
+                }
+            }
+        }
+        let mut state = self.write_state();
+        self.refresh(&mut state);
+        self.found(&state, key)
+    }
+
+    fn found(&self, state: &State, key: &CacheKey) -> io::Result<Found> {
+        let Some(slot) = state.index.get(key) else {
+            return Ok(if state.files_listed || state.generation.is_some() {
+                Found::Absent
+            } else {
+                Found::File
+            });
+        };
+        match slot.kind {
+            Kind::Removed => Ok(Found::Absent),
+            Kind::File => Ok(Found::File),
+            Kind::Entry => {
+                let Some(Some(pack)) = state.packs.get(slot.pack as usize) else {
+                    return Ok(Found::Absent);
+                };
+                let mut body = vec![0; slot.body_len as usize];
+                pack.file.read_exact_at(&mut body, slot.body_at)?;
+                Ok(Found::Entry(body))
+            }
+        }
+    }
+
+    /// Brings the index up to date with the folder: new packs, new records, packs removed.
+    fn refresh(&self, state: &mut State) {
+        if state.generation.as_ref().is_some_and(Generation::removed) {
+            *state = State::default();
+        }
+        if state.generation.is_none() {
+            match Generation::open(&self.dir, false) {
+                Ok(generation) => state.generation = Some(generation),
+                // Nothing was packed in this folder yet.
+                Err(_) => {
+                    self.list_files(state);
+                    return;
+                }
+            }
+        }
+        let Some(seen) = state.generation.as_ref().map(Generation::load) else {
+            return;
+        };
+        self.list_files(state);
+        let own = state.writer.as_ref().map(|w| w.pack);
+        let mut names: Vec<OsString> = match fs::read_dir(self.dir.join(PACK_DIR)) {
+            Ok(read) => read
+                .flatten()
+                .map(|item| item.file_name())
+                .filter(|name| name.to_string_lossy().ends_with(PACK_SUFFIX))
+                .collect(),
+            Err(_) => Vec::new(),
+        };
+        // Packs removed meanwhile (compacted into another): forget their records.
+        for id in 0..state.packs.len() {
+            let gone = match &state.packs[id] {
+                Some(pack) => Some(id as u32) != own && !names.contains(&pack.name),
+                None => false,
+            };
+            if gone {
+                state.packs[id] = None;
+                state.index.retain(|_, slot| slot.pack != id as u32);
+            }
+        }
+        names.retain(|name| !state.packs.iter().flatten().any(|pack| pack.name == *name));
+        names.sort();
+        for name in names {
+            let path = self.dir.join(PACK_DIR).join(&name);
+            let Ok(file) = open_read(&path) else {
+                continue;
+            };
+            state.packs.push(Some(Pack {
+                name,
+                file,
+                scanned: 0,
+                damaged: false,
+            }));
+        }
+        for id in 0..state.packs.len() {
+            if Some(id as u32) != own {
+                scan(state, id as u32);
+            }
+        }
+        state.seen = seen;
+    }
+
+    /// Once per process: entry files that have no record (written before packs, or by hand)
+    /// enter the index, so that the index alone answers every look-up.
+    fn list_files(&self, state: &mut State) {
+        if state.files_listed {
+            return;
+        }
+        state.files_listed = true;
+        let Ok(read) = fs::read_dir(&self.dir) else {
+            return;
+        };
+        for shard in read.flatten() {
+            let name = shard.file_name();
+            let name = name.to_string_lossy();
+            let is_shard = name.len() == 2 && name.bytes().all(|b| b.is_ascii_hexdigit());
+            if !is_shard {
+                continue;
+            }
+            let Ok(files) = fs::read_dir(shard.path()) else {
+                continue;
+            };
+            for file in files.flatten() {
+                if let Some(key) = crate::store::decode_hex_key(&file.file_name().to_string_lossy())
+                {
+                    // Written at time 0: any record of the key is newer.
+                    state.index.entry(key).or_insert(Slot {
+                        kind: Kind::File,
+                        written: 0,
+                        pack: u32::MAX,
+                        body_at: 0,
+                        body_len: 0,
+                    });
+                }
+            }
+        }
+    }
+
+    /// Appends a record for `key` to this process's pack (creating the folders, the counter and
+    /// the pack as needed), then bumps the counter.
+    pub(crate) fn append(
+        &self,
+        kind: Kind,
+        key: &CacheKey,
+        body: &[&[u8]],
+        preview: &[u8],
+        create_dir: &dyn Fn(&Path) -> io::Result<()>,
+    ) -> io::Result<()> {
+        let written = now_nanos();
+        let record = encode(kind, written, key, body, preview);
+        let mut state = self.write_state();
+        if state.generation.as_ref().is_some_and(Generation::removed) {
+            *state = State::default();
+        }
+        if state.generation.is_none() {
+            self.refresh(&mut state);
+        }
+        if state.generation.is_none() {
+            create_dir(&self.dir)?;
+            state.generation = Some(Generation::open(&self.dir, true)?);
+            self.refresh(&mut state);
+        }
+        let needs_pack = state.writer.as_ref().is_none_or(|w| w.end >= ROLL_AT);
+        if needs_pack {
+            self.start_pack(&mut state, create_dir)?;
+        }
+        let State {
+            writer,
+            index,
+            generation,
+            seen,
+            ..
+        } = &mut *state;
+        let (Some(writer), Some(generation)) = (writer.as_mut(), generation.as_ref()) else {
+            return Err(io::Error::other("no pack to write to"));
+        };
+        if let Err(error) = writer.file.write_all_at(&record, writer.end) {
+            // What may have been written of it is an incomplete record: start a new pack.
+            state.writer = None;
+            return Err(error);
+        }
+        if self.durable {
+            writer.file.sync_data()?;
+        }
+        let body_len = record.len() - RECORD_HEADER - preview.len();
+        let slot = Slot {
+            kind,
+            written,
+            pack: writer.pack,
+            body_at: writer.end + RECORD_HEADER as u64,
+            body_len: body_len as u32,
+        };
+        writer.end += record.len() as u64;
+        upsert(index, *key, slot);
+        if generation.bump() == *seen {
+            // Nobody else wrote meanwhile: the index is still up to date.
+            *seen += 1;
+        }
+        Ok(())
+    }
+
+    /// Starts a new pack of this process: `packs/<pid>-<time>.pack`, held with a file lock for
+    /// as long as it is written to.
+    fn start_pack(
+        &self,
+        state: &mut State,
+        create_dir: &dyn Fn(&Path) -> io::Result<()>,
+    ) -> io::Result<()> {
+        if let Some(old) = state.writer.take() {
+            // Finished: others may compact it from now on.
+            let _ = old.file.unlock();
+        }
+        let folder = self.dir.join(PACK_DIR);
+        let name = format!("{}-{:x}{PACK_SUFFIX}", std::process::id(), now_nanos());
+        let path = folder.join(&name);
+        let open = || {
+            fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(&path)
+        };
+        let file = match open() {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                create_dir(&folder)?;
+                open()?
+            }
+            other => other?,
+        };
+        file.try_lock()
+            .map_err(|_| io::Error::other("cannot lock a new pack"))?;
+        if self.durable {
+            File::open(&folder)?.sync_all()?;
+        }
+        let reader = open_read(&path)?;
+        let id = state.packs.len() as u32;
+        state.packs.push(Some(Pack {
+            name: name.into(),
+            file: reader,
+            scanned: 0,
+            damaged: false,
+        }));
+        state.writer = Some(Writer {
+            pack: id,
+            file,
+            end: 0,
+        });
+        Ok(())
+    }
+
+    /// Forgets everything this process knows of the folder (before it is removed).
+    pub(crate) fn forget(&self) {
+        *self.write_state() = State::default();
+    }
+
+    /// Whether this process has a pack open for writing in this folder.
+    #[cfg(test)]
+    fn writing(&self) -> bool {
+        self.state
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .writer
+            .is_some()
+    }
+}
+
+/// Records `slot` for `key` unless a newer record is there.
+fn upsert(
+    index: &mut HashMap<CacheKey, Slot, rustc_hash::FxBuildHasher>,
+    key: CacheKey,
+    slot: Slot,
+) {
+    match index.entry(key) {
+        std::collections::hash_map::Entry::Occupied(mut present) => {
+            if slot.written >= present.get().written {
+                present.insert(slot);
+            }
+        }
+        std::collections::hash_map::Entry::Vacant(vacant) => {
+            vacant.insert(slot);
+        }
+    }
+}
+
+/// Reads pack `id` on from where it was read last, into the index.
+fn scan(state: &mut State, id: u32) {
+    let State { packs, index, .. } = state;
+    let Some(Some(pack)) = packs.get_mut(id as usize) else {
+        return;
+    };
+    if pack.damaged {
+        return;
+    }
+    let Ok(len) = pack.file.metadata().map(|m| m.len()) else {
+        return;
+    };
+    let mut carry: Vec<u8> = Vec::new();
+    while pack.scanned < len {
+        let want = usize::try_from(len - pack.scanned)
+            .unwrap_or(usize::MAX)
+            .min(READ_PIECE.max(carry.len() * 2));
+        let mut piece = vec![0; want];
+        let Ok(got) = pack
+            .file
+            .read_at(&mut piece, pack.scanned + carry.len() as u64)
+        else {
+            return;
+        };
+        if got == 0 {
+            return;
+        }
+        piece.truncate(got);
+        let mut bytes = std::mem::take(&mut carry);
+        bytes.extend_from_slice(&piece);
+        let parsed = parse(&bytes, pack.scanned, |record| {
+            let body_at = record.offset + RECORD_HEADER as u64;
+            let slot = Slot {
+                kind: record.kind,
+                written: record.written,
+                pack: id,
+                body_at,
+                body_len: record.body.len() as u32,
+            };
+            upsert(index, record.key, slot);
+        });
+        pack.scanned += parsed.consumed as u64;
+        if parsed.damage.is_some() {
+            pack.damaged = true;
+            return;
+        }
+        // An incomplete record at the end: read it whole next time round (or next refresh).
+        carry = bytes[parsed.consumed..].to_vec();
+        if pack.scanned + carry.len() as u64 >= len {
+            return;
+        }
+    }
+}
+
+/// Opens a pack for reading, without following a symbolic link.
+fn open_read(path: &Path) -> io::Result<File> {
+    fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+}
+
+/// Every live entry of a version folder's packs, as the index would resolve them: the newest
+/// record of each key, removed ones left out; also the damage met, per pack.
+pub(crate) struct Contents {
+    /// Key -> (pack path, record offset, body, preview, written).
+    pub entries: Vec<PackedEntry>,
+    /// Packs whose reading stopped at a damaged record, and why.
+    pub damaged: Vec<(PathBuf, String)>,
+}
+
+/// One live packed entry.
+pub(crate) struct PackedEntry {
+    pub key: CacheKey,
+    pub body: Vec<u8>,
+    pub preview: Option<String>,
+    pub written: u64,
+    pub kind: Kind,
+}
+
+/// Reads every pack of the version folder `dir` (for listings, verification and compaction).
+pub(crate) fn contents(dir: &Path) -> Contents {
+    let mut newest: HashMap<CacheKey, PackedEntry> = HashMap::new();
+    let mut damaged = Vec::new();
+    for path in pack_paths(dir) {
+        let parsed = read_pack(&path, |record| {
+            let newer = newest
+                .get(&record.key)
+                .is_none_or(|present| record.written >= present.written);
+            if newer {
+                newest.insert(
+                    record.key,
+                    PackedEntry {
+                        key: record.key,
+                        body: record.body.to_vec(),
+                        preview: (!record.preview.is_empty())
+                            .then(|| String::from_utf8_lossy(record.preview).into_owned()),
+                        written: record.written,
+                        kind: record.kind,
+                    },
+                );
+            }
+        });
+        if let Ok(Parsed {
+            damage: Some(why), ..
+        }) = parsed
+        {
+            damaged.push((path, why));
+        }
+    }
+    let mut entries: Vec<PackedEntry> = newest
+        .into_values()
+        .filter(|entry| entry.kind == Kind::Entry)
+        .collect();
+    entries.sort_by(|a, b| a.key.as_bytes().cmp(b.key.as_bytes()));
+    Contents { entries, damaged }
+}
+
+/// The pack files of a version folder, by name.
+pub(crate) fn pack_paths(dir: &Path) -> Vec<PathBuf> {
+    let mut paths: Vec<PathBuf> = match fs::read_dir(dir.join(PACK_DIR)) {
+        Ok(read) => read
+            .flatten()
+            .filter(|item| item.file_name().to_string_lossy().ends_with(PACK_SUFFIX))
+            .map(|item| item.path())
+            .collect(),
+        Err(_) => Vec::new(),
+    };
+    paths.sort();
+    paths
+}
+
+/// Rewrites the packs of `dir` whose writers are gone into one, keeping only the newest record of
+/// each key (and a "removed" record only while an older record of the key remains in a pack
+/// still written to); a damaged pack keeps what comes before the damage. Done when there are
+/// at least `min_packs` such packs or they hold dead records. Returns the bytes freed.
+pub(crate) fn compact(dir: &Path, min_packs: usize, durable: bool) -> io::Result<u64> {
+    let mut finished = Vec::new();
+    let mut live = Vec::new();
+    for path in pack_paths(dir) {
+        let Ok(file) = open_read(&path) else {
+            continue;
+        };
+        // A pack whose writer is alive is locked by it.
+        match file.try_lock() {
+            Ok(()) => finished.push((path, file)),
+            Err(_) => live.push(path),
+        }
+    }
+    if finished.is_empty() {
+        return Ok(0);
+    }
+    // Every key's newest record in the live packs, against which the finished ones are weighed.
+    let mut live_newest: HashMap<CacheKey, u64> = HashMap::new();
+    for path in &live {
+        let _ = read_pack(path, |record| {
+            let newest = live_newest.entry(record.key).or_insert(0);
+            *newest = (*newest).max(record.written);
+        });
+    }
+    let mut newest: HashMap<CacheKey, (u64, Vec<u8>)> = HashMap::new();
+    let mut total = 0u64;
+    let mut records = 0usize;
+    let mut damaged = false;
+    for (path, _) in &finished {
+        let parsed = read_pack(path, |record| {
+            records += 1;
+            let newer = newest
+                .get(&record.key)
+                .is_none_or(|(written, _)| record.written >= *written);
+            if newer {
+                let bytes = encode(
+                    record.kind,
+                    record.written,
+                    &record.key,
+                    &[record.body],
+                    record.preview,
+                );
+                newest.insert(record.key, (record.written, bytes));
+            }
+        })?;
+        damaged |= parsed.damage.is_some();
+        total += fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+    }
+    let mut kept: Vec<(u64, Vec<u8>)> = newest
+        .into_iter()
+        .filter(|(key, (written, bytes))| {
+            let superseded = live_newest.get(key).is_some_and(|live| live > written);
+            let removed = Kind::from_byte(bytes[4]) == Some(Kind::Removed);
+            // A removal matters only while an older record of its key remains elsewhere.
+            !superseded && (!removed || live_newest.contains_key(key))
+        })
+        .map(|(_, record)| record)
+        .collect();
+    let dead_records = records > kept.len();
+    if finished.len() < min_packs && !dead_records && !damaged {
+        return Ok(0);
+    }
+    kept.sort_by_key(|(written, _)| *written);
+    let kept_bytes: u64 = kept.iter().map(|(_, r)| r.len() as u64).sum();
+    if !kept.is_empty() {
+        let name = format!("{}-{:x}-c{PACK_SUFFIX}", std::process::id(), now_nanos());
+        let path = dir.join(PACK_DIR).join(name);
+        let file = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&path)?;
+        file.try_lock()
+            .map_err(|_| io::Error::other("cannot lock a new pack"))?;
+        let mut at = 0;
+        let written = kept.iter().try_for_each(|(_, record)| {
+            file.write_all_at(record, at)?;
+            at += record.len() as u64;
+            Ok::<(), io::Error>(())
+        });
+        if let Err(error) = written.and_then(|()| if durable { file.sync_all() } else { Ok(()) }) {
+            let _ = fs::remove_file(&path);
+            return Err(error);
+        }
+    }
+    for (path, _) in &finished {
+        let _ = fs::remove_file(path);
+    }
+    if let Ok(generation) = Generation::open(dir, false) {
+        generation.bump();
+    }
+    Ok(total.saturating_sub(kept_bytes))
+}
+
+/// Cuts a damaged pack back to its records before the damage, when no process writes to it any
+/// more; whether something was cut.
+pub(crate) fn repair(path: &Path) -> io::Result<bool> {
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)?;
+    if file.try_lock().is_err() {
+        return Err(io::Error::other(
+            "a running process still writes to it; try again when it has ended",
+        ));
+    }
+    let parsed = read_pack(path, |_| {})?;
+    if parsed.damage.is_none() {
+        return Ok(false);
+    }
+    file.set_len(parsed.consumed as u64)?;
+    if let Some(dir) = path.parent().and_then(Path::parent) {
+        if let Ok(generation) = Generation::open(dir, false) {
+            generation.bump();
+        }
+    }
+    Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(n: u8) -> CacheKey {
+        CacheKey::from_bytes([n; 32])
+    }
+
+    fn no_dir(dir: &Path) -> io::Result<()> {
+        fs::create_dir_all(dir)
+    }
+
+    #[test]
+    fn records_round_trip_and_damage_stops_the_reading() {
+        let mut bytes = encode(Kind::Entry, 7, &key(1), &[b"ab", b"cd"], b"x=1");
+        bytes.extend(encode(Kind::Removed, 8, &key(2), &[], b""));
+        let mut seen = Vec::new();
+        let parsed = parse(&bytes, 0, |r| {
+            seen.push((r.kind, r.written, r.body.to_vec(), r.preview.to_vec()))
+        });
+        assert_eq!(parsed.consumed, bytes.len());
+        assert_eq!(parsed.damage, None);
+        assert_eq!(
+            seen,
+            vec![
+                (Kind::Entry, 7, b"abcd".to_vec(), b"x=1".to_vec()),
+                (Kind::Removed, 8, Vec::new(), Vec::new())
+            ]
+        );
+        // A record cut short is no damage: it may still be being written.
+        let parsed = parse(&bytes[..bytes.len() - 1], 0, |_| {});
+        assert_eq!(parsed.damage, None);
+        assert_eq!(parsed.consumed, RECORD_HEADER + 4 + 3);
+        // A changed byte is.
+        bytes[RECORD_HEADER + 1] ^= 1;
+        let mut count = 0;
+        let parsed = parse(&bytes, 0, |_| count += 1);
+        assert_eq!((parsed.consumed, count), (0, 0));
+        assert!(parsed.damage.unwrap().contains("checksum"));
+    }
+
+    #[test]
+    fn another_process_records_are_seen_after_the_counter_moves() {
+        let dir = tempfile::tempdir().unwrap();
+        let version = dir.path().join("v");
+        let writer = Packs::new(version.clone(), false);
+        let reader = Packs::new(version.clone(), false);
+        assert!(matches!(reader.get(&key(1)).unwrap(), Found::Absent));
+        writer
+            .append(Kind::Entry, &key(1), &[b"one"], b"", &no_dir)
+            .unwrap();
+        assert!(writer.writing());
+        assert!(matches!(reader.get(&key(1)).unwrap(), Found::Entry(b) if b == b"one"));
+        writer
+            .append(Kind::Removed, &key(1), &[], b"", &no_dir)
+            .unwrap();
+        assert!(matches!(reader.get(&key(1)).unwrap(), Found::Absent));
+        // The reader's own record after the removal wins.
+        reader
+            .append(Kind::Entry, &key(1), &[b"again"], b"", &no_dir)
+            .unwrap();
+        assert!(matches!(writer.get(&key(1)).unwrap(), Found::Entry(b) if b == b"again"));
+        // Removal of the folder: both start over.
+        mark_removed(&version);
+        fs::remove_dir_all(&version).unwrap();
+        assert!(matches!(writer.get(&key(1)).unwrap(), Found::Absent));
+        writer
+            .append(Kind::Entry, &key(2), &[b"two"], b"", &no_dir)
+            .unwrap();
+        assert!(matches!(reader.get(&key(2)).unwrap(), Found::Entry(b) if b == b"two"));
+    }
+
+    #[test]
+    fn compaction_keeps_the_newest_record_of_finished_packs() {
+        let dir = tempfile::tempdir().unwrap();
+        let version = dir.path().join("v");
+        {
+            let first = Packs::new(version.clone(), false);
+            first
+                .append(Kind::Entry, &key(1), &[b"one"], b"", &no_dir)
+                .unwrap();
+            first
+                .append(Kind::Entry, &key(2), &[b"two"], b"", &no_dir)
+                .unwrap();
+            first
+                .append(Kind::Removed, &key(2), &[], b"", &no_dir)
+                .unwrap();
+            // Still written to: not compacted.
+            assert_eq!(compact(&version, 1, false).unwrap(), 0);
+        }
+        let reader = Packs::new(version.clone(), false);
+        assert!(matches!(reader.get(&key(1)).unwrap(), Found::Entry(_)));
+        assert!(compact(&version, 1, false).unwrap() > 0);
+        let contents = contents(&version);
+        assert_eq!(contents.entries.len(), 1);
+        assert_eq!(contents.entries[0].body, b"one");
+        assert_eq!(pack_paths(&version).len(), 1);
+        // A reader that had the old pack open moves to the new one.
+        assert!(matches!(reader.get(&key(1)).unwrap(), Found::Entry(b) if b == b"one"));
+        assert!(matches!(reader.get(&key(2)).unwrap(), Found::Absent));
+    }
+}
