@@ -17,6 +17,13 @@ use memo::prelude::*;
 use serde::{Deserialize, Serialize};
 
 static MEMORY: LazyLock<Memory> = LazyLock::new(|| Memory::new(fresh_dir("cached")).memory_tier(0));
+/// Every entry in a file of its own, for the tests that damage entry files (tests/packs.rs
+/// damages packed ones).
+static FILES: LazyLock<Memory> = LazyLock::new(|| {
+    Memory::new(fresh_dir("cached-files"))
+        .memory_tier(0)
+        .pack_limit(0)
+});
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct Sample {
@@ -239,7 +246,7 @@ fn a_call_with_its_own_key_inside_itself_does_not_deadlock() {
 
 static DAMAGED: Counter = Counter::new();
 
-#[cached(memory = MEMORY)]
+#[cached(memory = FILES)]
 fn damaged(x: u64) -> Vec<u64> {
     DAMAGED.bump();
     (0..x).collect()
@@ -316,7 +323,7 @@ fn a_damaged_entry_is_a_miss_and_is_repaired() {
 
 static RETYPED: Counter = Counter::new();
 
-#[cached(memory = MEMORY)]
+#[cached(memory = FILES)]
 fn retyped(x: u64) -> Sample {
     RETYPED.bump();
     Sample {

@@ -15,9 +15,13 @@ use memo::prelude::*;
 
 static DIR: LazyLock<std::path::PathBuf> = LazyLock::new(|| fresh_dir("compression"));
 /// One folder, two memories: one compresses, one does not.
-static COMPRESSED: LazyLock<Memory> =
-    LazyLock::new(|| Memory::new(&*DIR).compression(Some(3)).memory_tier(0));
-static PLAIN: LazyLock<Memory> = LazyLock::new(|| Memory::new(&*DIR).memory_tier(0));
+static COMPRESSED: LazyLock<Memory> = LazyLock::new(|| {
+    Memory::new(&*DIR)
+        .compression(Some(3))
+        .memory_tier(0)
+        .pack_limit(0)
+});
+static PLAIN: LazyLock<Memory> = LazyLock::new(|| Memory::new(&*DIR).memory_tier(0).pack_limit(0));
 
 static SERIES: Counter = Counter::new();
 
@@ -90,7 +94,10 @@ fn plain_and_compressed_entries_mix_and_each_is_read_as_its_header_says() {
     // Written plain, then read through a memory that compresses: the same function identity.
     assert_eq!(mixed_plain(5), series_value(5));
     let entry = only_entry(mixed_plain::location());
-    let compressed_reader = Memory::new(&*DIR).compression(Some(3)).memory_tier(0);
+    let compressed_reader = Memory::new(&*DIR)
+        .compression(Some(3))
+        .memory_tier(0)
+        .pack_limit(0);
     assert!(compressed_reader.verify().unwrap().broken.is_empty());
     assert!(
         !decode_header(&std::fs::read(&entry).unwrap())

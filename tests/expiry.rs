@@ -15,7 +15,12 @@ use common::{entry_files, fresh_dir, Counter};
 use memo::prelude::*;
 use memo::EntryMeta;
 
-static MEMORY: LazyLock<Memory> = LazyLock::new(|| Memory::new(fresh_dir("expiry")).memory_tier(0));
+/// Entries in files of their own: the tests rewrite them.
+static MEMORY: LazyLock<Memory> = LazyLock::new(|| {
+    Memory::new(fresh_dir("expiry"))
+        .memory_tier(0)
+        .pack_limit(0)
+});
 
 static DAILY: Counter = Counter::new();
 

@@ -25,7 +25,12 @@ fn memory(name: &str) -> &'static Memory {
         .lock()
         .unwrap()
         .entry(name.to_owned())
-        .or_insert_with(|| Box::leak(Box::new(Memory::new(fresh_dir(name)).memory_tier(0))))
+        // Entries in files of their own: the tests set their times of last use (tests/packs.rs
+        // evicts packed ones).
+        .or_insert_with(|| {
+            let memory = Memory::new(fresh_dir(name)).memory_tier(0).pack_limit(0);
+            Box::leak(Box::new(memory))
+        })
 }
 
 thread_local! {

@@ -9,7 +9,7 @@ use std::sync::LazyLock;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{append_line, child_test, count_lines, entry_files, fresh_dir, Counter};
+use common::{append_line, child_test, count_lines, fresh_dir, stored_keys, Counter};
 use memo::prelude::*;
 use rayon::prelude::*;
 
@@ -302,7 +302,7 @@ fn the_rerun_of_a_killed_run_computes_only_what_is_missing() {
     running.kill().unwrap(); // SIGKILL on Unix
     running.wait().unwrap();
     let computed_before = count_lines(&counter);
-    let stored = entry_files(&cache).len();
+    let stored = stored_keys(&cache).len();
     assert!(
         stored >= 6,
         "the killed run stored its finished items ({stored})"
@@ -322,7 +322,7 @@ fn the_rerun_of_a_killed_run_computes_only_what_is_missing() {
         30 - stored,
         "only the missing items are computed"
     );
-    assert_eq!(entry_files(&cache).len(), 30);
+    assert_eq!(stored_keys(&cache).len(), 30);
 }
 
 static EVENTS: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());

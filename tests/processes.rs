@@ -5,7 +5,7 @@ mod common;
 
 use std::path::Path;
 
-use common::{append_line, child_test, count_lines, entry_files, fresh_dir};
+use common::{append_line, child_test, count_lines, fresh_dir, stored_keys};
 use memo::prelude::*;
 
 const CHILD: &str = "MEMO_TEST_CHILD_COUNTER";
@@ -65,7 +65,7 @@ fn a_second_process_is_served_what_the_first_computed() {
     assert_eq!(count_lines(&counter), 1);
     run_child(&counter, &[("MEMO_DIR", Some(&cache))]);
     assert_eq!(count_lines(&counter), 1, "the second process must hit");
-    assert_eq!(entry_files(&cache).len(), 1);
+    assert_eq!(stored_keys(&cache).len(), 1);
 }
 
 #[test]
@@ -109,7 +109,7 @@ fn without_memo_dir_the_user_cache_folder_is_used() {
             stdout.contains(&format!("location={}", expected.display())),
             "{stdout}"
         );
-        assert_eq!(entry_files(&expected).len(), 1);
+        assert_eq!(stored_keys(&expected).len(), 1);
     }
     run_child(&counter, &env);
     assert_eq!(count_lines(&counter), 1);

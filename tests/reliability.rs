@@ -11,7 +11,7 @@ use std::sync::LazyLock;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{append_line, child_test, count_lines, entry_files, fresh_dir, Counter};
+use common::{append_line, child_test, count_lines, entry_files, fresh_dir, stored_keys, Counter};
 use memo::prelude::*;
 
 /// The children's cache: `MEMO_TEST_DIR`, with the lock timeout of `MEMO_TEST_LOCK_TIMEOUT_MS`.
@@ -172,7 +172,7 @@ fn eight_processes_on_the_same_100_keys_compute_each_key_once() {
         (0..100).collect::<Vec<_>>(),
         "every key computed exactly once by the 8 processes"
     );
-    assert_eq!(entry_files(&dir).len(), 100);
+    assert_eq!(stored_keys(&dir).len(), 100);
     let report = Memory::new(&dir).verify().unwrap();
     assert_eq!(
         (report.valid, report.broken.len(), report.lock_files),
@@ -218,9 +218,9 @@ fn writers_killed_at_random_points_leave_only_valid_entries() {
             // the next write is already under way). Elsewhere, as soon as a temporary file
             // appears.
             let deadline = Instant::now() + Duration::from_secs(5);
-            let stored = entry_files(&dir).len();
+            let stored = stored_keys(&dir).len();
             while temporary_files(&dir).is_subset(&before)
-                && entry_files(&dir).len() <= stored
+                && stored_keys(&dir).len() <= stored
                 && Instant::now() < deadline
             {
                 thread::sleep(Duration::from_micros(200));

@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{LazyLock, OnceLock};
 use std::time::{Duration, Instant};
 
-use common::{append_line, child_test, entry_files, fresh_dir, inspector};
+use common::{append_line, child_test, entry_files, fresh_dir, inspector, stored_keys};
 use memo::prelude::*;
 use memo::AsMemory;
 use moto::{Moto, BUCKET};
@@ -250,7 +250,7 @@ fn machines_compute_each_key_once_and_share_the_results() {
         "{}",
         text(&output)
     );
-    assert_eq!(entry_files(&late.local).len(), keys.len());
+    assert_eq!(stored_keys(&late.local).len(), keys.len());
     assert_eq!(
         computations(&dir.join("counter")).values().sum::<usize>(),
         8
@@ -320,7 +320,7 @@ fn a_server_stopped_mid_run_leaves_the_program_finishing_with_right_values() {
         text(&output)
     );
     // What was computed is in the local folder.
-    assert_eq!(entry_files(&machine.local).len(), keys.len());
+    assert_eq!(stored_keys(&machine.local).len(), keys.len());
 }
 
 #[test]

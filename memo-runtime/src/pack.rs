@@ -209,7 +209,7 @@ pub fn parse(bytes: &[u8], base: u64, mut each: impl FnMut(Record<'_>)) -> Parse
 }
 
 /// Reads a whole pack and parses it; `each` sees every valid record.
-pub(crate) fn read_pack(path: &Path, each: impl FnMut(Record<'_>)) -> io::Result<Parsed> {
+pub fn read_pack(path: &Path, each: impl FnMut(Record<'_>)) -> io::Result<Parsed> {
     let bytes = fs::read(path)?;
     Ok(parse(&bytes, 0, each))
 }
@@ -706,24 +706,31 @@ fn open_read(path: &Path) -> io::Result<File> {
 
 /// Every live entry of a version folder's packs, as the index would resolve them: the newest
 /// record of each key, removed ones left out; also the damage met, per pack.
-pub(crate) struct Contents {
-    /// Key -> (pack path, record offset, body, preview, written).
+#[derive(Debug)]
+pub struct Contents {
+    /// The live entries, by key.
     pub entries: Vec<PackedEntry>,
     /// Packs whose reading stopped at a damaged record, and why.
     pub damaged: Vec<(PathBuf, String)>,
 }
 
 /// One live packed entry.
-pub(crate) struct PackedEntry {
+#[derive(Debug)]
+pub struct PackedEntry {
+    /// Its key.
     pub key: CacheKey,
+    /// The entry: header and payload.
     pub body: Vec<u8>,
+    /// The arguments' preview, when one was recorded.
     pub preview: Option<String>,
+    /// When its record was written, in nanoseconds since the Unix epoch.
     pub written: u64,
+    /// Always [`Kind::Entry`] in [`Contents::entries`].
     pub kind: Kind,
 }
 
-/// Reads every pack of the version folder `dir` (for listings, verification and compaction).
-pub(crate) fn contents(dir: &Path) -> Contents {
+/// Reads every pack of the version folder `dir` (for listings, verification and tools).
+pub fn contents(dir: &Path) -> Contents {
     let mut newest: HashMap<CacheKey, PackedEntry> = HashMap::new();
     let mut damaged = Vec::new();
     for path in pack_paths(dir) {
@@ -761,7 +768,7 @@ pub(crate) fn contents(dir: &Path) -> Contents {
 }
 
 /// The pack files of a version folder, by name.
-pub(crate) fn pack_paths(dir: &Path) -> Vec<PathBuf> {
+pub fn pack_paths(dir: &Path) -> Vec<PathBuf> {
     let mut paths: Vec<PathBuf> = match fs::read_dir(dir.join(PACK_DIR)) {
         Ok(read) => read
             .flatten()

@@ -36,6 +36,44 @@ pub fn entry_files(dir: &Path) -> Vec<PathBuf> {
     found
 }
 
+/// The keys (hex) of every entry stored below `dir`: entry files and live packed entries.
+pub fn stored_keys(dir: &Path) -> Vec<String> {
+    let mut keys: Vec<String> = entry_files(dir)
+        .iter()
+        .map(|path| path.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    for version in version_dirs(dir) {
+        keys.extend(
+            memo::format::pack::contents(&version)
+                .entries
+                .iter()
+                .map(|entry| entry.key.to_hex()),
+        );
+    }
+    keys.sort();
+    keys
+}
+
+/// The folders below `dir` (and `dir` itself) that hold packs.
+fn version_dirs(dir: &Path) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        if dir.join(memo::format::pack::PACK_DIR).is_dir() {
+            found.push(dir.clone());
+        }
+        let Ok(read) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for item in read.flatten() {
+            if item.path().is_dir() {
+                stack.push(item.path());
+            }
+        }
+    }
+    found
+}
+
 /// The number of lines in a file (0 when it does not exist): child processes append one line
 /// per computation to such a counter file.
 pub fn count_lines(path: &Path) -> usize {
