@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll, Waker};
 use std::thread::{self, ThreadId};
@@ -25,6 +26,9 @@ struct Flight {
     owner: ThreadId,
     state: Mutex<State>,
     finished: Condvar,
+    /// Threads waiting on `finished` (changed while holding `state`): without any, finishing
+    /// wakes no one, which saves a system call per miss.
+    sleepers: AtomicUsize,
     /// Tasks of `async` callers waiting for it; registered while holding `state`.
     wakers: Mutex<Vec<Waker>>,
 }
@@ -32,7 +36,7 @@ struct Flight {
 /// The keys being computed in this process right now.
 #[derive(Default)]
 pub(crate) struct InFlight {
-    flights: Mutex<HashMap<CacheKey, Arc<Flight>>>,
+    flights: Mutex<HashMap<CacheKey, Arc<Flight>, rustc_hash::FxBuildHasher>>,
 }
 
 /// The outcome of [`InFlight::claim`].
@@ -65,6 +69,7 @@ impl InFlight {
                         owner: me,
                         state: Mutex::new(State::Running),
                         finished: Condvar::new(),
+                        sleepers: AtomicUsize::new(0),
                         wakers: Mutex::new(Vec::new()),
                     });
                     flights.insert(key, Arc::clone(&flight));
@@ -81,10 +86,12 @@ impl InFlight {
         loop {
             match &*state {
                 State::Running => {
+                    flight.sleepers.fetch_add(1, Ordering::SeqCst);
                     state = flight
                         .finished
                         .wait(state)
                         .unwrap_or_else(PoisonError::into_inner);
+                    flight.sleepers.fetch_sub(1, Ordering::SeqCst);
                 }
                 State::Done(payload) => return Claim::Waited(payload.clone()),
                 State::Abandoned => return Claim::Waited(None),
@@ -115,6 +122,7 @@ impl InFlight {
             owner: thread::current().id(),
             state: Mutex::new(State::Running),
             finished: Condvar::new(),
+            sleepers: AtomicUsize::new(0),
             wakers: Mutex::new(Vec::new()),
         });
         flights.insert(key, Arc::clone(&flight));
@@ -167,7 +175,10 @@ impl FlightGuard<'_> {
     fn settle(&self, outcome: State) {
         lock(&self.set.flights).remove(&self.key);
         *lock(&self.flight.state) = outcome;
-        self.flight.finished.notify_all();
+        // A sleeper counted itself while holding `state`, before this thread set it: seen here.
+        if self.flight.sleepers.load(Ordering::SeqCst) > 0 {
+            self.flight.finished.notify_all();
+        }
         let wakers = std::mem::take(&mut *lock(&self.flight.wakers));
         for waker in wakers {
             waker.wake();

@@ -471,15 +471,17 @@ pub struct CachedFunction {
     version: OnceLock<String>,
     function_key: OnceLock<FunctionKey>,
     write_warned: AtomicBool,
-    /// The longest computation of this function seen in this process, in nanoseconds plus one
-    /// (0: none yet); see [`LOCK_FROM`].
-    slowest: AtomicU64,
+    /// Computations of this function in this process, and how many of them took
+    /// [`LOCK_FROM`] or longer.
+    computed: AtomicU64,
+    slow: AtomicU64,
 }
 
 /// A miss takes the key's cross-process lock (so that processes missing the same key at once
-/// compute it once) unless every computation of the function this process has seen took less
-/// than this: then the lock would cost more than the duplicate work it can save, and the
-/// function runs at once (storing stays atomic; two processes may both compute the value).
+/// compute it once) unless the function is quick: all but at most one in 16 of its
+/// computations in this process took less than this (and there was one). Then the lock would
+/// cost more than the duplicate work it can save, and the function runs at once (storing stays
+/// atomic; two processes missing the same key at the same moment may both compute it).
 pub const LOCK_FROM: Duration = Duration::from_micros(200);
 
 #[derive(Debug)]
@@ -497,7 +499,8 @@ impl CachedFunction {
             version: OnceLock::new(),
             function_key: OnceLock::new(),
             write_warned: AtomicBool::new(false),
-            slowest: AtomicU64::new(0),
+            computed: AtomicU64::new(0),
+            slow: AtomicU64::new(0),
         }
     }
 
@@ -636,6 +639,8 @@ impl CachedFunction {
                         let acquired = store.lock(&at, memory.lock_timeout_value());
                         self.take_lock(memory, acquired, &mut may_be_stored)
                     } else {
+                        // Nothing was waited for: the look-up above is as recent as can be.
+                        may_be_stored = false;
                         None
                     };
                     // Another thread or process may have stored the value meanwhile.
@@ -776,15 +781,19 @@ impl CachedFunction {
         }
     }
 
-    /// Whether a miss takes the cross-process lock: unless all computations seen were quick.
+    /// Whether a miss takes the cross-process lock: unless the function is quick
+    /// ([`LOCK_FROM`]). A computation delayed once (the thread preempted, say) does not make a
+    /// quick function slow.
     fn needs_lock(&self) -> bool {
-        let slowest = self.slowest.load(Ordering::Relaxed);
-        slowest == 0 || slowest > LOCK_FROM.as_nanos() as u64
+        let computed = self.computed.load(Ordering::Relaxed);
+        computed == 0 || self.slow.load(Ordering::Relaxed) * 16 > computed
     }
 
     fn note_duration(&self, duration: Duration) {
-        let nanos = u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX - 1);
-        self.slowest.fetch_max(nanos + 1, Ordering::Relaxed);
+        self.computed.fetch_add(1, Ordering::Relaxed);
+        if duration >= LOCK_FROM {
+            self.slow.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// This function's identity in the memory tier: the address of its static.

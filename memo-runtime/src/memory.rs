@@ -68,7 +68,7 @@ pub struct Memory {
     pub(crate) flights: InFlight,
     pub(crate) counters: Counters,
     /// Function versions (by the address of their static) whose source is already recorded.
-    sources_saved: Mutex<HashSet<usize>>,
+    sources_saved: Mutex<HashSet<usize, rustc_hash::FxBuildHasher>>,
     /// Recently used payloads, in memory; `None` when turned off.
     pub(crate) tier: Option<Tier>,
     tier_size: u64,
@@ -154,7 +154,7 @@ impl Memory {
             stored_since_check: AtomicU64::new(0),
             flights: InFlight::default(),
             counters: Counters::default(),
-            sources_saved: Mutex::new(HashSet::new()),
+            sources_saved: Mutex::default(),
             tier: Tier::new(DEFAULT_MEMORY_TIER),
             tier_size: DEFAULT_MEMORY_TIER,
             durable: false,

@@ -60,8 +60,6 @@ pub const RECORD_HEADER: usize = 64;
 /// A process starts a new pack when its current one has grown past this size, so that packs of
 /// a long-running process can be compacted too.
 const ROLL_AT: u64 = 256 << 20;
-/// Packs are read in pieces of this size.
-const READ_PIECE: usize = 1 << 20;
 /// A record longer than this is damage, not a record (entries this large have their own file).
 const LONGEST: u32 = 1 << 30;
 
@@ -296,6 +294,8 @@ struct Slot {
 struct Pack {
     name: OsString,
     file: File,
+    /// The pack as far as it was read, mapped: hits copy from it without a system call.
+    map: Option<memmap2::Mmap>,
     /// How far its records have been read into the index.
     scanned: u64,
     /// Set when a damaged record stopped the reading for good.
@@ -390,7 +390,12 @@ impl Packs {
                 let Some(Some(pack)) = state.packs.get(slot.pack as usize) else {
                     return Ok(Found::Absent);
                 };
-                let mut body = vec![0; slot.body_len as usize];
+                let (from, len) = (slot.body_at as usize, slot.body_len as usize);
+                if let Some(mapped) = pack.map.as_ref().and_then(|map| map.get(from..from + len)) {
+                    return Ok(Found::Entry(mapped.to_vec()));
+                }
+                // A record this process appended itself: not mapped.
+                let mut body = vec![0; len];
                 pack.file.read_exact_at(&mut body, slot.body_at)?;
                 Ok(Found::Entry(body))
             }
@@ -446,6 +451,7 @@ impl Packs {
             state.packs.push(Some(Pack {
                 name,
                 file,
+                map: None,
                 scanned: 0,
                 damaged: false,
             }));
@@ -597,6 +603,7 @@ impl Packs {
         state.packs.push(Some(Pack {
             name: name.into(),
             file: reader,
+            map: None,
             scanned: 0,
             damaged: false,
         }));
@@ -654,46 +661,36 @@ fn scan(state: &mut State, id: u32) {
     let Ok(len) = pack.file.metadata().map(|m| m.len()) else {
         return;
     };
-    let mut carry: Vec<u8> = Vec::new();
-    while pack.scanned < len {
-        let want = usize::try_from(len - pack.scanned)
-            .unwrap_or(usize::MAX)
-            .min(READ_PIECE.max(carry.len() * 2));
-        let mut piece = vec![0; want];
-        let Ok(got) = pack
-            .file
-            .read_at(&mut piece, pack.scanned + carry.len() as u64)
-        else {
-            return;
-        };
-        if got == 0 {
-            return;
-        }
-        piece.truncate(got);
-        let mut bytes = std::mem::take(&mut carry);
-        bytes.extend_from_slice(&piece);
-        let parsed = parse(&bytes, pack.scanned, |record| {
-            let body_at = record.offset + RECORD_HEADER as u64;
-            let slot = Slot {
-                kind: record.kind,
-                written: record.written,
-                pack: id,
-                body_at,
-                body_len: record.body.len() as u32,
-            };
-            upsert(index, record.key, slot);
-        });
-        pack.scanned += parsed.consumed as u64;
-        if parsed.damage.is_some() {
-            pack.damaged = true;
-            return;
-        }
-        // An incomplete record at the end: read it whole next time round (or next refresh).
-        carry = bytes[parsed.consumed..].to_vec();
-        if pack.scanned + carry.len() as u64 >= len {
-            return;
-        }
+    if pack.scanned >= len {
+        return;
     }
+    // SAFETY: memo never changes the bytes of a pack that a reader has read (records are only
+    // appended, packs are replaced by new files, and a damaged pack is only cut after its
+    // damage, which no reader reads past); only bytes below the length read now are accessed.
+    // (A process outside memo truncating a pack while it is mapped would fault the reader, as
+    // for a mapped entry file.)
+    let Ok(map) = (unsafe {
+        memmap2::MmapOptions::new()
+            .len(len as usize)
+            .map(&pack.file)
+    }) else {
+        return;
+    };
+    let from = pack.scanned as usize;
+    let parsed = parse(&map[from..], pack.scanned, |record| {
+        let slot = Slot {
+            kind: record.kind,
+            written: record.written,
+            pack: id,
+            body_at: record.offset + RECORD_HEADER as u64,
+            body_len: record.body.len() as u32,
+        };
+        upsert(index, record.key, slot);
+    });
+    pack.scanned += parsed.consumed as u64;
+    // An incomplete record at the end is read whole by a later refresh.
+    pack.damaged = parsed.damage.is_some();
+    pack.map = Some(map);
 }
 
 /// Opens a pack for reading, without following a symbolic link.
