@@ -12,7 +12,7 @@ use crate::error::Error;
 use crate::flight::InFlight;
 use crate::gc::{self, GcReport, Limits};
 use crate::inventory::{EntryInfo, FunctionInfo};
-use crate::store::{Cleanup, DirStore, Store, VerifyReport, DEFAULT_PACK_LIMIT};
+use crate::store::{Cleanup, DirStore, Store, VerifyReport, DEFAULT_PACK_LIMIT, MAX_PACK_LIMIT};
 use crate::tier::Tier;
 
 /// Whether `location` names a remote store (`scheme://...`) rather than a folder.
@@ -364,7 +364,8 @@ impl Memory {
     /// of a file per entry. The default, [`DEFAULT_PACK_LIMIT`] (16 KiB), makes a small miss
     /// cost one append instead of a new file, and a new process read a version's small entries
     /// with a few reads; `0` gives every entry a file of its own. Larger entries always have
-    /// their own file (read mapped). Packs are Unix only: elsewhere every entry has a file.
+    /// their own file (read mapped), and so do entries over [`MAX_PACK_LIMIT`] (64 MiB) whatever
+    /// the setting. Packs are Unix only: elsewhere every entry has a file.
     ///
     /// Packed entries are read, listed, verified and evicted like the others; the space of
     /// evicted ones is reclaimed when the packs of processes that ended are merged (by the size
@@ -380,9 +381,27 @@ impl Memory {
         if self.remote_url().is_some() {
             return self;
         }
-        self.pack_limit = bytes;
+        self.pack_limit = bytes.min(MAX_PACK_LIMIT);
         self.rebuild_store();
         self
+    }
+
+    /// Writes out the results of quick computations still waiting in memory. Such results
+    /// (computed in under [`LOCK_FROM`](crate::function::LOCK_FROM), stored in packs, neither
+    /// durable nor strict) go to the disk together, within [`FLUSH_AFTER`](crate::pack::FLUSH_AFTER)
+    /// (2 ms) or when the process exits normally; this process sees them at once. Call it before
+    /// handing the cache to another program at a known moment; a process killed without it
+    /// loses at most those last milliseconds of quick results, which are computed again.
+    ///
+    /// ```
+    /// let memory = memo_runtime::Memory::new(std::env::temp_dir().join("memo-doc-flush"));
+    /// memory.flush().unwrap();
+    /// ```
+    pub fn flush(&self) -> Result<(), Error> {
+        match self.store() {
+            Some(store) => store.flush(),
+            None => Ok(()),
+        }
     }
 
     /// The pack limit in force; see [`Memory::pack_limit`].

@@ -40,7 +40,7 @@ use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{PoisonError, RwLock, RwLockWriteGuard};
+use std::sync::{Arc, PoisonError, RwLock, RwLockWriteGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use xxhash_rust::xxh3::Xxh3Default;
@@ -60,6 +60,10 @@ pub const RECORD_HEADER: usize = 64;
 /// A process starts a new pack when its current one has grown past this size, so that packs of
 /// a long-running process can be compacted too.
 const ROLL_AT: u64 = 256 << 20;
+/// Deferred records wait in memory at most about this long.
+pub const FLUSH_AFTER: std::time::Duration = std::time::Duration::from_millis(2);
+/// Deferred records are written as soon as this many bytes gathered.
+pub const FLUSH_AT: usize = 64 * 1024;
 /// A record longer than this is damage, not a record (entries this large have their own file).
 const LONGEST: u32 = 1 << 30;
 
@@ -104,38 +108,56 @@ pub struct Record<'a> {
 
 /// Nanoseconds since the Unix epoch, now.
 pub(crate) fn now_nanos() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
+    nanos(SystemTime::now())
+}
+
+/// Nanoseconds since the Unix epoch of `time`.
+pub(crate) fn nanos(time: SystemTime) -> u64 {
+    time.duration_since(UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
 }
 
 /// Encodes one record. `body` is given in parts (an entry's header and payload).
 pub fn encode(kind: Kind, written: u64, key: &CacheKey, body: &[&[u8]], preview: &[u8]) -> Vec<u8> {
+    let mut record = Vec::new();
+    encode_into(&mut record, kind, written, key, body, preview);
+    record
+}
+
+/// [`encode`], appending to `out`.
+fn encode_into(
+    out: &mut Vec<u8>,
+    kind: Kind,
+    written: u64,
+    key: &CacheKey,
+    body: &[&[u8]],
+    preview: &[u8],
+) {
     let body_len: usize = body.iter().map(|part| part.len()).sum();
-    let mut record = Vec::with_capacity(RECORD_HEADER + body_len + preview.len());
-    record.extend_from_slice(&RECORD_MAGIC);
-    record.extend_from_slice(&[kind as u8, 0, 0, 0]);
-    record.extend_from_slice(&u32::try_from(body_len).unwrap_or(u32::MAX).to_le_bytes());
-    record.extend_from_slice(&u32::try_from(preview.len()).unwrap_or(0).to_le_bytes());
-    record.extend_from_slice(&written.to_le_bytes());
-    record.extend_from_slice(key.as_bytes());
-    let mut hasher = Xxh3Default::new();
-    hasher.update(&record);
-    for part in body {
-        hasher.update(part);
-    }
-    let preview = if u32::try_from(preview.len()).is_ok() {
+    // Lengths past `LONGEST` never reach here (the pack limit is below it); a preview that long
+    // is left out.
+    let preview = if preview.len() <= LONGEST as usize {
         preview
     } else {
         &[]
     };
-    hasher.update(preview);
-    record.extend_from_slice(&hasher.digest().to_le_bytes());
+    let start = out.len();
+    out.reserve(RECORD_HEADER + body_len + preview.len());
+    out.extend_from_slice(&RECORD_MAGIC);
+    out.extend_from_slice(&[kind as u8, 0, 0, 0]);
+    out.extend_from_slice(&(body_len as u32).to_le_bytes());
+    out.extend_from_slice(&(preview.len() as u32).to_le_bytes());
+    out.extend_from_slice(&written.to_le_bytes());
+    out.extend_from_slice(key.as_bytes());
+    out.extend_from_slice(&[0; 8]);
     for part in body {
-        record.extend_from_slice(part);
+        out.extend_from_slice(part);
     }
-    record.extend_from_slice(preview);
-    record
+    out.extend_from_slice(preview);
+    let mut hasher = Xxh3Default::new();
+    hasher.update(&out[start..start + 56]);
+    hasher.update(&out[start + RECORD_HEADER..]);
+    out[start + 56..start + RECORD_HEADER].copy_from_slice(&hasher.digest().to_le_bytes());
 }
 
 /// How far [`parse`] got.
@@ -307,7 +329,10 @@ struct Pack {
 struct Writer {
     pack: u32,
     file: File,
+    /// Bytes written to the file.
     end: u64,
+    /// Records not written yet, which go at `end`.
+    pending: Vec<u8>,
 }
 
 #[derive(Debug, Default)]
@@ -356,6 +381,11 @@ impl Packs {
         }
     }
 
+    /// The version folder.
+    pub(crate) fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     fn write_state(&self) -> RwLockWriteGuard<'_, State> {
         self.state.write().unwrap_or_else(PoisonError::into_inner)
     }
@@ -387,6 +417,17 @@ impl Packs {
             Kind::Removed => Ok(Found::Absent),
             Kind::File => Ok(Found::File),
             Kind::Entry => {
+                if let Some(writer) = state.writer.as_ref().filter(|w| w.pack == slot.pack) {
+                    if slot.body_at >= writer.end {
+                        // Waiting in memory.
+                        let from = (slot.body_at - writer.end) as usize;
+                        let len = slot.body_len as usize;
+                        return Ok(writer
+                            .pending
+                            .get(from..from + len)
+                            .map_or(Found::Absent, |body| Found::Entry(body.to_vec())));
+                    }
+                }
                 let Some(Some(pack)) = state.packs.get(slot.pack as usize) else {
                     return Ok(Found::Absent);
                 };
@@ -501,17 +542,21 @@ impl Packs {
     }
 
     /// Appends a record for `key` to this process's pack (creating the folders, the counter and
-    /// the pack as needed), then bumps the counter.
+    /// the pack as needed), then bumps the counter. With `defer`, the record may wait in memory
+    /// (this process sees it at once) and go to the disk with others: within [`FLUSH_AFTER`],
+    /// when [`FLUSH_AT`] bytes gathered, at the next record not deferred, or when the process
+    /// exits normally.
     pub(crate) fn append(
-        &self,
+        self: &Arc<Self>,
         kind: Kind,
         key: &CacheKey,
         body: &[&[u8]],
         preview: &[u8],
+        written: Option<u64>,
+        defer: bool,
         create_dir: &dyn Fn(&Path) -> io::Result<()>,
     ) -> io::Result<()> {
-        let written = now_nanos();
-        let record = encode(kind, written, key, body, preview);
+        let written = written.unwrap_or_else(now_nanos);
         let mut state = self.write_state();
         if state.generation.as_ref().is_some_and(Generation::removed) {
             *state = State::default();
@@ -528,34 +573,73 @@ impl Packs {
         if needs_pack {
             self.start_pack(&mut state, create_dir)?;
         }
+        let Some(writer) = state.writer.as_mut() else {
+            return Err(io::Error::other("no pack to write to"));
+        };
+        let first_pending = writer.pending.is_empty();
+        let at = writer.pending.len();
+        encode_into(&mut writer.pending, kind, written, key, body, preview);
+        let slot = Slot {
+            kind,
+            written,
+            pack: writer.pack,
+            body_at: writer.end + (at + RECORD_HEADER) as u64,
+            body_len: body.iter().map(|part| part.len()).sum::<usize>() as u32,
+        };
+        let gathered = writer.pending.len();
+        upsert(&mut state.index, *key, slot);
+        if defer && gathered < FLUSH_AT {
+            if first_pending {
+                flusher::schedule(Arc::downgrade(self));
+            }
+            return Ok(());
+        }
+        self.flush_pending(&mut state)
+    }
+
+    /// Writes the records waiting in memory, if any.
+    pub(crate) fn flush(&self) -> io::Result<()> {
+        let mut state = self.write_state();
+        self.flush_pending(&mut state)
+    }
+
+    fn flush_pending(&self, state: &mut State) -> io::Result<()> {
         let State {
             writer,
             index,
             generation,
             seen,
             ..
-        } = &mut *state;
-        let (Some(writer), Some(generation)) = (writer.as_mut(), generation.as_ref()) else {
-            return Err(io::Error::other("no pack to write to"));
+        } = state;
+        let (Some(active), Some(generation)) = (writer.as_mut(), generation.as_ref()) else {
+            return Ok(());
         };
-        if let Err(error) = writer.file.write_all_at(&record, writer.end) {
-            // What may have been written of it is an incomplete record: start a new pack.
-            state.writer = None;
+        if active.pending.is_empty() {
+            return Ok(());
+        }
+        let written = active
+            .file
+            .write_all_at(&active.pending, active.end)
+            .and_then(|()| {
+                if self.durable {
+                    active.file.sync_data()
+                } else {
+                    Ok(())
+                }
+            });
+        if let Err(error) = written {
+            // What may have been written of them is an incomplete record: those records are
+            // lost (their values are computed again when asked for), and a new pack starts.
+            let (pack, end) = (active.pack, active.end);
+            index.retain(|_, slot| slot.pack != pack || slot.body_at < end);
+            *writer = None;
             return Err(error);
         }
-        if self.durable {
-            writer.file.sync_data()?;
+        active.end += active.pending.len() as u64;
+        active.pending.clear();
+        if active.pending.capacity() > 4 * FLUSH_AT {
+            active.pending.shrink_to(FLUSH_AT);
         }
-        let body_len = record.len() - RECORD_HEADER - preview.len();
-        let slot = Slot {
-            kind,
-            written,
-            pack: writer.pack,
-            body_at: writer.end + RECORD_HEADER as u64,
-            body_len: body_len as u32,
-        };
-        writer.end += record.len() as u64;
-        upsert(index, *key, slot);
         if generation.bump() == *seen {
             // Nobody else wrote meanwhile: the index is still up to date.
             *seen += 1;
@@ -570,6 +654,7 @@ impl Packs {
         state: &mut State,
         create_dir: &dyn Fn(&Path) -> io::Result<()>,
     ) -> io::Result<()> {
+        self.flush_pending(state)?;
         if let Some(old) = state.writer.take() {
             // Finished: others may compact it from now on.
             let _ = old.file.unlock();
@@ -611,6 +696,7 @@ impl Packs {
             pack: id,
             file,
             end: 0,
+            pending: Vec::new(),
         });
         Ok(())
     }
@@ -628,6 +714,70 @@ impl Packs {
             .unwrap_or_else(PoisonError::into_inner)
             .writer
             .is_some()
+    }
+}
+
+/// Writes deferred records in the background, and at the exit of the process.
+mod flusher {
+    use std::sync::{Condvar, Mutex, Once, PoisonError, Weak};
+
+    use super::{Packs, FLUSH_AFTER};
+
+    /// Packs with records waiting, and whether the flushing thread runs.
+    static WAITING: Mutex<Vec<Weak<Packs>>> = Mutex::new(Vec::new());
+    static WAKE: Condvar = Condvar::new();
+    static START: Once = Once::new();
+
+    /// Has `packs`'s waiting records written within [`FLUSH_AFTER`].
+    pub(super) fn schedule(packs: Weak<Packs>) {
+        START.call_once(|| {
+            let spawned = std::thread::Builder::new()
+                .name("memo-flush".into())
+                .spawn(run);
+            if spawned.is_err() {
+                tracing::warn!(target: "memo", "cannot start the thread that writes quick results; they are written at exit");
+            }
+            // SAFETY: registers a function without arguments that only takes locks and writes
+            // files; it runs at a normal exit.
+            unsafe {
+                libc::atexit(at_exit);
+            }
+        });
+        WAITING
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(packs);
+        WAKE.notify_one();
+    }
+
+    fn flush_all() {
+        let waiting = std::mem::take(&mut *WAITING.lock().unwrap_or_else(PoisonError::into_inner));
+        for packs in waiting.iter().filter_map(Weak::upgrade) {
+            if let Err(error) = packs.flush() {
+                crate::log::warn(&format!(
+                    "writing quick results to {}: {error}; they are computed again when asked for",
+                    packs.dir.display()
+                ));
+            }
+        }
+    }
+
+    fn run() {
+        loop {
+            {
+                let mut waiting = WAITING.lock().unwrap_or_else(PoisonError::into_inner);
+                while waiting.is_empty() {
+                    waiting = WAKE.wait(waiting).unwrap_or_else(PoisonError::into_inner);
+                }
+            }
+            std::thread::sleep(FLUSH_AFTER);
+            flush_all();
+        }
+    }
+
+    extern "C" fn at_exit() {
+        // Never unwinds into C.
+        let _ = std::panic::catch_unwind(flush_all);
     }
 }
 
@@ -948,21 +1098,21 @@ mod tests {
     fn another_process_records_are_seen_after_the_counter_moves() {
         let dir = tempfile::tempdir().unwrap();
         let version = dir.path().join("v");
-        let writer = Packs::new(version.clone(), false);
-        let reader = Packs::new(version.clone(), false);
+        let writer = Arc::new(Packs::new(version.clone(), false));
+        let reader = Arc::new(Packs::new(version.clone(), false));
         assert!(matches!(reader.get(&key(1)).unwrap(), Found::Absent));
         writer
-            .append(Kind::Entry, &key(1), &[b"one"], b"", &no_dir)
+            .append(Kind::Entry, &key(1), &[b"one"], b"", None, false, &no_dir)
             .unwrap();
         assert!(writer.writing());
         assert!(matches!(reader.get(&key(1)).unwrap(), Found::Entry(b) if b == b"one"));
         writer
-            .append(Kind::Removed, &key(1), &[], b"", &no_dir)
+            .append(Kind::Removed, &key(1), &[], b"", None, false, &no_dir)
             .unwrap();
         assert!(matches!(reader.get(&key(1)).unwrap(), Found::Absent));
         // The reader's own record after the removal wins.
         reader
-            .append(Kind::Entry, &key(1), &[b"again"], b"", &no_dir)
+            .append(Kind::Entry, &key(1), &[b"again"], b"", None, false, &no_dir)
             .unwrap();
         assert!(matches!(writer.get(&key(1)).unwrap(), Found::Entry(b) if b == b"again"));
         // Removal of the folder: both start over.
@@ -970,7 +1120,7 @@ mod tests {
         fs::remove_dir_all(&version).unwrap();
         assert!(matches!(writer.get(&key(1)).unwrap(), Found::Absent));
         writer
-            .append(Kind::Entry, &key(2), &[b"two"], b"", &no_dir)
+            .append(Kind::Entry, &key(2), &[b"two"], b"", None, false, &no_dir)
             .unwrap();
         assert!(matches!(reader.get(&key(2)).unwrap(), Found::Entry(b) if b == b"two"));
     }
@@ -980,20 +1130,20 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let version = dir.path().join("v");
         {
-            let first = Packs::new(version.clone(), false);
+            let first = Arc::new(Packs::new(version.clone(), false));
             first
-                .append(Kind::Entry, &key(1), &[b"one"], b"", &no_dir)
+                .append(Kind::Entry, &key(1), &[b"one"], b"", None, false, &no_dir)
                 .unwrap();
             first
-                .append(Kind::Entry, &key(2), &[b"two"], b"", &no_dir)
+                .append(Kind::Entry, &key(2), &[b"two"], b"", None, false, &no_dir)
                 .unwrap();
             first
-                .append(Kind::Removed, &key(2), &[], b"", &no_dir)
+                .append(Kind::Removed, &key(2), &[], b"", None, false, &no_dir)
                 .unwrap();
             // Still written to: not compacted.
             assert_eq!(compact(&version, 1, false).unwrap(), 0);
         }
-        let reader = Packs::new(version.clone(), false);
+        let reader = Arc::new(Packs::new(version.clone(), false));
         assert!(matches!(reader.get(&key(1)).unwrap(), Found::Entry(_)));
         assert!(compact(&version, 1, false).unwrap() > 0);
         let contents = contents(&version);

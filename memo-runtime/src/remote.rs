@@ -1282,6 +1282,14 @@ impl Store for Tiered {
         self.local.touch(at);
     }
 
+    fn flush(&self) -> Result<(), Error> {
+        self.local.flush()
+    }
+
+    fn compact(&self) {
+        self.local.compact();
+    }
+
     fn save_source(&self, function: &str, version: &str, text: &str) -> Result<(), Error> {
         let local = self.local.save_source(function, version, text);
         self.remote(|remote| remote.save_source(function, version, text))?;

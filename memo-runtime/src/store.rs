@@ -123,6 +123,10 @@ pub(crate) trait Store: Send + Sync {
     fn set_strict(&self, _strict: bool) {}
     /// Reclaims the space of removed entries where that is worth it (after an eviction).
     fn compact(&self) {}
+    /// Writes out entries still waiting in memory.
+    fn flush(&self) -> Result<(), Error> {
+        Ok(())
+    }
 }
 
 /// The folder name of a function identity (`crate::module::name`): `::` becomes `.`, and any
@@ -164,6 +168,8 @@ pub(crate) struct DirStore {
     lock_files: Mutex<HashMap<PathBuf, Arc<File>>>,
     /// Entries up to this many bytes (header and payload) are appended to packs.
     pack_limit: u64,
+    /// Strict mode: no entry waits in memory, so that a failed write is the caller's error.
+    strict: std::sync::atomic::AtomicBool,
     /// The packs of the versions used, by short version name, then function folder name.
     #[cfg(unix)]
     packs: RwLock<PackMap>,
@@ -175,6 +181,8 @@ type PackMap = HashMap<String, Vec<(String, Arc<Packs>)>, rustc_hash::FxBuildHas
 
 /// Entries up to this size (72-byte header and payload) are packed by default.
 pub const DEFAULT_PACK_LIMIT: u64 = 16 * 1024;
+/// The largest pack limit: larger entries always have a file of their own.
+pub const MAX_PACK_LIMIT: u64 = 64 << 20;
 
 /// What [`Memory::clean`](crate::Memory::clean) removed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -212,6 +220,7 @@ impl DirStore {
             #[cfg(target_os = "linux")]
             lock_files: Mutex::default(),
             pack_limit: DEFAULT_PACK_LIMIT,
+            strict: std::sync::atomic::AtomicBool::new(false),
             #[cfg(unix)]
             packs: RwLock::default(),
         }
@@ -219,7 +228,7 @@ impl DirStore {
 
     /// The same store, packing entries up to `bytes` (0: every entry in a file of its own).
     pub(crate) fn pack_limit(mut self, bytes: u64) -> Self {
-        self.pack_limit = bytes;
+        self.pack_limit = bytes.min(MAX_PACK_LIMIT);
         self
     }
 
@@ -251,7 +260,8 @@ impl DirStore {
         Ok(packs)
     }
 
-    /// Appends a record for `at` to its version's packs.
+    /// Appends a record for `at` to its version's packs; with `defer`, it may wait in memory for
+    /// a moment ([`pack::FLUSH_AFTER`]).
     #[cfg(unix)]
     fn append(
         &self,
@@ -259,6 +269,8 @@ impl DirStore {
         kind: pack::Kind,
         body: &[&[u8]],
         preview: Option<&str>,
+        written: Option<u64>,
+        defer: bool,
     ) -> Result<(), Error> {
         let short = at.version.get(..VERSION_DIR_DIGITS).unwrap_or(at.version);
         let packs = self.packs_of(at.function, short)?;
@@ -268,7 +280,7 @@ impl DirStore {
         };
         let preview = preview.map_or(&b""[..], str::as_bytes);
         packs
-            .append(kind, at.key, body, preview, &create)
+            .append(kind, at.key, body, preview, written, defer, &create)
             .map_err(|e| {
                 Error::io(
                     "appending to the packs of",
@@ -1085,6 +1097,8 @@ impl Store for DirStore {
 
     fn entries(&self, function: &str, version: &str) -> Result<Vec<EntryInfo>, Error> {
         let (function, version) = (plain_name(function)?, plain_name(version)?);
+        // What waits in memory is listed too.
+        self.flush()?;
         let previews: HashMap<String, String> =
             fs::read_to_string(self.version_dir(function, version).join(PREVIEW_FILE))
                 .unwrap_or_default()
@@ -1132,6 +1146,7 @@ impl Store for DirStore {
     }
 
     fn verify(&self) -> Result<VerifyReport, Error> {
+        self.flush()?;
         let mut report = VerifyReport::default();
         for version_dir in self.version_dirs() {
             for shard in Self::shards(&version_dir) {
@@ -1180,7 +1195,17 @@ impl Store for DirStore {
     ) -> Result<(), Error> {
         #[cfg(unix)]
         if (header.len() + payload.len()) as u64 <= self.pack_limit {
-            return self.append(at, pack::Kind::Entry, &[header, payload], preview);
+            // Quick results may wait in memory for a moment and go to the disk together: losing
+            // them in a crash costs little to compute again. Not when every write must be
+            // flushed to the disk, or its failure reported (strict mode).
+            let decoded = entry::decode_header(header).ok();
+            let quick = decoded.is_some_and(|h| h.duration < crate::function::LOCK_FROM);
+            let defer =
+                quick && !self.durable && !self.strict.load(std::sync::atomic::Ordering::Relaxed);
+            // The record's time is the entry's: one clock reading less per miss.
+            let written = decoded.map(|h| pack::nanos(h.created));
+            let body = [header, payload];
+            return self.append(at, pack::Kind::Entry, &body, preview, written, defer);
         }
         let path = self.entry_path(at);
         let dir = path.parent().unwrap_or(&self.base).to_path_buf();
@@ -1191,7 +1216,7 @@ impl Store for DirStore {
         }
         // The packs' index says the entry is a file, so that look-ups need not try the file.
         #[cfg(unix)]
-        self.append(at, pack::Kind::File, &[], None)?;
+        self.append(at, pack::Kind::File, &[], None, None, false)?;
         Ok(())
     }
 
@@ -1260,14 +1285,38 @@ impl Store for DirStore {
                     version: &short,
                     key: &key,
                 };
-                self.append(&at, pack::Kind::Removed, &[], None)?;
+                self.append(&at, pack::Kind::Removed, &[], None, None, false)?;
                 return Ok(true);
             }
         }
         Ok(removed)
     }
 
+    fn set_strict(&self, strict: bool) {
+        self.strict
+            .store(strict, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn flush(&self) -> Result<(), Error> {
+        #[cfg(unix)]
+        {
+            let all: Vec<Arc<Packs>> = {
+                let map = self.packs.read().unwrap_or_else(PoisonError::into_inner);
+                map.values()
+                    .flat_map(|list| list.iter().map(|(_, packs)| Arc::clone(packs)))
+                    .collect()
+            };
+            for packs in all {
+                packs
+                    .flush()
+                    .map_err(|e| Error::io("writing to the packs of", packs.dir(), e))?;
+            }
+        }
+        Ok(())
+    }
+
     fn compact(&self) {
+        let _ = self.flush();
         #[cfg(unix)]
         for dir in self.version_dirs() {
             if let Err(error) = pack::compact(&dir, 2, self.durable) {
