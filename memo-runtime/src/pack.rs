@@ -353,6 +353,19 @@ impl std::fmt::Debug for Generation {
     }
 }
 
+/// A record to append ([`Packs::append`]).
+pub(crate) struct NewRecord<'a> {
+    pub(crate) kind: Kind,
+    pub(crate) key: &'a CacheKey,
+    /// The entry, in parts (for [`Kind::Entry`]).
+    pub(crate) body: &'a [&'a [u8]],
+    pub(crate) preview: &'a [u8],
+    /// When it was written, in nanoseconds since the Unix epoch; now when `None`.
+    pub(crate) written: Option<u64>,
+    /// Whether it may wait in memory for a moment.
+    pub(crate) defer: bool,
+}
+
 /// What the packs know of a key.
 #[derive(Debug)]
 pub(crate) enum Found {
@@ -548,14 +561,17 @@ impl Packs {
     /// exits normally.
     pub(crate) fn append(
         self: &Arc<Self>,
-        kind: Kind,
-        key: &CacheKey,
-        body: &[&[u8]],
-        preview: &[u8],
-        written: Option<u64>,
-        defer: bool,
+        record: NewRecord<'_>,
         create_dir: &dyn Fn(&Path) -> io::Result<()>,
     ) -> io::Result<()> {
+        let NewRecord {
+            kind,
+            key,
+            body,
+            preview,
+            written,
+            defer,
+        } = record;
         let written = written.unwrap_or_else(now_nanos);
         let mut state = self.write_state();
         if state.generation.as_ref().is_some_and(Generation::removed) {
@@ -930,8 +946,9 @@ pub fn pack_paths(dir: &Path) -> Vec<PathBuf> {
 
 /// Rewrites the packs of `dir` whose writers are gone into one, keeping only the newest record of
 /// each key (and a "removed" record only while an older record of the key remains in a pack
-/// still written to); a damaged pack keeps what comes before the damage. Done when there are
-/// at least `min_packs` such packs or they hold dead records. Returns the bytes freed.
+/// not rewritten: one still written to, or a damaged one, which is left for `verify`). Done
+/// when there are at least `min_packs` such packs or they hold dead records. Returns the bytes
+/// freed.
 pub(crate) fn compact(dir: &Path, min_packs: usize, durable: bool) -> io::Result<u64> {
     let mut finished = Vec::new();
     let mut live = Vec::new();
@@ -939,10 +956,12 @@ pub(crate) fn compact(dir: &Path, min_packs: usize, durable: bool) -> io::Result
         let Ok(file) = open_read(&path) else {
             continue;
         };
-        // A pack whose writer is alive is locked by it.
+        // A pack whose writer is alive is locked by it. A damaged one is left as it is, for
+        // `verify` to report (and cut); its records still count against the others.
+        let damaged = || read_pack(&path, |_| {}).map_or(true, |p| p.damage.is_some());
         match file.try_lock() {
-            Ok(()) => finished.push((path, file)),
-            Err(_) => live.push(path),
+            Ok(()) if !damaged() => finished.push((path, file)),
+            _ => live.push(path),
         }
     }
     if finished.is_empty() {
@@ -959,7 +978,6 @@ pub(crate) fn compact(dir: &Path, min_packs: usize, durable: bool) -> io::Result
     let mut newest: HashMap<CacheKey, (u64, Vec<u8>)> = HashMap::new();
     let mut total = 0u64;
     let mut records = 0usize;
-    let mut damaged = false;
     for (path, _) in &finished {
         let parsed = read_pack(path, |record| {
             records += 1;
@@ -977,7 +995,10 @@ pub(crate) fn compact(dir: &Path, min_packs: usize, durable: bool) -> io::Result
                 newest.insert(record.key, (record.written, bytes));
             }
         })?;
-        damaged |= parsed.damage.is_some();
+        if parsed.damage.is_some() {
+            // Damaged since it was looked at: left for the next time.
+            return Ok(0);
+        }
         total += fs::metadata(path).map(|m| m.len()).unwrap_or(0);
     }
     let mut kept: Vec<(u64, Vec<u8>)> = newest
@@ -991,7 +1012,7 @@ pub(crate) fn compact(dir: &Path, min_packs: usize, durable: bool) -> io::Result
         .map(|(_, record)| record)
         .collect();
     let dead_records = records > kept.len();
-    if finished.len() < min_packs && !dead_records && !damaged {
+    if finished.len() < min_packs && !dead_records {
         return Ok(0);
     }
     kept.sort_by_key(|(written, _)| *written);
@@ -1061,6 +1082,17 @@ mod tests {
         CacheKey::from_bytes([n; 32])
     }
 
+    fn record<'a>(kind: Kind, key: &'a CacheKey, body: &'a [&'a [u8]]) -> NewRecord<'a> {
+        NewRecord {
+            kind,
+            key,
+            body,
+            preview: b"",
+            written: None,
+            defer: false,
+        }
+    }
+
     fn no_dir(dir: &Path) -> io::Result<()> {
         fs::create_dir_all(dir)
     }
@@ -1102,17 +1134,17 @@ mod tests {
         let reader = Arc::new(Packs::new(version.clone(), false));
         assert!(matches!(reader.get(&key(1)).unwrap(), Found::Absent));
         writer
-            .append(Kind::Entry, &key(1), &[b"one"], b"", None, false, &no_dir)
+            .append(record(Kind::Entry, &key(1), &[b"one"]), &no_dir)
             .unwrap();
         assert!(writer.writing());
         assert!(matches!(reader.get(&key(1)).unwrap(), Found::Entry(b) if b == b"one"));
         writer
-            .append(Kind::Removed, &key(1), &[], b"", None, false, &no_dir)
+            .append(record(Kind::Removed, &key(1), &[]), &no_dir)
             .unwrap();
         assert!(matches!(reader.get(&key(1)).unwrap(), Found::Absent));
         // The reader's own record after the removal wins.
         reader
-            .append(Kind::Entry, &key(1), &[b"again"], b"", None, false, &no_dir)
+            .append(record(Kind::Entry, &key(1), &[b"again"]), &no_dir)
             .unwrap();
         assert!(matches!(writer.get(&key(1)).unwrap(), Found::Entry(b) if b == b"again"));
         // Removal of the folder: both start over.
@@ -1120,7 +1152,7 @@ mod tests {
         fs::remove_dir_all(&version).unwrap();
         assert!(matches!(writer.get(&key(1)).unwrap(), Found::Absent));
         writer
-            .append(Kind::Entry, &key(2), &[b"two"], b"", None, false, &no_dir)
+            .append(record(Kind::Entry, &key(2), &[b"two"]), &no_dir)
             .unwrap();
         assert!(matches!(reader.get(&key(2)).unwrap(), Found::Entry(b) if b == b"two"));
     }
@@ -1132,13 +1164,13 @@ mod tests {
         {
             let first = Arc::new(Packs::new(version.clone(), false));
             first
-                .append(Kind::Entry, &key(1), &[b"one"], b"", None, false, &no_dir)
+                .append(record(Kind::Entry, &key(1), &[b"one"]), &no_dir)
                 .unwrap();
             first
-                .append(Kind::Entry, &key(2), &[b"two"], b"", None, false, &no_dir)
+                .append(record(Kind::Entry, &key(2), &[b"two"]), &no_dir)
                 .unwrap();
             first
-                .append(Kind::Removed, &key(2), &[], b"", None, false, &no_dir)
+                .append(record(Kind::Removed, &key(2), &[]), &no_dir)
                 .unwrap();
             // Still written to: not compacted.
             assert_eq!(compact(&version, 1, false).unwrap(), 0);

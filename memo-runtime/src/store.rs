@@ -280,7 +280,17 @@ impl DirStore {
         };
         let preview = preview.map_or(&b""[..], str::as_bytes);
         packs
-            .append(kind, at.key, body, preview, written, defer, &create)
+            .append(
+                pack::NewRecord {
+                    kind,
+                    key: at.key,
+                    body,
+                    preview,
+                    written,
+                    defer,
+                },
+                &create,
+            )
             .map_err(|e| {
                 Error::io(
                     "appending to the packs of",

@@ -54,6 +54,16 @@ pub fn stored_keys(dir: &Path) -> Vec<String> {
     keys
 }
 
+/// Every pack file below `dir`.
+pub fn pack_files(dir: &Path) -> Vec<PathBuf> {
+    let mut packs: Vec<PathBuf> = version_dirs(dir)
+        .iter()
+        .flat_map(|version| memo::format::pack::pack_paths(version))
+        .collect();
+    packs.sort();
+    packs
+}
+
 /// The folders below `dir` (and `dir` itself) that hold packs.
 fn version_dirs(dir: &Path) -> Vec<PathBuf> {
     let mut found = Vec::new();

@@ -1,0 +1,300 @@
+//! Packs: entries up to the pack limit (16 KiB by default) are records appended to files shared
+//! by a function version, one written by each process. These tests damage, tear, evict and
+//! share packed entries; writers that must have ended run as child processes (this test binary,
+//! running one `#[ignore]`d test).
+#![cfg(unix)]
+
+mod common;
+
+use std::cell::Cell;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{child_test, fresh_dir, inspector, pack_files, stored_keys};
+use memo::format::pack::{self, Kind, RECORD_HEADER};
+use memo::gc::Limits;
+use memo::prelude::*;
+
+const DIR: &str = "MEMO_TEST_PACK_DIR";
+const COUNT: &str = "MEMO_TEST_PACK_COUNT";
+
+thread_local! {
+    /// The cache of the test running on this thread (each test has its own thread).
+    static CURRENT: Cell<Option<&'static Memory>> = const { Cell::new(None) };
+    /// Computations on this thread.
+    static COMPUTED: Cell<usize> = const { Cell::new(0) };
+}
+
+fn current() -> &'static Memory {
+    CURRENT.with(|c| c.get()).expect("a test sets its cache")
+}
+
+/// A cache in `dir` for the rest of this thread, without a memory tier (every hit reads the
+/// packs).
+fn use_cache(dir: &Path) -> &'static Memory {
+    let memory: &'static Memory = Box::leak(Box::new(Memory::new(dir).memory_tier(0)));
+    CURRENT.with(|c| c.set(Some(memory)));
+    memory
+}
+
+fn computed() -> usize {
+    COMPUTED.with(Cell::get)
+}
+
+#[cached(memory = current())]
+fn quick(x: u64) -> u64 {
+    COMPUTED.with(|n| n.set(n.get() + 1));
+    x * x
+}
+
+/// About a kilobyte per entry: packed (under 16 KiB).
+#[cached(memory = current())]
+fn sized(x: u64) -> Vec<u8> {
+    COMPUTED.with(|n| n.set(n.get() + 1));
+    vec![x as u8; 1000]
+}
+
+/// Not a test of its own: a writer process. Stores `quick(0..n)` then `sized(0..n)` in the
+/// folder the environment names, and exits (a normal exit writes what waits in memory).
+#[test]
+#[ignore = "run by the other tests of this file as a child process"]
+fn writer() {
+    let dir = std::env::var_os(DIR).expect("cache folder");
+    let n: u64 = std::env::var(COUNT).unwrap().parse().unwrap();
+    use_cache(Path::new(&dir));
+    for x in 0..n {
+        assert_eq!(quick(x), x * x);
+    }
+    for x in 0..n {
+        assert_eq!(sized(x)[0], x as u8);
+    }
+    assert_eq!(computed(), 2 * n as usize);
+}
+
+/// Not a test of its own: stores `quick(0..n)`, then stays alive without writing anything else.
+#[test]
+#[ignore = "run by the other tests of this file as a child process"]
+fn lingering() {
+    let dir = std::env::var_os(DIR).expect("cache folder");
+    let n: u64 = std::env::var(COUNT).unwrap().parse().unwrap();
+    use_cache(Path::new(&dir));
+    for x in 0..n {
+        assert_eq!(quick(x), x * x);
+    }
+    std::thread::sleep(Duration::from_secs(60));
+}
+
+/// Runs the `writer` child on `dir` with `n` values of each function.
+fn write_in_child(dir: &Path, n: u64) {
+    let output = child_test("writer")
+        .env(DIR, dir)
+        .env(COUNT, n.to_string())
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "writer failed:\n{}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// The one pack of `quick` in `dir`.
+fn quick_pack(dir: &Path) -> PathBuf {
+    let packs: Vec<PathBuf> = pack_files(dir)
+        .into_iter()
+        .filter(|p| p.to_string_lossy().contains("packs.quick"))
+        .collect();
+    assert_eq!(packs.len(), 1, "{packs:?}");
+    packs[0].clone()
+}
+
+/// Where each record of a pack starts.
+fn record_offsets(pack: &Path) -> Vec<u64> {
+    let mut offsets = Vec::new();
+    pack::read_pack(pack, |record| offsets.push(record.offset)).unwrap();
+    offsets
+}
+
+fn total_bytes(packs: &[PathBuf]) -> u64 {
+    packs
+        .iter()
+        .map(|p| std::fs::metadata(p).unwrap().len())
+        .sum()
+}
+
+#[test]
+fn a_damaged_record_is_a_miss_and_verify_cuts_the_pack_before_it() {
+    let dir = fresh_dir("pack-damage");
+    write_in_child(&dir, 10);
+    let pack = quick_pack(&dir);
+    // Records 0..10 are quick(0..10), in order; damage the fifth one's entry.
+    let offsets = record_offsets(&pack);
+    assert_eq!(offsets.len(), 10);
+    let mut bytes = std::fs::read(&pack).unwrap();
+    bytes[offsets[4] as usize + RECORD_HEADER + 20] ^= 0xff;
+    std::fs::write(&pack, &bytes).unwrap();
+
+    let memory = use_cache(&dir);
+    for x in 0..10 {
+        assert_eq!(quick(x), x * x, "never a wrong value");
+    }
+    // The reading of that pack stops at the damage: quick(4..10) are gone.
+    assert_eq!(computed(), 6);
+
+    // 4 + 6 of quick, 10 of sized.
+    let report = memory.verify().unwrap();
+    assert_eq!(report.valid, 20, "{report:?}");
+    assert_eq!(report.broken.len(), 1, "{report:?}");
+    assert_eq!(report.broken[0].0, pack);
+    assert!(report.broken[0].1.contains("checksum"), "{report:?}");
+    assert_eq!(memory.remove_broken(&report).unwrap(), 1);
+    assert_eq!(std::fs::metadata(&pack).unwrap().len(), offsets[4]);
+    let report = memory.verify().unwrap();
+    assert_eq!((report.valid, report.broken.len()), (20, 0));
+
+    // Another reader of the folder: every value is a hit.
+    use_cache(&dir);
+    for x in 0..10 {
+        assert_eq!(quick(x), x * x);
+    }
+    assert_eq!(computed(), 6);
+}
+
+#[test]
+fn a_record_cut_short_at_the_end_is_no_damage() {
+    let dir = fresh_dir("pack-torn");
+    write_in_child(&dir, 5);
+    let pack = quick_pack(&dir);
+    // What a writer killed in the middle of a write leaves: the start of a record.
+    let record = pack::encode(
+        Kind::Entry,
+        1,
+        &memo::CacheKey::from_bytes([9; 32]),
+        &[&[1; 200]],
+        b"",
+    );
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(&pack)
+        .unwrap()
+        .write_all(&record[..100])
+        .unwrap();
+
+    let memory = use_cache(&dir);
+    for x in 0..5 {
+        assert_eq!(quick(x), x * x);
+        assert_eq!(sized(x)[999], x as u8);
+    }
+    assert_eq!(computed(), 0, "the records before the cut are all served");
+    let report = memory.verify().unwrap();
+    assert_eq!((report.valid, report.broken.len()), (10, 0), "{report:?}");
+}
+
+#[test]
+fn caches_on_one_folder_see_each_others_records_and_a_clear() {
+    let dir = fresh_dir("pack-shared");
+    // Two `Memory` values on one folder know as little of each other as two processes.
+    let first = use_cache(&dir);
+    assert_eq!(quick(1), 1);
+    first.flush().unwrap();
+    let second = use_cache(&dir);
+    assert_eq!(quick(1), 1);
+    assert_eq!(
+        computed(),
+        1,
+        "the second cache reads the first one's record"
+    );
+    assert_eq!(quick(2), 4);
+    second.flush().unwrap();
+    CURRENT.with(|c| c.set(Some(first)));
+    assert_eq!(quick(2), 4);
+    assert_eq!(computed(), 2);
+
+    // Cleared by the first: the second does not serve what its index still had.
+    first.clear().unwrap();
+    CURRENT.with(|c| c.set(Some(second)));
+    assert_eq!(quick(1), 1);
+    assert_eq!(computed(), 3);
+    second.flush().unwrap();
+    // And what it stores after the clear lasts.
+    CURRENT.with(|c| c.set(Some(first)));
+    assert_eq!(quick(1), 1);
+    assert_eq!(computed(), 3);
+    assert_eq!(stored_keys(&dir).len(), 1);
+}
+
+#[test]
+fn evicted_records_are_misses_and_their_space_is_reclaimed() {
+    let dir = fresh_dir("pack-gc");
+    write_in_child(&dir, 100);
+    let before = total_bytes(&pack_files(&dir));
+    let memory = use_cache(&dir);
+    // Packed entries were last used when written: quick(0..100), then sized(0..100).
+    let report = memory.reduce_size(&Limits::new().max_items(60)).unwrap();
+    assert_eq!(report.evicted.len(), 140);
+    assert_eq!(stored_keys(&dir).len(), 60);
+    // The writer's packs, finished, were rewritten without the evicted records (40 of about a
+    // kilobyte, 100 small ones; the removals take 64 bytes each in this process's pack).
+    let after = total_bytes(&pack_files(&dir));
+    assert!(before - after > 40_000, "{before} -> {after} bytes");
+    for x in 40..100 {
+        assert_eq!(sized(x)[0], x as u8);
+    }
+    assert_eq!(computed(), 0, "the 60 most recent entries are kept");
+    assert_eq!(quick(99), 99 * 99);
+    assert_eq!(sized(0)[0], 0);
+    assert_eq!(computed(), 2, "evicted entries are computed again");
+}
+
+#[test]
+fn the_inspector_lists_packed_entries_with_their_arguments() {
+    let dir = fresh_dir("pack-inspect");
+    write_in_child(&dir, 3);
+    let run = |args: &[&str]| -> serde_json::Value {
+        let output = Command::new(inspector())
+            .arg("--dir")
+            .arg(&dir)
+            .args(args)
+            .arg("--json")
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        serde_json::from_slice(&output.stdout).unwrap()
+    };
+    assert_eq!(run(&["stats"])["entries"], 6);
+    let show = run(&["show", "packs.quick"]);
+    let mut previews: Vec<&str> = show["latest_entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["preview"].as_str().unwrap())
+        .collect();
+    previews.sort_unstable();
+    assert_eq!(previews, ["0", "1", "2"]);
+    assert_eq!(run(&["verify"])["valid"], 6);
+}
+
+#[test]
+fn quick_results_reach_the_disk_within_milliseconds_without_an_exit() {
+    let dir = fresh_dir("pack-linger");
+    let mut child = child_test("lingering")
+        .env(DIR, &dir)
+        .env(COUNT, "50")
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    while stored_keys(&dir).len() < 50 && started.elapsed() < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let stored = stored_keys(&dir).len();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(stored, 50, "the background flush wrote them");
+}
