@@ -836,13 +836,17 @@ fn scan(state: &mut State, id: u32) {
     // (A process outside memo truncating a pack while it is mapped would fault the reader, as
     // for a mapped entry file.)
     let Ok(map) = (unsafe {
+        // All of it is read now: its pages in one go rather than a fault each.
         memmap2::MmapOptions::new()
             .len(len as usize)
+            .populate()
             .map(&pack.file)
     }) else {
         return;
     };
     let from = pack.scanned as usize;
+    // About 150 bytes per record of a small value: room for them at once, not by doubling.
+    index.reserve(((len - pack.scanned) / 150) as usize);
     let parsed = parse(&map[from..], pack.scanned, |record| {
         let slot = Slot {
             kind: record.kind,
