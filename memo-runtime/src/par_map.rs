@@ -460,19 +460,28 @@ impl Pool {
         }
     }
 
-    /// Maps `work` over `indices`, in parallel unless sequential; results in input order.
-    fn map<U: Send>(&self, indices: &[usize], work: impl Fn(usize) -> U + Sync) -> Vec<U> {
+    /// Maps `work` over `indices`, in parallel unless sequential; results in input order. Each
+    /// item is a task of its own when `one_by_one` (items that compute: the threads stay busy to
+    /// the end), else items go in runs that rayon splits as threads fall idle (look-ups, which
+    /// take a fraction of a microsecond from memory: a task each would cost more than they do).
+    fn map<U: Send>(
+        &self,
+        indices: &[usize],
+        one_by_one: bool,
+        work: impl Fn(usize) -> U + Sync,
+    ) -> Vec<U> {
+        let max_len = if one_by_one { 1 } else { usize::MAX };
         match self {
             Pool::Sequential => indices.iter().map(|&i| work(i)).collect(),
             Pool::Current => indices
                 .par_iter()
-                .with_max_len(1)
+                .with_max_len(max_len)
                 .map(|&i| work(i))
                 .collect(),
             Pool::Own(pool) => pool.install(|| {
                 indices
                     .par_iter()
-                    .with_max_len(1)
+                    .with_max_len(max_len)
                     .map(|&i| work(i))
                     .collect()
             }),
@@ -728,7 +737,7 @@ where
         //    looked up).
         let uncached = AtomicBool::new(false);
         let all: Vec<usize> = (0..items.len()).collect();
-        let mut steps: Vec<Step<R>> = pool.map(&all, |i| {
+        let mut steps: Vec<Step<R>> = pool.map(&all, false, |i| {
             if shard.is_none() && uncached.load(Ordering::Relaxed) {
                 return Step::Pending(None);
             }
@@ -777,7 +786,7 @@ where
             }
         }
         for round in [first, then] {
-            let outcomes = pool.map(&round, |i| {
+            let outcomes = pool.map(&round, true, |i| {
                 let before = probe::tally();
                 match panic::catch_unwind(AssertUnwindSafe(|| f(items[i].clone()))) {
                     Ok(value) => {
@@ -804,14 +813,16 @@ where
             .filter(|&i| matches!(steps[i], Step::Elsewhere))
             .collect();
         if !again.is_empty() {
-            let outcomes = pool.map(&again, |i| match probe::probe(|| f(items[i].clone())) {
-                Probe::Returned(value, tally) => {
-                    bar.inc_length(1);
-                    update(&tally);
-                    Some(Step::Done(value, tally))
+            let outcomes = pool.map(&again, false, |i| {
+                match probe::probe(|| f(items[i].clone())) {
+                    Probe::Returned(value, tally) => {
+                        bar.inc_length(1);
+                        update(&tally);
+                        Some(Step::Done(value, tally))
+                    }
+                    // Still missing; or failing, which its own shard reports.
+                    Probe::Missed(_) | Probe::Panicked(_) => None,
                 }
-                // Still missing; or failing, which its own shard reports.
-                Probe::Missed(_) | Probe::Panicked(_) => None,
             });
             for (i, outcome) in again.into_iter().zip(outcomes) {
                 if let Some(step) = outcome {
