@@ -18,6 +18,7 @@ use std::sync::{LazyLock, OnceLock};
 use std::time::{Duration, Instant};
 
 use memo::prelude::*;
+use rayon::iter::{IntoParallelRefIterator, ParallelIterator};
 
 mod common;
 
@@ -64,6 +65,9 @@ fn make(n: u64) -> Vec<f64> {
 /// `ITERS`, calibrated so that `spin` costs about 1 ms.
 static ITERS: OnceLock<u64> = OnceLock::new();
 
+// Never inlined: the timed item cost and the cached body run the same machine code (inlined, the
+// loop is compiled once per caller, and its speed differs by a few percent between the copies).
+#[inline(never)]
 fn spin_raw(i: u64, iters: u64) -> u64 {
     let mut s = 0u64;
     for k in 0..iters {
@@ -195,6 +199,11 @@ fn w2() {
 
 /// W3's child processes: `w3-warm DIR` stores 1,000 values, `w3-hit DIR` reads them back.
 fn w3_child(mode: &str, dir: &str) {
+    if mode == "w3-empty" {
+        // The floor: this process, started and ended without touching the cache.
+        println!("0");
+        return;
+    }
     // Read once, at the first call: set before it.
     std::env::set_var("MEMO_DIR", dir);
     std::env::remove_var("MEMO_DISABLE");
@@ -238,6 +247,16 @@ fn w3() {
     }
     emit("W3 cold-process-hit", "process_wall", median(walls), "ms");
     emit("W3 cold-process-hit", "per_call", median(per_call), "ns");
+    // Not a W3 figure: the same process doing nothing, for what starting a process costs here.
+    let empty: Vec<f64> = (0..REPS)
+        .map(|_| child("w3-empty").0.as_secs_f64() * 1e3)
+        .collect();
+    emit(
+        "W3 cold-process-hit",
+        "process_wall_empty",
+        median(empty),
+        "ms",
+    );
 }
 
 const BIG: u64 = 12_500_000;
@@ -338,7 +357,7 @@ fn w6() {
         .build()
         .expect("pool");
     let pool_start = start.elapsed().as_secs_f64() * 1e3;
-    let (mut cold, mut warm) = (Vec::new(), Vec::new());
+    let (mut cold, mut warm, mut plain) = (Vec::new(), Vec::new(), Vec::new());
     for r in 0..REPS as u64 {
         let items: Vec<u64> = (0..2000).map(|i| r * 1_000_000 + i).collect();
         let map = || -> Vec<u64> {
@@ -357,6 +376,14 @@ fn w6() {
         });
         warm.push(took.as_secs_f64() * 1e3);
         assert_eq!(first, again);
+        // Not a W6 figure: the same items through rayon without memo, for what running 2 threads
+        // costs on this machine beside the ideal.
+        let iters = *ITERS.get().expect("calibrated");
+        let start = Instant::now();
+        let uncached: Vec<u64> =
+            pool.install(|| items.par_iter().map(|&i| spin_raw(i, iters)).collect());
+        plain.push(start.elapsed().as_secs_f64() * 1e3);
+        assert_eq!(first, uncached);
         let iters = *ITERS.get().expect("calibrated");
         assert_eq!(first[7], spin_raw(items[7], iters));
     }
@@ -365,6 +392,7 @@ fn w6() {
     emit("W6 par-map", "pool_start", pool_start, "ms");
     emit("W6 par-map", "cold_wall", median(cold), "ms");
     emit("W6 par-map", "warm_wall", median(warm), "ms");
+    emit("W6 par-map", "cold_wall_plain_rayon", median(plain), "ms");
 }
 
 fn main() {

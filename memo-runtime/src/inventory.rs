@@ -71,15 +71,18 @@ pub(crate) struct Listed {
 pub struct EntryInfo {
     /// Its key, 64 hex digits (also its file name).
     pub key: String,
-    /// Its file.
+    /// Its file; for a packed entry, the path its file would have, which names it to
+    /// [`Memory::remove_broken`](crate::Memory::remove_broken) and eviction.
     pub path: PathBuf,
+    /// Whether it is a record in one of its version's packs rather than a file of its own.
+    pub packed: bool,
     /// When the value was computed.
     pub created: SystemTime,
     /// When it was last used (see [`VersionInfo::last_used`]).
     pub last_used: SystemTime,
     /// How long the computation took.
     pub duration: Duration,
-    /// The file's size in bytes.
+    /// Its size in bytes (for a packed entry, its record's).
     pub size: u64,
     /// Whether its header is readable; a broken entry is listed with zero times.
     pub readable: bool,

@@ -867,6 +867,7 @@ impl RemoteStore {
                 EntryInfo {
                     key: self.parts(meta)[3].to_owned(),
                     path: self.display(&meta.location),
+                    packed: false,
                     created: decoded.map_or(UNIX_EPOCH, |h| h.created),
                     last_used: system_time(meta),
                     duration: decoded.map_or(Duration::ZERO, |h| h.duration),

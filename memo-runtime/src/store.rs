@@ -401,6 +401,7 @@ impl DirStore {
                 let written = SystemTime::UNIX_EPOCH + Duration::from_nanos(packed.written);
                 EntryInfo {
                     path: dir.join(&hex[..2]).join(&hex),
+                    packed: true,
                     key: hex,
                     created: decoded.map_or(SystemTime::UNIX_EPOCH, |h| h.created),
                     // Packs do not record uses: an entry's last use is when it was written.
@@ -1138,6 +1139,7 @@ impl Store for DirStore {
                     .and_then(|()| entry::decode_header(&header).ok());
                 let last_used = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
                 entries.push(EntryInfo {
+                    packed: false,
                     preview: previews.get(&name).cloned(),
                     key: name,
                     path,
