@@ -62,7 +62,8 @@ pub const RECORD_HEADER: usize = 64;
 const ROLL_AT: u64 = 256 << 20;
 /// Deferred records wait in memory at most about this long.
 pub const FLUSH_AFTER: std::time::Duration = std::time::Duration::from_millis(2);
-/// Deferred records are written as soon as this many bytes gathered.
+/// Deferred records are written as soon as this many bytes gathered (by the flushing thread;
+/// by the calling thread from four times as many).
 pub const FLUSH_AT: usize = 64 * 1024;
 /// A record longer than this is damage, not a record (entries this large have their own file).
 const LONGEST: u32 = 1 << 30;
@@ -604,12 +605,18 @@ impl Packs {
         };
         let gathered = writer.pending.len();
         upsert(&mut state.index, *key, slot);
-        if defer && gathered < FLUSH_AT {
+        if defer && gathered < 4 * FLUSH_AT {
             if first_pending {
                 flusher::schedule(Arc::downgrade(self));
             }
+            if gathered >= FLUSH_AT {
+                // Written now, but by the flushing thread: a write the kernel holds up (while
+                // it writes back other dirty pages) does not hold up the calls.
+                flusher::hurry();
+            }
             return Ok(());
         }
+        // Four times that waiting: the disk does not keep up, so this call writes them.
         self.flush_pending(&mut state)
     }
 
@@ -735,6 +742,7 @@ impl Packs {
 
 /// Writes deferred records in the background, and at the exit of the process.
 mod flusher {
+    use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::{Condvar, Mutex, Once, PoisonError, Weak};
 
     use super::{Packs, FLUSH_AFTER};
@@ -743,6 +751,8 @@ mod flusher {
     static WAITING: Mutex<Vec<Weak<Packs>>> = Mutex::new(Vec::new());
     static WAKE: Condvar = Condvar::new();
     static START: Once = Once::new();
+    /// Set when records should be written without waiting for [`FLUSH_AFTER`].
+    static HURRY: AtomicBool = AtomicBool::new(false);
 
     /// Has `packs`'s waiting records written within [`FLUSH_AFTER`].
     pub(super) fn schedule(packs: Weak<Packs>) {
@@ -759,11 +769,20 @@ mod flusher {
                 libc::atexit(at_exit);
             }
         });
-        WAITING
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push(packs);
-        WAKE.notify_one();
+        let mut waiting = WAITING.lock().unwrap_or_else(PoisonError::into_inner);
+        waiting.push(packs);
+        if waiting.len() == 1 {
+            // The thread waits for a first one.
+            WAKE.notify_one();
+        }
+    }
+
+    /// Has the waiting records written at once.
+    pub(super) fn hurry() {
+        if !HURRY.swap(true, Ordering::AcqRel) {
+            let _guard = WAITING.lock().unwrap_or_else(PoisonError::into_inner);
+            WAKE.notify_one();
+        }
     }
 
     fn flush_all() {
@@ -785,8 +804,15 @@ mod flusher {
                 while waiting.is_empty() {
                     waiting = WAKE.wait(waiting).unwrap_or_else(PoisonError::into_inner);
                 }
+                if !HURRY.load(Ordering::Acquire) {
+                    // Gather for a moment (or until hurried).
+                    drop(
+                        WAKE.wait_timeout(waiting, FLUSH_AFTER)
+                            .unwrap_or_else(PoisonError::into_inner),
+                    );
+                }
             }
-            std::thread::sleep(FLUSH_AFTER);
+            HURRY.store(false, Ordering::Release);
             flush_all();
         }
     }
