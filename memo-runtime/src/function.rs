@@ -22,7 +22,7 @@ use crate::probe;
 use crate::store::{
     function_dir_name, EntryAddress, EntryBytes, Store, TOUCH_AFTER, VERSION_DIR_DIGITS,
 };
-use crate::tier::{Tier, TierKey};
+use crate::tier::{Bytes, Tier, TierKey};
 
 /// What the `#[cached]` macro knows about a function at compile time.
 #[derive(Debug)]
@@ -357,7 +357,7 @@ struct DiskHit<R> {
     created: SystemTime,
     duration: Duration,
     size: u64,
-    plain: Option<Payload>,
+    plain: Option<Bytes>,
 }
 
 /// What [`read_stored`] found.
@@ -404,7 +404,7 @@ fn read_stored<R>(
     if header.numbers != (codec.flags() & entry::FLAG_NUMBERS != 0) {
         return broken("the entry's payload format is not the one of the return type".to_owned());
     }
-    let hit = |value, plain: Option<Payload>| {
+    let hit = |value, plain: Option<Bytes>| {
         Stored::Hit(DiskHit {
             value,
             created: header.created,
@@ -435,7 +435,8 @@ fn read_stored<R>(
     };
     match codec.decode(&plain) {
         Ok(value) => {
-            let kept = (plain.len() <= keep_plain).then(|| Arc::new(plain.into_owned()));
+            // Small ones are kept inline in the memory tier's slot: no allocation.
+            let kept = (plain.len() <= keep_plain).then(|| Bytes::new(plain));
             hit(value, kept)
         }
         Err(message) => broken(message),

@@ -10,7 +10,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasherDefault, Hash, Hasher};
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
 use rustc_hash::FxHasher;
@@ -144,7 +144,8 @@ impl std::ops::Deref for Bytes {
 }
 
 impl Bytes {
-    fn new(payload: Payload) -> Self {
+    /// Small bytes inline, else in an allocation of their own (shared when given one).
+    pub(crate) fn new(payload: std::borrow::Cow<'_, [u8]>) -> Self {
         if payload.len() <= INLINE {
             let mut bytes = [0u8; INLINE];
             bytes[..payload.len()].copy_from_slice(&payload);
@@ -152,6 +153,16 @@ impl Bytes {
                 len: payload.len() as u8,
                 bytes,
             }
+        } else {
+            Bytes::Shared(Arc::new(payload.into_owned()))
+        }
+    }
+}
+
+impl From<Payload> for Bytes {
+    fn from(payload: Payload) -> Self {
+        if payload.len() <= INLINE {
+            Bytes::new(std::borrow::Cow::Borrowed(&payload))
         } else {
             Bytes::Shared(payload)
         }
@@ -265,11 +276,12 @@ impl Tier {
         &self,
         key: TierKey,
         function: usize,
-        payload: Payload,
+        payload: impl Into<Bytes>,
         created: SystemTime,
         duration: Duration,
         size: u64,
     ) {
+        let payload = payload.into();
         let bytes = cost(&payload);
         if bytes > self.shard_budget / 8 {
             return;
@@ -279,7 +291,7 @@ impl Tier {
         shard.generation += 1;
         let generation = shard.generation;
         let slot = Slot {
-            payload: Bytes::new(payload),
+            payload,
             created,
             duration,
             size,
