@@ -5,6 +5,7 @@
 //! - [`key`]: cache keys, the arguments' serialization streamed into BLAKE3;
 //! - [`entry`]: the on-disk entry format (header, checksum, payload);
 //! - [`store`]: the folder layout and atomic writes;
+//! - `pack` (Unix): small entries appended to a pack file per process, indexed in memory;
 //! - [`memory`]: [`Memory`], a cache location and its settings, and the environment variables;
 //! - [`function`]: one cached function at run time (lookup, single flight, store);
 //! - [`par_map`]: the parallel cached map, `.par_cached_map(f)`;

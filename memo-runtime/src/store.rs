@@ -10,11 +10,13 @@
 //!     <function>/               e.g. `my_crate.physics.simulate` (module path, `::` -> `.`)
 //!       <version>/              first 16 hex digits of the function-version hash
 //!         source.rs             the source text that version was compiled from
-//!         <kk>/<key>            one entry per call: `kk` = first two hex digits of the key
+//!         .generation, packs/   entries up to the pack limit, as records (Unix; see `pack`)
+//!         <kk>/<key>            a larger entry: `kk` = first two hex digits of the key
 //! ```
 //!
-//! Entries are immutable: each is written to a temporary file in its final folder and renamed
-//! into place, so a reader sees either no entry or a complete one.
+//! Entries are immutable: a packed one is a checksummed record appended to a pack, a larger one
+//! is written to an unnamed or temporary file in its final folder and named when complete, so a
+//! reader sees either no entry or a complete one.
 
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, File};
@@ -152,7 +154,7 @@ pub fn function_dir_name(identity: &str) -> String {
     name
 }
 
-/// The default backend: one file per entry under a local folder.
+/// The default backend: a local folder, small entries in packs and larger ones in files.
 #[derive(Debug)]
 pub(crate) struct DirStore {
     root: PathBuf,
