@@ -86,6 +86,33 @@ fn lingering() {
     std::thread::sleep(Duration::from_secs(60));
 }
 
+/// Not a test of its own: stores `quick(1)` (waiting in memory), forks, and both processes go on
+/// storing into the same folder; the parent waits for the child and writes what it has.
+#[test]
+#[ignore = "run by the other tests of this file as a child process"]
+fn forking() {
+    let dir = std::env::var_os(DIR).expect("cache folder");
+    let memory = use_cache(Path::new(&dir));
+    assert_eq!(quick(1), 1);
+    // SAFETY: the child only runs memo code and ends with `_exit`; no lock is held across the
+    // fork by this thread, and the flushing thread's locks are free between its writes.
+    let child = unsafe { libc::fork() };
+    assert!(child >= 0, "fork failed");
+    if child == 0 {
+        let ok = (2..50).all(|x| quick(x) == x * x) && memory.flush().is_ok();
+        // SAFETY: ends the child without running the parent's exit handlers twice.
+        unsafe { libc::_exit(if ok { 0 } else { 1 }) };
+    }
+    for x in 100..150 {
+        assert_eq!(quick(x), x * x);
+    }
+    let mut status = 0;
+    // SAFETY: waits for the child started above.
+    assert_eq!(unsafe { libc::waitpid(child, &mut status, 0) }, child);
+    assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0);
+    memory.flush().unwrap();
+}
+
 /// Runs the `writer` child on `dir` with `n` values of each function.
 fn write_in_child(dir: &Path, n: u64) {
     let output = child_test("writer")
@@ -279,6 +306,29 @@ fn the_inspector_lists_packed_entries_with_their_arguments() {
     previews.sort_unstable();
     assert_eq!(previews, ["0", "1", "2"]);
     assert_eq!(run(&["verify"])["valid"], 6);
+}
+
+#[test]
+fn a_forked_child_writes_a_pack_of_its_own() {
+    let dir = fresh_dir("pack-fork");
+    let output = child_test("forking").env(DIR, &dir).output().unwrap();
+    assert!(
+        output.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    // Parent: quick(1) and quick(100..150); child: quick(2..50). Had both written to the
+    // parent's pack, their records would overlap and the reading would stop at the damage.
+    let packs = pack_files(&dir);
+    assert_eq!(packs.len(), 2, "{packs:?}");
+    let memory = use_cache(&dir);
+    let report = memory.verify().unwrap();
+    assert_eq!((report.valid, report.broken.len()), (99, 0), "{report:?}");
+    for x in (1..50).chain(100..150) {
+        assert_eq!(quick(x), x * x);
+    }
+    assert_eq!(computed(), 0);
 }
 
 #[test]

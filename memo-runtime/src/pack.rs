@@ -334,6 +334,54 @@ struct Writer {
     end: u64,
     /// Records not written yet, which go at `end`.
     pending: Vec<u8>,
+    /// The process that started it: a child of `fork` inherits it, but must not write to it.
+    process: u32,
+}
+
+/// In a child of `fork`: lets go of the parent's pack (without unlocking it: the lock is the
+/// parent's too) and of the records waiting in the parent's memory, which the parent writes.
+fn forget_inherited(state: &mut State) {
+    let Some(writer) = state.writer.take_if(|w| w.process != process::id()) else {
+        return;
+    };
+    let (pack, end) = (writer.pack, writer.end);
+    state
+        .index
+        .retain(|_, slot| slot.pack != pack || slot.body_at < end);
+    // Read like any other pack from now on, from its start.
+    if let Some(Some(inherited)) = state.packs.get_mut(pack as usize) {
+        inherited.scanned = 0;
+        inherited.map = None;
+    }
+}
+
+/// This process's id, kept current across `fork`.
+mod process {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::sync::Once;
+
+    static ID: AtomicU32 = AtomicU32::new(0);
+    static WATCH: Once = Once::new();
+
+    /// Starts following `fork`s.
+    pub(super) fn watch() {
+        WATCH.call_once(|| {
+            ID.store(std::process::id(), Ordering::Release);
+            // SAFETY: registers a handler for the child side of `fork` that only calls
+            // `getpid` (async-signal-safe) and stores an atomic.
+            unsafe {
+                libc::pthread_atfork(None, None, Some(child));
+            }
+        });
+    }
+
+    extern "C" fn child() {
+        ID.store(std::process::id(), Ordering::Release);
+    }
+
+    pub(super) fn id() -> u32 {
+        ID.load(Ordering::Acquire)
+    }
 }
 
 #[derive(Debug, Default)]
@@ -341,7 +389,7 @@ struct State {
     generation: Option<Generation>,
     /// The counter's value when the index was last brought up to date.
     seen: u64,
-    index: HashMap<CacheKey, Slot, rustc_hash::FxBuildHasher>,
+    index: Index,
     packs: Vec<Option<Pack>>,
     writer: Option<Writer>,
     /// Whether the folder was looked at once for entry files written without a record.
@@ -388,6 +436,7 @@ pub(crate) struct Packs {
 
 impl Packs {
     pub(crate) fn new(dir: PathBuf, durable: bool) -> Packs {
+        process::watch();
         Packs {
             dir,
             durable,
@@ -586,10 +635,12 @@ impl Packs {
             state.generation = Some(Generation::open(&self.dir, true)?);
             self.refresh(&mut state);
         }
+        forget_inherited(&mut state);
         let needs_pack = state.writer.as_ref().is_none_or(|w| w.end >= ROLL_AT);
         if needs_pack {
             self.start_pack(&mut state, create_dir)?;
         }
+        let defer = defer && flusher::running();
         let Some(writer) = state.writer.as_mut() else {
             return Err(io::Error::other("no pack to write to"));
         };
@@ -627,6 +678,7 @@ impl Packs {
     }
 
     fn flush_pending(&self, state: &mut State) -> io::Result<()> {
+        forget_inherited(state);
         let State {
             writer,
             index,
@@ -720,6 +772,7 @@ impl Packs {
             file,
             end: 0,
             pending: Vec::new(),
+            process: process::id(),
         });
         Ok(())
     }
@@ -742,7 +795,7 @@ impl Packs {
 
 /// Writes deferred records in the background, and at the exit of the process.
 mod flusher {
-    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
     use std::sync::{Condvar, Mutex, Once, PoisonError, Weak};
 
     use super::{Packs, FLUSH_AFTER};
@@ -753,16 +806,14 @@ mod flusher {
     static START: Once = Once::new();
     /// Set when records should be written without waiting for [`FLUSH_AFTER`].
     static HURRY: AtomicBool = AtomicBool::new(false);
+    /// The process in which the flushing thread was started (threads do not survive `fork`).
+    static STARTED_IN: AtomicU32 = AtomicU32::new(0);
+    /// The process in which it could not be started.
+    static FAILED_IN: AtomicU32 = AtomicU32::new(0);
 
     /// Has `packs`'s waiting records written within [`FLUSH_AFTER`].
     pub(super) fn schedule(packs: Weak<Packs>) {
         START.call_once(|| {
-            let spawned = std::thread::Builder::new()
-                .name("memo-flush".into())
-                .spawn(run);
-            if spawned.is_err() {
-                tracing::warn!(target: "memo", "cannot start the thread that writes quick results; they are written at exit");
-            }
             // SAFETY: registers a function without arguments that only takes locks and writes
             // files; it runs at a normal exit.
             unsafe {
@@ -775,6 +826,35 @@ mod flusher {
             // The thread waits for a first one.
             WAKE.notify_one();
         }
+    }
+
+    /// Whether this process has its flushing thread (started now if not: once per process, a
+    /// child of `fork` included). Without one, nothing waits in memory.
+    pub(super) fn running() -> bool {
+        let me = super::process::id();
+        if FAILED_IN.load(Ordering::Acquire) == me {
+            return false;
+        }
+        let started = STARTED_IN.load(Ordering::Acquire);
+        if started == me {
+            return true;
+        }
+        if STARTED_IN
+            .compare_exchange(started, me, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            // Another thread of this process is starting it.
+            return true;
+        }
+        let spawned = std::thread::Builder::new()
+            .name("memo-flush".into())
+            .spawn(run);
+        if spawned.is_err() {
+            FAILED_IN.store(me, Ordering::Release);
+            tracing::warn!(target: "memo", "cannot start the thread that writes quick results; each is written at once");
+            return false;
+        }
+        true
     }
 
     /// Has the waiting records written at once.
@@ -823,12 +903,18 @@ mod flusher {
     }
 }
 
+/// Where each key's newest record is.
+type Index = HashMap<CacheKey, Slot, rustc_hash::FxBuildHasher>;
+
+impl Drop for Packs {
+    fn drop(&mut self) {
+        // What waits in memory is written before the index is let go.
+        let _ = self.flush();
+    }
+}
+
 /// Records `slot` for `key` unless a newer record is there.
-fn upsert(
-    index: &mut HashMap<CacheKey, Slot, rustc_hash::FxBuildHasher>,
-    key: CacheKey,
-    slot: Slot,
-) {
+fn upsert(index: &mut Index, key: CacheKey, slot: Slot) {
     match index.entry(key) {
         std::collections::hash_map::Entry::Occupied(mut present) => {
             if slot.written >= present.get().written {
@@ -856,24 +942,9 @@ fn scan(state: &mut State, id: u32) {
     if pack.scanned >= len {
         return;
     }
-    // SAFETY: memo never changes the bytes of a pack that a reader has read (records are only
-    // appended, packs are replaced by new files, and a damaged pack is only cut after its
-    // damage, which no reader reads past); only bytes below the length read now are accessed.
-    // (A process outside memo truncating a pack while it is mapped would fault the reader, as
-    // for a mapped entry file.)
-    let Ok(map) = (unsafe {
-        // All of it is read now: its pages in one go rather than a fault each.
-        memmap2::MmapOptions::new()
-            .len(len as usize)
-            .populate()
-            .map(&pack.file)
-    }) else {
-        return;
-    };
-    let from = pack.scanned as usize;
-    // About 150 bytes per record of a small value: room for them at once, not by doubling.
-    index.reserve(((len - pack.scanned) / 150) as usize);
-    let parsed = parse(&map[from..], pack.scanned, |record| {
+    let mapped = pack.map.as_ref().map_or(0, |map| map.len() as u64);
+    let tail = len - mapped;
+    let each = |index: &mut Index, record: Record<'_>| {
         let slot = Slot {
             kind: record.kind,
             written: record.written,
@@ -882,11 +953,44 @@ fn scan(state: &mut State, id: u32) {
             body_len: record.body.len() as u32,
         };
         upsert(index, record.key, slot);
-    });
+    };
+    let parsed = if pack.map.is_none() || tail > (1 << 20).max(mapped / 4) {
+        // The first reading, or much was added: (re)mapped whole. Its pages are read in one go
+        // the first time, rather than a fault each.
+        // SAFETY: memo never changes the bytes of a pack that a reader has read (records are
+        // only appended, packs are replaced by new files, and a damaged pack is only cut after
+        // its damage, which no reader reads past); only bytes below the length read now are
+        // accessed. (A process outside memo truncating a pack while it is mapped would fault
+        // the reader, as for a mapped entry file.)
+        let map = unsafe {
+            let mut options = memmap2::MmapOptions::new();
+            options.len(len as usize);
+            if pack.map.is_none() {
+                options.populate();
+            }
+            options.map(&pack.file)
+        };
+        let Ok(map) = map else {
+            return;
+        };
+        // About 150 bytes per record of a small value: room for them at once.
+        index.reserve(((len - pack.scanned) / 150) as usize);
+        let parsed = parse(&map[pack.scanned as usize..], pack.scanned, |r| {
+            each(index, r)
+        });
+        pack.map = Some(map);
+        parsed
+    } else {
+        // A little was added: read, and served by reads until the next remapping.
+        let mut bytes = vec![0; (len - pack.scanned) as usize];
+        if pack.file.read_exact_at(&mut bytes, pack.scanned).is_err() {
+            return;
+        }
+        parse(&bytes, pack.scanned, |r| each(index, r))
+    };
     pack.scanned += parsed.consumed as u64;
     // An incomplete record at the end is read whole by a later refresh.
     pack.damaged = parsed.damage.is_some();
-    pack.map = Some(map);
 }
 
 /// Opens a pack for reading, without following a symbolic link.
