@@ -254,6 +254,22 @@ fn caches_on_one_folder_see_each_others_records_and_a_clear() {
 }
 
 #[test]
+fn clearing_one_function_keeps_what_waits_for_another() {
+    let dir = fresh_dir("pack-clear-other");
+    let memory = use_cache(&dir);
+    assert_eq!(quick(7), 49);
+    assert_eq!(sized(7)[0], 7);
+    // quick(7) may still wait in memory: clearing `sized` must not drop it.
+    sized::clear().unwrap();
+    assert_eq!(quick(7), 49);
+    assert_eq!(computed(), 2);
+    memory.flush().unwrap();
+    assert_eq!(stored_keys(&dir).len(), 1);
+    assert_eq!(sized(7)[0], 7);
+    assert_eq!(computed(), 3, "the cleared function computes again");
+}
+
+#[test]
 fn evicted_records_are_misses_and_their_space_is_reclaimed() {
     let dir = fresh_dir("pack-gc");
     write_in_child(&dir, 100);

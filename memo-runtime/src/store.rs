@@ -302,21 +302,27 @@ impl DirStore {
             })
     }
 
-    /// Tells the processes using version folders below `dir` that they are being removed, and
-    /// forgets this process's packs.
+    /// Tells the processes using the version folders `dirs` that they are being removed, and
+    /// forgets this process's packs of them.
     fn retire(&self, dirs: &[PathBuf]) {
         #[cfg(unix)]
         {
             for dir in dirs {
                 pack::mark_removed(dir);
             }
+            // Only those versions' packs are forgotten (with what waits in memory for them):
+            // the other versions' records stay, waiting ones included.
             let mut map = self.packs.write().unwrap_or_else(PoisonError::into_inner);
-            for list in map.values() {
-                for (_, packs) in list {
-                    packs.forget();
-                }
+            for list in map.values_mut() {
+                list.retain(|(_, packs)| {
+                    let removed = dirs.iter().any(|dir| packs.dir() == dir.as_path());
+                    if removed {
+                        packs.forget();
+                    }
+                    !removed
+                });
             }
-            map.clear();
+            map.retain(|_, list| !list.is_empty());
         }
         #[cfg(not(unix))]
         let _ = dirs;
