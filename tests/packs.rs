@@ -178,7 +178,14 @@ fn a_damaged_record_is_a_miss_and_verify_cuts_the_pack_before_it() {
     assert_eq!(report.broken[0].0, pack);
     assert!(report.broken[0].1.contains("checksum"), "{report:?}");
     assert_eq!(memory.remove_broken(&report).unwrap(), 1);
-    assert_eq!(std::fs::metadata(&pack).unwrap().len(), offsets[4]);
+    // Replaced (never cut in place: a reader may have it mapped) by what came before the damage.
+    assert!(!pack.exists());
+    let cut: Vec<PathBuf> = pack_files(&dir)
+        .into_iter()
+        .filter(|p| p.to_string_lossy().ends_with("-r.pack"))
+        .collect();
+    assert_eq!(cut.len(), 1, "{cut:?}");
+    assert_eq!(std::fs::metadata(&cut[0]).unwrap().len(), offsets[4]);
     let report = memory.verify().unwrap();
     assert_eq!((report.valid, report.broken.len()), (20, 0));
 
@@ -267,6 +274,32 @@ fn clearing_one_function_keeps_what_waits_for_another() {
     assert_eq!(stored_keys(&dir).len(), 1);
     assert_eq!(sized(7)[0], 7);
     assert_eq!(computed(), 3, "the cleared function computes again");
+}
+
+#[test]
+fn a_removal_that_did_not_happen_leaves_the_folder_usable() {
+    let dir = fresh_dir("pack-stuck");
+    let memory = use_cache(&dir);
+    assert_eq!(quick(1), 1);
+    memory.flush().unwrap();
+    // What a removal interrupted after its first step leaves: the counter says "removed", the
+    // folder is still there.
+    let pack = quick_pack(&dir);
+    let generation = pack.parent().unwrap().with_file_name(".generation");
+    let mut bytes = std::fs::read(&generation).unwrap();
+    bytes[8..16].copy_from_slice(&1u64.to_le_bytes());
+    std::fs::write(&generation, &bytes).unwrap();
+
+    for x in 2..20 {
+        assert_eq!(quick(x), x * x);
+    }
+    memory.flush().unwrap();
+    for x in 1..20 {
+        assert_eq!(quick(x), x * x);
+    }
+    assert_eq!(computed(), 19, "each value computed once, and kept");
+    assert!(pack_files(&dir).len() <= 2, "{:?}", pack_files(&dir));
+    assert_eq!(stored_keys(&dir).len(), 19);
 }
 
 #[test]

@@ -40,7 +40,7 @@ use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, PoisonError, RwLock, RwLockWriteGuard};
+use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockWriteGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use xxhash_rust::xxh3::Xxh3Default;
@@ -109,12 +109,8 @@ pub struct Record<'a> {
 
 /// Nanoseconds since the Unix epoch, now.
 pub(crate) fn now_nanos() -> u64 {
-    nanos(SystemTime::now())
-}
-
-/// Nanoseconds since the Unix epoch of `time`.
-pub(crate) fn nanos(time: SystemTime) -> u64 {
-    time.duration_since(UNIX_EPOCH)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
 }
 
@@ -192,6 +188,13 @@ pub fn parse(bytes: &[u8], base: u64, mut each: impl FnMut(Record<'_>)) -> Parse
         let long =
             |from: usize| u64::from_le_bytes(rest[from..from + 8].try_into().unwrap_or([0; 8]));
         if rest[..4] != RECORD_MAGIC {
+            if rest.iter().all(|&b| b == 0) {
+                // Zeros to the end: space the file system gave a write a crash cut short.
+                return Parsed {
+                    consumed: at,
+                    damage: None,
+                };
+            }
             return damaged("not a record (bad magic bytes)");
         }
         let Some(kind) = Kind::from_byte(rest[4]) else {
@@ -268,6 +271,30 @@ impl Generation {
         Ok(Generation { map })
     }
 
+    /// A new counter file in `dir`, put in place of one marked removed whose folder was not
+    /// removed after all (a removal interrupted or failed): processes holding the old one see
+    /// it marked and open this one.
+    fn replace(dir: &Path) -> io::Result<Generation> {
+        let temporary = dir.join(format!(
+            "{GENERATION_FILE}.{}-{:x}",
+            std::process::id(),
+            now_nanos()
+        ));
+        let file = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&temporary)?;
+        file.set_len(Self::LEN)?;
+        drop(file);
+        if let Err(error) = fs::rename(&temporary, dir.join(GENERATION_FILE)) {
+            let _ = fs::remove_file(&temporary);
+            return Err(error);
+        }
+        Generation::open(dir, false)
+    }
+
     fn word(&self, index: usize) -> &AtomicU64 {
         // SAFETY: the mapping is 16 bytes, page-aligned and lives as long as `self`; other
         // processes change it only through atomic operations too.
@@ -301,6 +328,14 @@ pub(crate) fn mark_removed(dir: &Path) {
     }
 }
 
+/// Undoes [`mark_removed`] when the folder could not be removed after all.
+pub(crate) fn unmark_removed(dir: &Path) {
+    if let Ok(generation) = Generation::open(dir, false) {
+        generation.word(1).store(0, Ordering::Release);
+        generation.bump();
+    }
+}
+
 /// Where an index entry's record is.
 #[derive(Debug, Clone, Copy)]
 struct Slot {
@@ -325,17 +360,65 @@ struct Pack {
     damaged: bool,
 }
 
+/// The packs this process writes to (compaction leaves them alone).
+mod own {
+    use std::path::{Path, PathBuf};
+    use std::sync::{Mutex, PoisonError};
+
+    static PACKS: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+    pub(super) fn add(path: &Path) {
+        PACKS
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(path.to_path_buf());
+    }
+
+    pub(super) fn remove(path: &Path) {
+        PACKS
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .retain(|own| own != path);
+    }
+
+    pub(super) fn writes(path: &Path) -> bool {
+        PACKS
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .any(|own| own == path)
+    }
+}
+
 /// This process's own pack of a version.
 #[derive(Debug)]
 struct Writer {
     pack: u32,
-    file: File,
+    /// Where it is (listed in [`own`] while this is alive).
+    path: PathBuf,
+    /// Shared with a flush writing without the state's lock.
+    file: Arc<File>,
     /// Bytes written to the file.
     end: u64,
-    /// Records not written yet, which go at `end`.
+    /// Records being written at `end` by a flush that does not hold the state's lock.
+    inflight: Option<Arc<Vec<u8>>>,
+    /// Records not written yet, which go after `inflight`.
     pending: Vec<u8>,
     /// The process that started it: a child of `fork` inherits it, but must not write to it.
     process: u32,
+}
+
+impl Writer {
+    /// Where the records waiting in `pending` go in the file.
+    fn pending_at(&self) -> u64 {
+        self.end + self.inflight.as_ref().map_or(0, |batch| batch.len() as u64)
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        own::remove(&self.path);
+    }
 }
 
 /// In a child of `fork`: lets go of the parent's pack (without unlocking it: the lock is the
@@ -363,20 +446,62 @@ mod process {
     static ID: AtomicU32 = AtomicU32::new(0);
     static WATCH: Once = Once::new();
 
+    /// Held by the flushing thread for each pass, by the exit handler, and across `fork`: a
+    /// child never starts with a pass half done (the locks it takes held by a thread the child
+    /// does not have). A plain `pthread` mutex, because `fork`'s handlers lock and unlock it
+    /// without a guard.
+    pub(super) struct Gate(std::cell::UnsafeCell<libc::pthread_mutex_t>);
+
+    // SAFETY: the mutex is only used through `pthread_mutex_lock`/`unlock`, which synchronise.
+    unsafe impl Sync for Gate {}
+
+    pub(super) static PASS: Gate =
+        Gate(std::cell::UnsafeCell::new(libc::PTHREAD_MUTEX_INITIALIZER));
+
+    /// Holds [`PASS`] until dropped.
+    pub(super) struct Held;
+
+    impl Gate {
+        pub(super) fn hold(&self) -> Held {
+            // SAFETY: a statically initialised mutex, never moved.
+            unsafe { libc::pthread_mutex_lock(self.0.get()) };
+            Held
+        }
+    }
+
+    impl Drop for Held {
+        fn drop(&mut self) {
+            // SAFETY: locked by this thread in `hold`.
+            unsafe { libc::pthread_mutex_unlock(PASS.0.get()) };
+        }
+    }
+
     /// Starts following `fork`s.
     pub(super) fn watch() {
         WATCH.call_once(|| {
             ID.store(std::process::id(), Ordering::Release);
-            // SAFETY: registers a handler for the child side of `fork` that only calls
-            // `getpid` (async-signal-safe) and stores an atomic.
+            // SAFETY: registers handlers that lock or unlock a static mutex, and (in the child)
+            // call `getpid` (async-signal-safe) and store an atomic.
             unsafe {
-                libc::pthread_atfork(None, None, Some(child));
+                libc::pthread_atfork(Some(prepare), Some(parent), Some(child));
             }
         });
     }
 
+    extern "C" fn prepare() {
+        // SAFETY: a statically initialised mutex; unlocked by `parent` or `child` after the fork.
+        unsafe { libc::pthread_mutex_lock(PASS.0.get()) };
+    }
+
+    extern "C" fn parent() {
+        // SAFETY: locked by this thread in `prepare`.
+        unsafe { libc::pthread_mutex_unlock(PASS.0.get()) };
+    }
+
     extern "C" fn child() {
         ID.store(std::process::id(), Ordering::Release);
+        // SAFETY: locked by the forking thread in `prepare`, which is this thread in the child.
+        unsafe { libc::pthread_mutex_unlock(PASS.0.get()) };
     }
 
     pub(super) fn id() -> u32 {
@@ -409,8 +534,6 @@ pub(crate) struct NewRecord<'a> {
     /// The entry, in parts (for [`Kind::Entry`]).
     pub(crate) body: &'a [&'a [u8]],
     pub(crate) preview: &'a [u8],
-    /// When it was written, in nanoseconds since the Unix epoch; now when `None`.
-    pub(crate) written: Option<u64>,
     /// Whether it may wait in memory for a moment.
     pub(crate) defer: bool,
 }
@@ -432,6 +555,9 @@ pub(crate) struct Packs {
     dir: PathBuf,
     durable: bool,
     state: RwLock<State>,
+    /// Held by a flush from taking the waiting records to recording them written: one at a
+    /// time, and records reach the file in order.
+    writing: Mutex<()>,
 }
 
 impl Packs {
@@ -441,6 +567,7 @@ impl Packs {
             dir,
             durable,
             state: RwLock::default(),
+            writing: Mutex::new(()),
         }
     }
 
@@ -481,14 +608,24 @@ impl Packs {
             Kind::File => Ok(Found::File),
             Kind::Entry => {
                 if let Some(writer) = state.writer.as_ref().filter(|w| w.pack == slot.pack) {
-                    if slot.body_at >= writer.end {
-                        // Waiting in memory.
-                        let from = (slot.body_at - writer.end) as usize;
-                        let len = slot.body_len as usize;
-                        return Ok(writer
-                            .pending
+                    let len = slot.body_len as usize;
+                    let copy = |bytes: &[u8], from: u64| {
+                        let from = from as usize;
+                        bytes
                             .get(from..from + len)
-                            .map_or(Found::Absent, |body| Found::Entry(body.to_vec())));
+                            .map_or(Found::Absent, |body| Found::Entry(body.to_vec()))
+                    };
+                    if slot.body_at >= writer.pending_at() {
+                        // Waiting in memory.
+                        return Ok(copy(&writer.pending, slot.body_at - writer.pending_at()));
+                    }
+                    if let Some(batch) = writer
+                        .inflight
+                        .as_ref()
+                        .filter(|_| slot.body_at >= writer.end)
+                    {
+                        // Being written.
+                        return Ok(copy(batch, slot.body_at - writer.end));
                     }
                 }
                 let Some(Some(pack)) = state.packs.get(slot.pack as usize) else {
@@ -513,9 +650,10 @@ impl Packs {
         }
         if state.generation.is_none() {
             match Generation::open(&self.dir, false) {
-                Ok(generation) => state.generation = Some(generation),
-                // Nothing was packed in this folder yet.
-                Err(_) => {
+                Ok(generation) if !generation.removed() => state.generation = Some(generation),
+                // Nothing was packed in this folder yet; or its removal is under way (or was
+                // interrupted: then the next write puts a new counter in place).
+                _ => {
                     self.list_files(state);
                     return;
                 }
@@ -552,13 +690,16 @@ impl Packs {
             let Ok(file) = open_read(&path) else {
                 continue;
             };
-            state.packs.push(Some(Pack {
-                name,
-                file,
-                map: None,
-                scanned: 0,
-                damaged: false,
-            }));
+            place(
+                &mut state.packs,
+                Pack {
+                    name,
+                    file,
+                    map: None,
+                    scanned: 0,
+                    damaged: false,
+                },
+            );
         }
         for id in 0..state.packs.len() {
             if Some(id as u32) != own {
@@ -619,10 +760,11 @@ impl Packs {
             key,
             body,
             preview,
-            written,
             defer,
         } = record;
-        let written = written.unwrap_or_else(now_nanos);
+        // Now, not the entry's creation: an entry fetched from elsewhere (or written after the
+        // clock went back) must still be newer than a removal this process saw.
+        let written = now_nanos();
         let mut state = self.write_state();
         if state.generation.as_ref().is_some_and(Generation::removed) {
             *state = State::default();
@@ -632,11 +774,31 @@ impl Packs {
         }
         if state.generation.is_none() {
             create_dir(&self.dir)?;
-            state.generation = Some(Generation::open(&self.dir, true)?);
+            let mut generation = Generation::open(&self.dir, true)?;
+            if generation.removed() {
+                generation = Generation::replace(&self.dir)?;
+            }
+            state.generation = Some(generation);
             self.refresh(&mut state);
         }
         forget_inherited(&mut state);
-        let needs_pack = state.writer.as_ref().is_none_or(|w| w.end >= ROLL_AT);
+        let full = |w: &Writer| w.end >= ROLL_AT;
+        if state
+            .writer
+            .as_ref()
+            .is_some_and(|w| full(w) && (!w.pending.is_empty() || w.inflight.is_some()))
+        {
+            // A full pack: what waits for it is written before the next pack starts.
+            drop(state);
+            self.flush()?;
+            state = self.write_state();
+            forget_inherited(&mut state);
+        }
+        // (A pack that others filled again meanwhile goes on a little longer.)
+        let needs_pack = state
+            .writer
+            .as_ref()
+            .is_none_or(|w| full(w) && w.pending.is_empty() && w.inflight.is_none());
         if needs_pack {
             self.start_pack(&mut state, create_dir)?;
         }
@@ -645,13 +807,13 @@ impl Packs {
             return Err(io::Error::other("no pack to write to"));
         };
         let first_pending = writer.pending.is_empty();
-        let at = writer.pending.len();
+        let at = writer.pending_at() + writer.pending.len() as u64;
         encode_into(&mut writer.pending, kind, written, key, body, preview);
         let slot = Slot {
             kind,
             written,
             pack: writer.pack,
-            body_at: writer.end + (at + RECORD_HEADER) as u64,
+            body_at: at + RECORD_HEADER as u64,
             body_len: body.iter().map(|part| part.len()).sum::<usize>() as u32,
         };
         let gathered = writer.pending.len();
@@ -667,69 +829,85 @@ impl Packs {
             }
             return Ok(());
         }
-        // Four times that waiting: the disk does not keep up, so this call writes them.
-        self.flush_pending(&mut state)
+        // Not to wait, or four times that waiting (the disk does not keep up): written now.
+        drop(state);
+        self.flush()
     }
 
-    /// Writes the records waiting in memory, if any.
+    /// Writes the records waiting in memory, if any, without holding the state's lock while
+    /// writing: look-ups and appends go on meanwhile.
     pub(crate) fn flush(&self) -> io::Result<()> {
+        let _writing = self.writing.lock().unwrap_or_else(PoisonError::into_inner);
+        let (file, at, batch, pack) = {
+            let mut state = self.write_state();
+            forget_inherited(&mut state);
+            let Some(writer) = state.writer.as_mut() else {
+                return Ok(());
+            };
+            if writer.pending.is_empty() || writer.inflight.is_some() {
+                return Ok(());
+            }
+            let batch = Arc::new(std::mem::take(&mut writer.pending));
+            writer.inflight = Some(Arc::clone(&batch));
+            (Arc::clone(&writer.file), writer.end, batch, writer.pack)
+        };
+        let written = file.write_all_at(&batch, at).and_then(|()| {
+            if self.durable {
+                file.sync_data()
+            } else {
+                Ok(())
+            }
+        });
         let mut state = self.write_state();
-        self.flush_pending(&mut state)
-    }
-
-    fn flush_pending(&self, state: &mut State) -> io::Result<()> {
-        forget_inherited(state);
         let State {
             writer,
             index,
             generation,
             seen,
             ..
-        } = state;
-        let (Some(active), Some(generation)) = (writer.as_mut(), generation.as_ref()) else {
-            return Ok(());
+        } = &mut *state;
+        let Some(active) = writer
+            .as_mut()
+            .filter(|w| w.pack == pack && Arc::ptr_eq(&w.file, &file))
+        else {
+            // Let go meanwhile (its folder removed): nothing to record.
+            return written;
         };
-        if active.pending.is_empty() {
-            return Ok(());
-        }
-        let written = active
-            .file
-            .write_all_at(&active.pending, active.end)
-            .and_then(|()| {
-                if self.durable {
-                    active.file.sync_data()
-                } else {
-                    Ok(())
-                }
-            });
         if let Err(error) = written {
-            // What may have been written of them is an incomplete record: those records are
-            // lost (their values are computed again when asked for), and a new pack starts.
-            let (pack, end) = (active.pack, active.end);
-            index.retain(|_, slot| slot.pack != pack || slot.body_at < end);
+            // What may have been written of them is an incomplete record: those records, and
+            // the ones appended after them, are lost (their values are computed again when
+            // asked for), and a new pack starts.
+            index.retain(|_, slot| slot.pack != pack || slot.body_at < at);
             *writer = None;
             return Err(error);
         }
-        active.end += active.pending.len() as u64;
-        active.pending.clear();
-        if active.pending.capacity() > 4 * FLUSH_AT {
-            active.pending.shrink_to(FLUSH_AT);
+        active.end += batch.len() as u64;
+        active.inflight = None;
+        if active.pending.is_empty() {
+            // Its allocation again, for the next records.
+            if let Ok(mut reused) = Arc::try_unwrap(batch) {
+                reused.clear();
+                if reused.capacity() <= 4 * FLUSH_AT {
+                    active.pending = reused;
+                }
+            }
         }
-        if generation.bump() == *seen {
-            // Nobody else wrote meanwhile: the index is still up to date.
-            *seen += 1;
+        if let Some(generation) = generation.as_ref() {
+            if generation.bump() == *seen {
+                // Nobody else wrote meanwhile: the index is still up to date.
+                *seen += 1;
+            }
         }
         Ok(())
     }
 
     /// Starts a new pack of this process: `packs/<pid>-<time>.pack`, held with a file lock for
-    /// as long as it is written to.
+    /// as long as it is written to. The current one, if any, has nothing waiting.
     fn start_pack(
         &self,
         state: &mut State,
         create_dir: &dyn Fn(&Path) -> io::Result<()>,
     ) -> io::Result<()> {
-        self.flush_pending(state)?;
         if let Some(old) = state.writer.take() {
             // Finished: others may compact it from now on.
             let _ = old.file.unlock();
@@ -759,18 +937,23 @@ impl Packs {
             File::open(&folder)?.sync_all()?;
         }
         let reader = open_read(&path)?;
-        let id = state.packs.len() as u32;
-        state.packs.push(Some(Pack {
-            name: name.into(),
-            file: reader,
-            map: None,
-            scanned: 0,
-            damaged: false,
-        }));
+        let id = place(
+            &mut state.packs,
+            Pack {
+                name: name.into(),
+                file: reader,
+                map: None,
+                scanned: 0,
+                damaged: false,
+            },
+        );
+        own::add(&path);
         state.writer = Some(Writer {
             pack: id,
-            file,
+            path: path.clone(),
+            file: Arc::new(file),
             end: 0,
+            inflight: None,
             pending: Vec::new(),
             process: process::id(),
         });
@@ -892,14 +1075,32 @@ mod flusher {
                     );
                 }
             }
+            let _pass = super::process::PASS.hold();
             HURRY.store(false, Ordering::Release);
             flush_all();
         }
     }
 
     extern "C" fn at_exit() {
+        // After the flushing thread's pass, if one is under way: it may have taken the list.
+        let _pass = super::process::PASS.hold();
         // Never unwinds into C.
         let _ = std::panic::catch_unwind(flush_all);
+    }
+}
+
+/// Adds a pack, in the place of one gone if there is one (no slot refers to it any more);
+/// returns its number.
+fn place(packs: &mut Vec<Option<Pack>>, pack: Pack) -> u32 {
+    match packs.iter().position(Option::is_none) {
+        Some(free) => {
+            packs[free] = Some(pack);
+            free as u32
+        }
+        None => {
+            packs.push(Some(pack));
+            (packs.len() - 1) as u32
+        }
     }
 }
 
@@ -974,7 +1175,8 @@ fn scan(state: &mut State, id: u32) {
             return;
         };
         // About 150 bytes per record of a small value: room for them at once.
-        index.reserve(((len - pack.scanned) / 150) as usize);
+        // (Bounded: a pack of large records, or a sparse file, must not reserve gigabytes.)
+        let _ = index.try_reserve((((len - pack.scanned) / 150) as usize).min(1 << 20));
         let parsed = parse(&map[pack.scanned as usize..], pack.scanned, |r| {
             each(index, r)
         });
@@ -1016,18 +1218,21 @@ pub struct Contents {
 pub struct PackedEntry {
     /// Its key.
     pub key: CacheKey,
-    /// The entry: header and payload.
+    /// The entry: header and payload (only the header unless asked for, see [`contents`]).
     pub body: Vec<u8>,
     /// The arguments' preview, when one was recorded.
     pub preview: Option<String>,
+    /// Its record's length in its pack: header, whole body and preview.
+    pub size: u64,
     /// When its record was written, in nanoseconds since the Unix epoch.
     pub written: u64,
     /// Always [`Kind::Entry`] in [`Contents::entries`].
     pub kind: Kind,
 }
 
-/// Reads every pack of the version folder `dir` (for listings, verification and tools).
-pub fn contents(dir: &Path) -> Contents {
+/// Reads every pack of the version folder `dir` (for listings, verification and tools); with
+/// `bodies`, keeps each live entry whole, else only its header (a listing holds no payloads).
+pub fn contents(dir: &Path, bodies: bool) -> Contents {
     let mut newest: HashMap<CacheKey, PackedEntry> = HashMap::new();
     let mut damaged = Vec::new();
     for path in pack_paths(dir) {
@@ -1040,9 +1245,14 @@ pub fn contents(dir: &Path) -> Contents {
                     record.key,
                     PackedEntry {
                         key: record.key,
-                        body: record.body.to_vec(),
+                        body: if bodies {
+                            record.body.to_vec()
+                        } else {
+                            record.body[..record.body.len().min(crate::entry::HEADER_LEN)].to_vec()
+                        },
                         preview: (!record.preview.is_empty())
                             .then(|| String::from_utf8_lossy(record.preview).into_owned()),
+                        size: (RECORD_HEADER + record.body.len() + record.preview.len()) as u64,
                         written: record.written,
                         kind: record.kind,
                     },
@@ -1083,16 +1293,24 @@ pub fn pack_paths(dir: &Path) -> Vec<PathBuf> {
 /// not rewritten: one still written to, or a damaged one, which is left for `verify`). Done
 /// when there are at least `min_packs` such packs or they hold dead records. Returns the bytes
 /// freed.
-pub(crate) fn compact(dir: &Path, min_packs: usize, durable: bool) -> io::Result<u64> {
+pub(crate) fn compact(dir: &Path, min_packs: usize) -> io::Result<u64> {
     let mut finished = Vec::new();
     let mut live = Vec::new();
     for path in pack_paths(dir) {
         let Ok(file) = open_read(&path) else {
             continue;
         };
-        // A pack whose writer is alive is locked by it. A damaged one is left as it is, for
-        // `verify` to report (and cut); its records still count against the others.
+        // A pack whose writer is alive is locked by it (and one of this process is known
+        // without the lock, which some network file systems share between a process's files);
+        // an empty one may be a writer's in the instant before it locks it. A damaged one is
+        // left as it is, for `verify` to report (and cut). Their records still count against
+        // the others.
         let damaged = || read_pack(&path, |_| {}).map_or(true, |p| p.damage.is_some());
+        let empty = file.metadata().map_or(true, |m| m.len() == 0);
+        if own::writes(&path) || empty {
+            live.push(path);
+            continue;
+        }
         match file.try_lock() {
             Ok(()) if !damaged() => finished.push((path, file)),
             _ => live.push(path),
@@ -1168,7 +1386,12 @@ pub(crate) fn compact(dir: &Path, min_packs: usize, durable: bool) -> io::Result
             at += record.len() as u64;
             Ok::<(), io::Error>(())
         });
-        if let Err(error) = written.and_then(|()| if durable { file.sync_all() } else { Ok(()) }) {
+        // On the disk, with its name, before the packs it replaces are removed: always, since
+        // those may hold results of any age.
+        let synced = written
+            .and_then(|()| file.sync_all())
+            .and_then(|()| File::open(dir.join(PACK_DIR))?.sync_all());
+        if let Err(error) = synced {
             let _ = fs::remove_file(&path);
             return Err(error);
         }
@@ -1182,8 +1405,8 @@ pub(crate) fn compact(dir: &Path, min_packs: usize, durable: bool) -> io::Result
     Ok(total.saturating_sub(kept_bytes))
 }
 
-/// Cuts a damaged pack back to its records before the damage, when no process writes to it any
-/// more; whether something was cut.
+/// Replaces a damaged pack by one of its records before the damage, when no process writes to
+/// it any more; whether something was cut.
 pub(crate) fn repair(path: &Path) -> io::Result<bool> {
     let file = fs::OpenOptions::new()
         .read(true)
@@ -1195,12 +1418,35 @@ pub(crate) fn repair(path: &Path) -> io::Result<bool> {
             "a running process still writes to it; try again when it has ended",
         ));
     }
-    let parsed = read_pack(path, |_| {})?;
+    let bytes = fs::read(path)?;
+    let parsed = parse(&bytes, 0, |_| {});
     if parsed.damage.is_none() {
         return Ok(false);
     }
-    file.set_len(parsed.consumed as u64)?;
-    if let Some(dir) = path.parent().and_then(Path::parent) {
+    // A new pack of what comes before the damage, in place of this one: never cut in place,
+    // since a reader may have this one mapped.
+    let folder = path.parent().unwrap_or(Path::new("."));
+    if parsed.consumed > 0 {
+        let name = format!("{}-{:x}-r{PACK_SUFFIX}", std::process::id(), now_nanos());
+        let kept = folder.join(name);
+        let written = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&kept)
+            .and_then(|new| {
+                new.write_all_at(&bytes[..parsed.consumed], 0)?;
+                new.sync_all()
+            })
+            .and_then(|()| File::open(folder)?.sync_all());
+        if let Err(error) = written {
+            let _ = fs::remove_file(&kept);
+            return Err(error);
+        }
+    }
+    fs::remove_file(path)?;
+    if let Some(dir) = folder.parent() {
         if let Ok(generation) = Generation::open(dir, false) {
             generation.bump();
         }
@@ -1222,7 +1468,6 @@ mod tests {
             key,
             body,
             preview: b"",
-            written: None,
             defer: false,
         }
     }
@@ -1252,6 +1497,11 @@ mod tests {
         let parsed = parse(&bytes[..bytes.len() - 1], 0, |_| {});
         assert_eq!(parsed.damage, None);
         assert_eq!(parsed.consumed, RECORD_HEADER + 4 + 3);
+        // Nor are zeros to the end (what a crash can leave after the last whole record).
+        let mut zeros = bytes.clone();
+        zeros.extend([0; 100]);
+        let parsed = parse(&zeros, 0, |_| {});
+        assert_eq!((parsed.consumed, parsed.damage), (bytes.len(), None));
         // A changed byte is.
         bytes[RECORD_HEADER + 1] ^= 1;
         let mut count = 0;
@@ -1292,6 +1542,74 @@ mod tests {
     }
 
     #[test]
+    fn records_appended_while_others_are_written_keep_their_places() {
+        let dir = tempfile::tempdir().unwrap();
+        let version = dir.path().join("v");
+        let writer = Arc::new(Packs::new(version.clone(), false));
+        let body = |n: u32| n.to_le_bytes().repeat(1 + n as usize % 50);
+        let key_of = |n: u32| {
+            let mut bytes = [0u8; 32];
+            bytes[..4].copy_from_slice(&n.to_le_bytes());
+            CacheKey::from_bytes(bytes)
+        };
+        let done = std::sync::atomic::AtomicBool::new(false);
+        /// Ends the flushing loop however the appenders end (a failed assertion included).
+        struct Done<'a>(&'a std::sync::atomic::AtomicBool);
+        impl Drop for Done<'_> {
+            fn drop(&mut self) {
+                self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+        std::thread::scope(|scope| {
+            let _done = Done(&done);
+            scope.spawn(|| {
+                while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                    writer.flush().unwrap();
+                }
+            });
+            let appenders: Vec<_> = (0..4u32)
+                .map(|t| {
+                    let (writer, body) = (&writer, &body);
+                    scope.spawn(move || {
+                        for i in 0..1000u32 {
+                            let n = t * 1000 + i;
+                            let bytes = body(n);
+                            let record = NewRecord {
+                                kind: Kind::Entry,
+                                key: &key_of(n),
+                                body: &[&bytes],
+                                preview: b"",
+                                defer: i % 7 != 0,
+                            };
+                            writer.append(record, &no_dir).unwrap();
+                            // Whether waiting, being written or written: the same bytes.
+                            let back = key_of(t * 1000 + i / 2);
+                            match writer.get(&back).unwrap() {
+                                Found::Entry(found) => assert_eq!(found, body(t * 1000 + i / 2)),
+                                other => panic!("{other:?}"),
+                            }
+                        }
+                    })
+                })
+                .collect();
+            for appender in appenders {
+                appender.join().unwrap();
+            }
+        });
+        writer.flush().unwrap();
+        let reader = Packs::new(version, false);
+        for t in 0..4u32 {
+            for i in 0..1000u32 {
+                let n = t * 1000 + i;
+                match reader.get(&key_of(n)).unwrap() {
+                    Found::Entry(found) => assert_eq!(found, body(n), "{n}"),
+                    other => panic!("{n}: {other:?}"),
+                }
+            }
+        }
+    }
+
+    #[test]
     fn compaction_keeps_the_newest_record_of_finished_packs() {
         let dir = tempfile::tempdir().unwrap();
         let version = dir.path().join("v");
@@ -1307,12 +1625,12 @@ mod tests {
                 .append(record(Kind::Removed, &key(2), &[]), &no_dir)
                 .unwrap();
             // Still written to: not compacted.
-            assert_eq!(compact(&version, 1, false).unwrap(), 0);
+            assert_eq!(compact(&version, 1).unwrap(), 0);
         }
         let reader = Arc::new(Packs::new(version.clone(), false));
         assert!(matches!(reader.get(&key(1)).unwrap(), Found::Entry(_)));
-        assert!(compact(&version, 1, false).unwrap() > 0);
-        let contents = contents(&version);
+        assert!(compact(&version, 1).unwrap() > 0);
+        let contents = contents(&version, true);
         assert_eq!(contents.entries.len(), 1);
         assert_eq!(contents.entries[0].body, b"one");
         assert_eq!(pack_paths(&version).len(), 1);

@@ -271,7 +271,6 @@ impl DirStore {
         kind: pack::Kind,
         body: &[&[u8]],
         preview: Option<&str>,
-        written: Option<u64>,
         defer: bool,
     ) -> Result<(), Error> {
         let short = at.version.get(..VERSION_DIR_DIGITS).unwrap_or(at.version);
@@ -288,7 +287,6 @@ impl DirStore {
                     key: at.key,
                     body,
                     preview,
-                    written,
                     defer,
                 },
                 &create,
@@ -326,6 +324,21 @@ impl DirStore {
         }
         #[cfg(not(unix))]
         let _ = dirs;
+    }
+
+    /// Removes `target`, the folder of (or above) the retired `versions`; those still there when
+    /// that fails are in use again (their counters no longer say "removed").
+    fn remove_retired(target: &Path, versions: &[PathBuf]) -> Result<(), Error> {
+        let removed = remove_dir(target);
+        #[cfg(unix)]
+        if removed.is_err() {
+            for dir in versions.iter().filter(|dir| dir.is_dir()) {
+                pack::unmark_removed(dir);
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = versions;
+        removed
     }
 
     /// The same store, flushing each entry to the disk before a write returns when `durable`.
@@ -399,7 +412,7 @@ impl DirStore {
     /// The entries of a version folder's packs, as a listing shows them.
     #[cfg(unix)]
     fn packed_entries(dir: &Path) -> Vec<EntryInfo> {
-        let contents = pack::contents(dir);
+        let contents = pack::contents(dir, false);
         contents
             .entries
             .into_iter()
@@ -415,7 +428,7 @@ impl DirStore {
                     // Packs do not record uses: an entry's last use is when it was written.
                     last_used: written,
                     duration: decoded.map_or(Duration::ZERO, |h| h.duration),
-                    size: (pack::RECORD_HEADER + packed.body.len()) as u64,
+                    size: packed.size,
                     readable: decoded.is_some(),
                     preview: packed.preview,
                 }
@@ -1077,7 +1090,7 @@ impl Store for DirStore {
         // Packs of processes that ended, merged (and their removed entries dropped) once there
         // are a few of them.
         #[cfg(unix)]
-        pack::compact(&self.version_dir(function, version), 4, self.durable).map_err(|e| {
+        pack::compact(&self.version_dir(function, version), 4).map_err(|e| {
             Error::io(
                 "compacting the packs of",
                 self.version_dir(function, version),
@@ -1189,7 +1202,7 @@ impl Store for DirStore {
             }
             #[cfg(unix)]
             {
-                let contents = pack::contents(&version_dir);
+                let contents = pack::contents(&version_dir, true);
                 for packed in contents.entries {
                     match entry::decode(&packed.body, &packed.key) {
                         Ok(_) => report.valid += 1,
@@ -1218,14 +1231,12 @@ impl Store for DirStore {
             // Quick results may wait in memory for a moment and go to the disk together: losing
             // them in a crash costs little to compute again. Not when every write must be
             // flushed to the disk, or its failure reported (strict mode).
-            let decoded = entry::decode_header(header).ok();
-            let quick = decoded.is_some_and(|h| h.duration < crate::function::LOCK_FROM);
+            let quick =
+                entry::decode_header(header).is_ok_and(|h| h.duration < crate::function::LOCK_FROM);
             let defer =
                 quick && !self.durable && !self.strict.load(std::sync::atomic::Ordering::Relaxed);
-            // The record's time is the entry's: one clock reading less per miss.
-            let written = decoded.map(|h| pack::nanos(h.created));
             let body = [header, payload];
-            return self.append(at, pack::Kind::Entry, &body, preview, written, defer);
+            return self.append(at, pack::Kind::Entry, &body, preview, defer);
         }
         let path = self.entry_path(at);
         let dir = path.parent().unwrap_or(&self.base).to_path_buf();
@@ -1236,7 +1247,7 @@ impl Store for DirStore {
         }
         // The packs' index says the entry is a file, so that look-ups need not try the file.
         #[cfg(unix)]
-        self.append(at, pack::Kind::File, &[], None, None, false)?;
+        self.append(at, pack::Kind::File, &[], None, false)?;
         Ok(())
     }
 
@@ -1260,8 +1271,9 @@ impl Store for DirStore {
         let (function, version) = (plain_name(function)?, plain_name(version)?);
         self.forget_open_files();
         let dir = self.version_dir(function, version);
-        self.retire(std::slice::from_ref(&dir));
-        remove_dir(&dir)
+        let versions = [dir.clone()];
+        self.retire(&versions);
+        Self::remove_retired(&dir, &versions)
     }
 
     fn clear_function(&self, function: &str) -> Result<(), Error> {
@@ -1273,13 +1285,14 @@ impl Store for DirStore {
             .filter(|version| version.parent() == Some(&dir))
             .collect();
         self.retire(&versions);
-        remove_dir(&dir)
+        Self::remove_retired(&dir, &versions)
     }
 
     fn clear(&self) -> Result<(), Error> {
         self.forget_open_files();
-        self.retire(&self.version_dirs());
-        remove_dir(&self.base)
+        let versions = self.version_dirs();
+        self.retire(&versions);
+        Self::remove_retired(&self.base, &versions)
     }
 
     fn remove_entry(&self, path: &Path) -> Result<bool, Error> {
@@ -1305,7 +1318,7 @@ impl Store for DirStore {
                     version: &short,
                     key: &key,
                 };
-                self.append(&at, pack::Kind::Removed, &[], None, None, false)?;
+                self.append(&at, pack::Kind::Removed, &[], None, false)?;
                 return Ok(true);
             }
         }
@@ -1339,7 +1352,7 @@ impl Store for DirStore {
         let _ = self.flush();
         #[cfg(unix)]
         for dir in self.version_dirs() {
-            if let Err(error) = pack::compact(&dir, 2, self.durable) {
+            if let Err(error) = pack::compact(&dir, 2) {
                 tracing::debug!(target: "memo", "compacting the packs of {}: {error}", dir.display());
             }
         }

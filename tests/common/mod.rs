@@ -44,7 +44,7 @@ pub fn stored_keys(dir: &Path) -> Vec<String> {
         .collect();
     for version in version_dirs(dir) {
         keys.extend(
-            memo::format::pack::contents(&version)
+            memo::format::pack::contents(&version, false)
                 .entries
                 .iter()
                 .map(|entry| entry.key.to_hex()),
