@@ -1291,8 +1291,8 @@ pub fn pack_paths(dir: &Path) -> Vec<PathBuf> {
 /// Rewrites the packs of `dir` whose writers are gone into one, keeping only the newest record of
 /// each key (and a "removed" record only while an older record of the key remains in a pack
 /// not rewritten: one still written to, or a damaged one, which is left for `verify`). Done
-/// when there are at least `min_packs` such packs or they hold dead records. Returns the bytes
-/// freed.
+/// when a quarter of their bytes are dead records, or (leaving out a pack larger than all the
+/// others together) when there are at least `min_packs` of them. Returns the bytes freed.
 pub(crate) fn compact(dir: &Path, min_packs: usize) -> io::Result<u64> {
     let mut finished = Vec::new();
     let mut live = Vec::new();
@@ -1319,20 +1319,47 @@ pub(crate) fn compact(dir: &Path, min_packs: usize) -> io::Result<u64> {
     if finished.is_empty() {
         return Ok(0);
     }
-    // Every key's newest record in the live packs, against which the finished ones are weighed.
-    let mut live_newest: HashMap<CacheKey, u64> = HashMap::new();
-    for path in &live {
+    let (kept, total) = plan(&finished, &live)?;
+    let kept_bytes: u64 = kept.iter().map(|r| r.len() as u64).sum();
+    // Merged whole when a quarter of it is dead (removed or replaced records).
+    if total.saturating_sub(kept_bytes) * 4 >= total && kept_bytes < total {
+        return write_merged(dir, &finished, kept, total);
+    }
+    if finished.len() < min_packs {
+        return Ok(0);
+    }
+    // Merged for their number: all but the largest when it outweighs the others together, so
+    // that packs added one by one (a job array) do not rewrite the whole cache each time; it
+    // joins a merge once the others have grown as large.
+    let size = |path: &Path| fs::metadata(path).map_or(0, |m| m.len());
+    finished.sort_by_key(|(path, _)| std::cmp::Reverse(size(path)));
+    let rest: u64 = finished.iter().skip(1).map(|(path, _)| size(path)).sum();
+    if size(&finished[0].0) > rest {
+        let (largest, _) = finished.remove(0);
+        live.push(largest);
+    }
+    if finished.len() < 2 {
+        return Ok(0);
+    }
+    let (kept, total) = plan(&finished, &live)?;
+    write_merged(dir, &finished, kept, total)
+}
+
+/// The records of `merged` worth keeping, oldest first, and the bytes of `merged`: each key's
+/// newest record among them, unless a newer one is in `others`; a removal only while an older
+/// record of its key remains in `others`.
+fn plan(merged: &[(PathBuf, File)], others: &[PathBuf]) -> io::Result<(Vec<Vec<u8>>, u64)> {
+    let mut other_newest: HashMap<CacheKey, u64> = HashMap::new();
+    for path in others {
         let _ = read_pack(path, |record| {
-            let newest = live_newest.entry(record.key).or_insert(0);
+            let newest = other_newest.entry(record.key).or_insert(0);
             *newest = (*newest).max(record.written);
         });
     }
     let mut newest: HashMap<CacheKey, (u64, Vec<u8>)> = HashMap::new();
     let mut total = 0u64;
-    let mut records = 0usize;
-    for (path, _) in &finished {
+    for (path, _) in merged {
         let parsed = read_pack(path, |record| {
-            records += 1;
             let newer = newest
                 .get(&record.key)
                 .is_none_or(|(written, _)| record.written >= *written);
@@ -1348,27 +1375,33 @@ pub(crate) fn compact(dir: &Path, min_packs: usize) -> io::Result<u64> {
             }
         })?;
         if parsed.damage.is_some() {
-            // Damaged since it was looked at: left for the next time.
-            return Ok(0);
+            return Err(io::Error::other(
+                "a pack was damaged meanwhile; left for later",
+            ));
         }
         total += fs::metadata(path).map(|m| m.len()).unwrap_or(0);
     }
     let mut kept: Vec<(u64, Vec<u8>)> = newest
         .into_iter()
         .filter(|(key, (written, bytes))| {
-            let superseded = live_newest.get(key).is_some_and(|live| live > written);
+            let superseded = other_newest.get(key).is_some_and(|other| other > written);
             let removed = Kind::from_byte(bytes[4]) == Some(Kind::Removed);
-            // A removal matters only while an older record of its key remains elsewhere.
-            !superseded && (!removed || live_newest.contains_key(key))
+            !superseded && (!removed || other_newest.contains_key(key))
         })
         .map(|(_, record)| record)
         .collect();
-    let dead_records = records > kept.len();
-    if finished.len() < min_packs && !dead_records {
-        return Ok(0);
-    }
     kept.sort_by_key(|(written, _)| *written);
-    let kept_bytes: u64 = kept.iter().map(|(_, r)| r.len() as u64).sum();
+    Ok((kept.into_iter().map(|(_, bytes)| bytes).collect(), total))
+}
+
+/// Writes `kept` as one new pack, flushed to the disk, then removes `merged`; the bytes freed.
+fn write_merged(
+    dir: &Path,
+    merged: &[(PathBuf, File)],
+    kept: Vec<Vec<u8>>,
+    total: u64,
+) -> io::Result<u64> {
+    let kept_bytes: u64 = kept.iter().map(|r| r.len() as u64).sum();
     if !kept.is_empty() {
         let name = format!("{}-{:x}-c{PACK_SUFFIX}", std::process::id(), now_nanos());
         let path = dir.join(PACK_DIR).join(name);
@@ -1381,7 +1414,7 @@ pub(crate) fn compact(dir: &Path, min_packs: usize) -> io::Result<u64> {
         file.try_lock()
             .map_err(|_| io::Error::other("cannot lock a new pack"))?;
         let mut at = 0;
-        let written = kept.iter().try_for_each(|(_, record)| {
+        let written = kept.iter().try_for_each(|record| {
             file.write_all_at(record, at)?;
             at += record.len() as u64;
             Ok::<(), io::Error>(())
@@ -1396,7 +1429,7 @@ pub(crate) fn compact(dir: &Path, min_packs: usize) -> io::Result<u64> {
             return Err(error);
         }
     }
-    for (path, _) in &finished {
+    for (path, _) in merged {
         let _ = fs::remove_file(path);
     }
     if let Ok(generation) = Generation::open(dir, false) {
@@ -1606,6 +1639,42 @@ mod tests {
                     other => panic!("{n}: {other:?}"),
                 }
             }
+        }
+    }
+
+    #[test]
+    fn small_packs_are_merged_without_rewriting_a_larger_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let version = dir.path().join("v");
+        let finished = |keys: std::ops::Range<u8>, len: usize| {
+            // Dropped at once: its writer has ended.
+            let packs = Arc::new(Packs::new(version.clone(), false));
+            for n in keys {
+                let body = vec![n; len];
+                packs
+                    .append(record(Kind::Entry, &key(n), &[&body]), &no_dir)
+                    .unwrap();
+            }
+        };
+        finished(0..100, 100);
+        let large = pack_paths(&version);
+        for first in [200, 210, 220, 230] {
+            finished(first..first + 2, 10);
+        }
+        assert_eq!(pack_paths(&version).len(), 5);
+        // Five finished packs and nothing dead: fewer than six leaves them alone.
+        compact(&version, 6).unwrap();
+        assert_eq!(pack_paths(&version).len(), 5);
+        compact(&version, 4).unwrap();
+        let after = pack_paths(&version);
+        assert_eq!(after.len(), 2, "{after:?}");
+        assert!(after.contains(&large[0]), "the large pack is left as it is");
+        let reader = Packs::new(version, false);
+        for n in (0..100).chain([200, 201, 211, 230, 231]) {
+            assert!(
+                matches!(reader.get(&key(n)).unwrap(), Found::Entry(b) if b[0] == n),
+                "{n}"
+            );
         }
     }
 
