@@ -280,12 +280,7 @@ impl Generation {
             std::process::id(),
             now_nanos()
         ));
-        let file = fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&temporary)?;
+        let file = create_new(&temporary)?;
         file.set_len(Self::LEN)?;
         drop(file);
         if let Err(error) = fs::rename(&temporary, dir.join(GENERATION_FILE)) {
@@ -915,15 +910,7 @@ impl Packs {
         let folder = self.dir.join(PACK_DIR);
         let name = format!("{}-{:x}{PACK_SUFFIX}", std::process::id(), now_nanos());
         let path = folder.join(&name);
-        let open = || {
-            fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .custom_flags(libc::O_NOFOLLOW)
-                .open(&path)
-        };
+        let open = || create_new(&path);
         let file = match open() {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 create_dir(&folder)?;
@@ -1195,6 +1182,18 @@ fn scan(state: &mut State, id: u32) {
     pack.damaged = parsed.damage.is_some();
 }
 
+/// Creates a file of memo's that must not exist yet (mode 0600, never through a link), open for
+/// reading and writing.
+fn create_new(path: &Path) -> io::Result<File> {
+    fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+}
+
 /// Opens a pack for reading, without following a symbolic link.
 fn open_read(path: &Path) -> io::Result<File> {
     fs::OpenOptions::new()
@@ -1405,12 +1404,7 @@ fn write_merged(
     if !kept.is_empty() {
         let name = format!("{}-{:x}-c{PACK_SUFFIX}", std::process::id(), now_nanos());
         let path = dir.join(PACK_DIR).join(name);
-        let file = fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&path)?;
+        let file = create_new(&path)?;
         file.try_lock()
             .map_err(|_| io::Error::other("cannot lock a new pack"))?;
         let mut at = 0;
@@ -1462,12 +1456,7 @@ pub(crate) fn repair(path: &Path) -> io::Result<bool> {
     if parsed.consumed > 0 {
         let name = format!("{}-{:x}-r{PACK_SUFFIX}", std::process::id(), now_nanos());
         let kept = folder.join(name);
-        let written = fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&kept)
+        let written = create_new(&kept)
             .and_then(|new| {
                 new.write_all_at(&bytes[..parsed.consumed], 0)?;
                 new.sync_all()
