@@ -380,6 +380,31 @@ fn a_forked_child_writes_a_pack_of_its_own() {
     assert_eq!(computed(), 0);
 }
 
+static STRICT: std::sync::LazyLock<Memory> = std::sync::LazyLock::new(|| {
+    // Strict first: the later settings build the store again, which must stay strict.
+    Memory::new(fresh_dir("pack-strict"))
+        .strict(true)
+        .pack_limit(16 * 1024)
+        .durable(false)
+});
+
+#[cached(memory = STRICT)]
+fn strict_quick(x: u64) -> u64 {
+    x + 1
+}
+
+#[test]
+fn in_strict_mode_quick_results_are_written_before_the_call_returns() {
+    for x in 0..5 {
+        assert_eq!(strict_quick(x), x + 1);
+        // Nothing waits in memory: a failed write must be the call's error.
+        assert_eq!(
+            stored_keys(STRICT.location().unwrap()).len(),
+            x as usize + 1
+        );
+    }
+}
+
 #[test]
 fn quick_results_reach_the_disk_within_milliseconds_without_an_exit() {
     let dir = fresh_dir("pack-linger");

@@ -385,6 +385,7 @@ impl Memory {
             let store = DirStore::new(location.clone())
                 .durable(self.durable)
                 .pack_limit(self.pack_limit);
+            store.set_strict(self.strict);
             self.store = Some(Arc::new(store));
         }
     }
