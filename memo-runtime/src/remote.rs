@@ -1398,6 +1398,7 @@ impl Store for Tiered {
 
     fn set_strict(&self, strict: bool) {
         self.remote.strict.store(strict, Ordering::Relaxed);
+        self.local.set_strict(strict);
     }
 }
 
