@@ -7,7 +7,7 @@
 //! ```text
 //! <version>/
 //!   .generation           16 bytes shared by every process through a memory map: a counter
-//!                         bumped after each record (u64), and a "removed" flag (u64)
+//!                         bumped after each write to a pack (u64), and a "removed" flag (u64)
 //!   packs/<pid>-<n>.pack  records, appended by one process each (it holds the file's flock)
 //! ```
 //!
@@ -19,6 +19,8 @@
 //! reads on from there) or damaged (the rest of that pack is then ignored, and its entries are
 //! misses). Later records of a key win over earlier ones (by the time they were written):
 //! a "removed" record hides an entry, a "file" record says the entry has a file of its own.
+//! Records of quick computations may wait in the writer's memory for a moment and are written
+//! together (see [`Packs::append`]); compaction merges the packs of writers that ended.
 //!
 //! Record layout (little-endian; [`RECORD_HEADER`] bytes, then the body, then the preview):
 //!
