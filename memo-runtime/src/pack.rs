@@ -20,7 +20,7 @@
 //! misses). Later records of a key win over earlier ones (by the time they were written):
 //! a "removed" record hides an entry, a "file" record says the entry has a file of its own.
 //! Records of quick computations may wait in the writer's memory for a moment and are written
-//! together (see [`Packs::append`]); compaction merges the packs of writers that ended.
+//! together (within [`FLUSH_AFTER`]); compaction merges the packs of writers that ended.
 //!
 //! Record layout (little-endian; [`RECORD_HEADER`] bytes, then the body, then the preview):
 //!
