@@ -18,7 +18,8 @@
 //! that is incomplete (a write in progress, or a writer killed in the middle: the next look-up
 //! reads on from there) or damaged (the rest of that pack is then ignored, and its entries are
 //! misses). Later records of a key win over earlier ones (by the time they were written):
-//! a "removed" record hides an entry, a "file" record says the entry has a file of its own.
+//! a "removed" record hides an entry, a "file" record says the entry has a file of its own, a
+//! "used" record only says when the entry was last read (for least-recently-used eviction).
 //! Records of quick computations may wait in the writer's memory for a moment and are written
 //! together (within [`FLUSH_AFTER`]); compaction merges the packs of writers that ended.
 //!
@@ -27,7 +28,7 @@
 //! | offset | size | field |
 //! |---|---|---|
 //! | 0 | 4 | magic `MPK1` |
-//! | 4 | 1 | kind: 1 entry (the body is the entry: header and payload), 2 file, 3 removed |
+//! | 4 | 1 | kind: 1 entry (the body is the entry: header and payload), 2 file, 3 removed, 4 used |
 //! | 5 | 3 | zero |
 //! | 8 | 4 | body length |
 //! | 12 | 4 | preview length (the arguments' `Debug` form, UTF-8) |
@@ -79,6 +80,8 @@ pub enum Kind {
     File = 2,
     /// The entry was removed.
     Removed = 3,
+    /// The entry was read (its time is a last use, for least-recently-used eviction).
+    Used = 4,
 }
 
 impl Kind {
@@ -87,6 +90,7 @@ impl Kind {
             1 => Some(Kind::Entry),
             2 => Some(Kind::File),
             3 => Some(Kind::Removed),
+            4 => Some(Kind::Used),
             _ => None,
         }
     }
@@ -338,6 +342,8 @@ pub(crate) fn unmark_removed(dir: &Path) {
 struct Slot {
     kind: Kind,
     written: u64,
+    /// The latest use recorded for it (its `written`, or a later "used" record's).
+    used: u64,
     pack: u32,
     /// Where the body starts in the pack.
     body_at: u64,
@@ -601,7 +607,7 @@ impl Packs {
             });
         };
         match slot.kind {
-            Kind::Removed => Ok(Found::Absent),
+            Kind::Removed | Kind::Used => Ok(Found::Absent),
             Kind::File => Ok(Found::File),
             Kind::Entry => {
                 if let Some(writer) = state.writer.as_ref().filter(|w| w.pack == slot.pack) {
@@ -733,6 +739,7 @@ impl Packs {
                     state.index.entry(key).or_insert(Slot {
                         kind: Kind::File,
                         written: 0,
+                        used: 0,
                         pack: u32::MAX,
                         body_at: 0,
                         body_len: 0,
@@ -809,6 +816,7 @@ impl Packs {
         let slot = Slot {
             kind,
             written,
+            used: written,
             pack: writer.pack,
             body_at: at + RECORD_HEADER as u64,
             body_len: body.iter().map(|part| part.len()).sum::<usize>() as u32,
@@ -829,6 +837,16 @@ impl Packs {
         // Not to wait, or four times that waiting (the disk does not keep up): written now.
         drop(state);
         self.flush()
+    }
+
+    /// Whether `key` is an entry whose latest recorded use is older than `nanos` (since the Unix
+    /// epoch).
+    pub(crate) fn used_before(&self, key: &CacheKey, nanos: u64) -> bool {
+        let state = self.state.read().unwrap_or_else(PoisonError::into_inner);
+        state
+            .index
+            .get(key)
+            .is_some_and(|slot| slot.kind == Kind::Entry && slot.used < nanos)
     }
 
     /// Writes the records waiting in memory, if any, without holding the state's lock while
@@ -1105,10 +1123,18 @@ impl Drop for Packs {
 
 /// Records `slot` for `key` unless a newer record is there.
 fn upsert(index: &mut Index, key: CacheKey, slot: Slot) {
+    if slot.kind == Kind::Used {
+        // Only a later use of the entry that is there: it does not say where an entry is.
+        if let Some(present) = index.get_mut(&key) {
+            present.used = present.used.max(slot.written);
+        }
+        return;
+    }
     match index.entry(key) {
         std::collections::hash_map::Entry::Occupied(mut present) => {
             if slot.written >= present.get().written {
-                present.insert(slot);
+                let used = present.get().used.max(slot.used);
+                present.insert(Slot { used, ..slot });
             }
         }
         std::collections::hash_map::Entry::Vacant(vacant) => {
@@ -1138,6 +1164,7 @@ fn scan(state: &mut State, id: u32) {
         let slot = Slot {
             kind: record.kind,
             written: record.written,
+            used: record.written,
             pack: id,
             body_at: record.offset + RECORD_HEADER as u64,
             body_len: record.body.len() as u32,
@@ -1227,6 +1254,8 @@ pub struct PackedEntry {
     pub size: u64,
     /// When its record was written, in nanoseconds since the Unix epoch.
     pub written: u64,
+    /// Its latest recorded use: `written`, or a later "used" record's time.
+    pub last_used: u64,
     /// Always [`Kind::Entry`] in [`Contents::entries`].
     pub kind: Kind,
 }
@@ -1235,9 +1264,15 @@ pub struct PackedEntry {
 /// `bodies`, keeps each live entry whole, else only its header (a listing holds no payloads).
 pub fn contents(dir: &Path, bodies: bool) -> Contents {
     let mut newest: HashMap<CacheKey, PackedEntry> = HashMap::new();
+    let mut used: HashMap<CacheKey, u64> = HashMap::new();
     let mut damaged = Vec::new();
     for path in pack_paths(dir) {
         let parsed = read_pack(&path, |record| {
+            let last = used.entry(record.key).or_insert(0);
+            *last = (*last).max(record.written);
+            if record.kind == Kind::Used {
+                return;
+            }
             let newer = newest
                 .get(&record.key)
                 .is_none_or(|present| record.written >= present.written);
@@ -1255,6 +1290,7 @@ pub fn contents(dir: &Path, bodies: bool) -> Contents {
                             .then(|| String::from_utf8_lossy(record.preview).into_owned()),
                         size: (RECORD_HEADER + record.body.len() + record.preview.len()) as u64,
                         written: record.written,
+                        last_used: record.written,
                         kind: record.kind,
                     },
                 );
@@ -1270,6 +1306,10 @@ pub fn contents(dir: &Path, bodies: bool) -> Contents {
     let mut entries: Vec<PackedEntry> = newest
         .into_values()
         .filter(|entry| entry.kind == Kind::Entry)
+        .map(|mut entry| {
+            entry.last_used = used.get(&entry.key).copied().unwrap_or(entry.written);
+            entry
+        })
         .collect();
     entries.sort_by(|a, b| a.key.as_bytes().cmp(b.key.as_bytes()));
     Contents { entries, damaged }
@@ -1358,9 +1398,15 @@ fn plan(merged: &[(PathBuf, File)], others: &[PathBuf]) -> io::Result<(Vec<Vec<u
         });
     }
     let mut newest: HashMap<CacheKey, (u64, Vec<u8>)> = HashMap::new();
+    let mut used: HashMap<CacheKey, u64> = HashMap::new();
     let mut total = 0u64;
     for (path, _) in merged {
         let parsed = read_pack(path, |record| {
+            if record.kind == Kind::Used {
+                let last = used.entry(record.key).or_insert(0);
+                *last = (*last).max(record.written);
+                return;
+            }
             let newer = newest
                 .get(&record.key)
                 .is_none_or(|(written, _)| record.written >= *written);
@@ -1382,15 +1428,21 @@ fn plan(merged: &[(PathBuf, File)], others: &[PathBuf]) -> io::Result<(Vec<Vec<u
         }
         total += fs::metadata(path).map(|m| m.len()).unwrap_or(0);
     }
-    let mut kept: Vec<(u64, Vec<u8>)> = newest
-        .into_iter()
-        .filter(|(key, (written, bytes))| {
-            let superseded = other_newest.get(key).is_some_and(|other| other > written);
-            let removed = Kind::from_byte(bytes[4]) == Some(Kind::Removed);
-            !superseded && (!removed || other_newest.contains_key(key))
-        })
-        .map(|(_, record)| record)
-        .collect();
+    let mut kept: Vec<(u64, Vec<u8>)> = Vec::new();
+    for (key, (written, bytes)) in newest {
+        let superseded = other_newest.get(&key).is_some_and(|other| *other > written);
+        let kind = Kind::from_byte(bytes[4]);
+        if superseded || (kind == Some(Kind::Removed) && !other_newest.contains_key(&key)) {
+            continue;
+        }
+        // The entry's latest use goes along (one record for all those merged).
+        if let Some(&last) = used.get(&key).filter(|&&last| last > written) {
+            if kind == Some(Kind::Entry) {
+                kept.push((last, encode(Kind::Used, last, &key, &[], b"")));
+            }
+        }
+        kept.push((written, bytes));
+    }
     kept.sort_by_key(|(written, _)| *written);
     Ok((kept.into_iter().map(|(_, bytes)| bytes).collect(), total))
 }
@@ -1667,6 +1719,39 @@ mod tests {
                 "{n}"
             );
         }
+    }
+
+    #[test]
+    fn merging_keeps_the_latest_use_of_an_entry() {
+        let dir = tempfile::tempdir().unwrap();
+        let version = dir.path().join("v");
+        fs::create_dir_all(version.join(PACK_DIR)).unwrap();
+        fs::write(version.join(GENERATION_FILE), [0u8; 16]).unwrap();
+        let mut bytes = encode(Kind::Entry, 10, &key(1), &[b"one"], b"");
+        bytes.extend(encode(Kind::Used, 20, &key(1), &[], b""));
+        bytes.extend(encode(Kind::Used, 30, &key(1), &[], b""));
+        // Dead records, so that the pack is merged.
+        for n in 2..6 {
+            bytes.extend(encode(Kind::Entry, 11, &key(n), &[&[n; 100]], b""));
+            bytes.extend(encode(Kind::Removed, 12, &key(n), &[], b""));
+        }
+        fs::write(version.join(PACK_DIR).join("1-0.pack"), bytes).unwrap();
+        assert!(compact(&version, 4).unwrap() > 0);
+        let merged = pack_paths(&version);
+        assert_ne!(merged, [version.join(PACK_DIR).join("1-0.pack")]);
+        let mut records = Vec::new();
+        read_pack(&merged[0], |r| records.push((r.kind, r.written))).unwrap();
+        assert_eq!(records, [(Kind::Entry, 10), (Kind::Used, 30)]);
+        let contents = contents(&version, false);
+        assert_eq!(contents.entries.len(), 1);
+        assert_eq!(
+            (contents.entries[0].written, contents.entries[0].last_used),
+            (10, 30)
+        );
+        // And the index knows it.
+        let reader = Packs::new(version, false);
+        assert!(matches!(reader.get(&key(1)).unwrap(), Found::Entry(b) if b == b"one"));
+        assert!(!reader.used_before(&key(1), 30) && reader.used_before(&key(1), 31));
     }
 
     #[test]

@@ -300,6 +300,17 @@ impl DirStore {
             })
     }
 
+    /// Records a use of a packed entry just read, when its latest recorded use is older than
+    /// [`TOUCH_AFTER`] (as a read refreshes an entry file's time): a "used" record, which may
+    /// wait in memory. Best effort.
+    #[cfg(unix)]
+    fn note_use(&self, at: &EntryAddress<'_>, packs: &Packs) {
+        let stale = pack::now_nanos().saturating_sub(TOUCH_AFTER.as_nanos() as u64);
+        if packs.used_before(at.key, stale) {
+            let _ = self.append(at, pack::Kind::Used, &[], None, true);
+        }
+    }
+
     /// Tells the processes using the version folders `dirs` that they are being removed, and
     /// forgets this process's packs of them.
     fn retire(&self, dirs: &[PathBuf]) {
@@ -419,14 +430,12 @@ impl DirStore {
             .map(|packed| {
                 let hex = packed.key.to_hex();
                 let decoded = entry::decode_header(&packed.body).ok();
-                let written = SystemTime::UNIX_EPOCH + Duration::from_nanos(packed.written);
                 EntryInfo {
                     path: dir.join(&hex[..2]).join(&hex),
                     packed: true,
                     key: hex,
                     created: decoded.map_or(SystemTime::UNIX_EPOCH, |h| h.created),
-                    // Packs do not record uses: an entry's last use is when it was written.
-                    last_used: written,
+                    last_used: SystemTime::UNIX_EPOCH + Duration::from_nanos(packed.last_used),
                     duration: decoded.map_or(Duration::ZERO, |h| h.duration),
                     size: packed.size,
                     readable: decoded.is_some(),
@@ -994,7 +1003,10 @@ impl Store for DirStore {
             let packs = self.packs_of(at.function, short)?;
             match packs.get(at.key) {
                 Ok(Found::Absent) => return Ok(None),
-                Ok(Found::Entry(bytes)) => return Ok(Some(EntryBytes::Heap(bytes))),
+                Ok(Found::Entry(bytes)) => {
+                    self.note_use(at, &packs);
+                    return Ok(Some(EntryBytes::Heap(bytes)));
+                }
                 Ok(Found::File) => {}
                 Err(e) => {
                     let dir = self
@@ -1252,6 +1264,17 @@ impl Store for DirStore {
     }
 
     fn touch(&self, at: &EntryAddress<'_>) {
+        #[cfg(unix)]
+        {
+            let short = at.version.get(..VERSION_DIR_DIGITS).unwrap_or(at.version);
+            if let Ok(packs) = self.packs_of(at.function, short) {
+                if let Ok(Found::Entry(_)) = packs.get(at.key) {
+                    // Best effort, as for a file.
+                    let _ = self.append(at, pack::Kind::Used, &[], None, true);
+                    return;
+                }
+            }
+        }
         if let Ok(file) = open_entry(&self.entry_path(at)) {
             // Best effort, as for a read: an entry whose time cannot be set is older for eviction.
             let _ = file.set_modified(SystemTime::now());
@@ -1399,6 +1422,49 @@ mod tests {
             path,
             PathBuf::from(format!("/cache/v1/k.f/0123456789abcdef/ab/{hex}"))
         );
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn reading_a_packed_entry_last_used_long_ago_records_its_use() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = DirStore::new(dir.path().to_path_buf());
+        let key = CacheKey::from_bytes([3; 32]);
+        let version = format!("{:064x}", 7);
+        let at = EntryAddress {
+            function: "k.f",
+            version: &version,
+            key: &key,
+        };
+        // An entry written two hours ago by a process that has ended.
+        let folder = store.version_dir("k.f", &version);
+        std::fs::create_dir_all(folder.join(pack::PACK_DIR)).unwrap();
+        std::fs::write(folder.join(pack::GENERATION_FILE), [0u8; 16]).unwrap();
+        let long_ago = pack::now_nanos() - 2 * 3600 * 1_000_000_000;
+        let record = pack::encode(pack::Kind::Entry, long_ago, &key, &[b"entry"], b"");
+        std::fs::write(folder.join(pack::PACK_DIR).join("1-0.pack"), record).unwrap();
+        let last_used = || {
+            let contents = pack::contents(&folder, false);
+            assert_eq!(contents.entries.len(), 1);
+            contents.entries[0].last_used
+        };
+        assert_eq!(last_used(), long_ago);
+
+        assert_eq!(&*store.read(&at).unwrap().unwrap(), b"entry");
+        store.flush().unwrap();
+        let noted = last_used();
+        assert!(
+            noted > long_ago + 3600 * 1_000_000_000,
+            "{noted} vs {long_ago}"
+        );
+        // Once: a use recorded just now is not recorded again.
+        store.read(&at).unwrap().unwrap();
+        store.flush().unwrap();
+        assert_eq!(last_used(), noted);
+        // A later look at the folder, after its writer ended, still sees it.
+        drop(store);
+        pack::compact(&folder, 1).unwrap();
+        assert_eq!(last_used(), noted);
     }
 
     #[test]
