@@ -238,10 +238,17 @@ pub fn parse(bytes: &[u8], base: u64, mut each: impl FnMut(Record<'_>)) -> Parse
     }
 }
 
-/// Reads a whole pack and parses it; `each` sees every valid record.
+/// Reads a whole pack and parses it; `each` sees every valid record. The pack is mapped, not
+/// copied: a damaged (or sparse, or foreign) file is read only as far as it parses.
 pub fn read_pack(path: &Path, each: impl FnMut(Record<'_>)) -> io::Result<Parsed> {
-    let bytes = fs::read(path)?;
-    Ok(parse(&bytes, 0, each))
+    let file = open_read(path)?;
+    if file.metadata()?.len() == 0 {
+        return Ok(parse(&[], 0, each));
+    }
+    // SAFETY: a read-only mapping of a pack, which memo never changes in place (see `scan`);
+    // it lives as long as the bytes parsed from it.
+    let map = unsafe { memmap2::Mmap::map(&file)? };
+    Ok(parse(&map, 0, each))
 }
 
 /// The shared change counter of a version folder, mapped into every process that uses it.
@@ -1182,7 +1189,8 @@ fn scan(state: &mut State, id: u32) {
         let map = unsafe {
             let mut options = memmap2::MmapOptions::new();
             options.len(len as usize);
-            if pack.map.is_none() {
+            // (Not a pack larger than packs grow: a sparse or foreign file is not read whole.)
+            if pack.map.is_none() && len <= ROLL_AT + (1 << 20) {
                 options.populate();
             }
             options.map(&pack.file)
@@ -1499,7 +1507,8 @@ pub(crate) fn repair(path: &Path) -> io::Result<bool> {
             "a running process still writes to it; try again when it has ended",
         ));
     }
-    let bytes = fs::read(path)?;
+    // SAFETY: as in `read_pack`; this process holds the pack's lock, so no memo process writes it.
+    let bytes = unsafe { memmap2::Mmap::map(&file)? };
     let parsed = parse(&bytes, 0, |_| {});
     if parsed.damage.is_none() {
         return Ok(false);
