@@ -592,6 +592,12 @@ impl Packs {
 
     /// Looks `key` up; reads the packs' new records first when another process added some.
     pub(crate) fn get(&self, key: &CacheKey) -> io::Result<Found> {
+        self.get_used(key).map(|(found, _)| found)
+    }
+
+    /// [`Packs::get`], with the latest recorded use of an entry found (nanoseconds since the
+    /// Unix epoch), from the same look-up.
+    pub(crate) fn get_used(&self, key: &CacheKey) -> io::Result<(Found, u64)> {
         {
             let state = self.state.read().unwrap_or_else(PoisonError::into_inner);
             if let Some(generation) = &state.generation {
@@ -605,7 +611,12 @@ impl Packs {
         self.found(&state, key)
     }
 
-    fn found(&self, state: &State, key: &CacheKey) -> io::Result<Found> {
+    fn found(&self, state: &State, key: &CacheKey) -> io::Result<(Found, u64)> {
+        let used = state.index.get(key).map_or(0, |slot| slot.used);
+        self.found_entry(state, key).map(|found| (found, used))
+    }
+
+    fn found_entry(&self, state: &State, key: &CacheKey) -> io::Result<Found> {
         let Some(slot) = state.index.get(key) else {
             return Ok(if state.files_listed || state.generation.is_some() {
                 Found::Absent
@@ -844,16 +855,6 @@ impl Packs {
         // Not to wait, or four times that waiting (the disk does not keep up): written now.
         drop(state);
         self.flush()
-    }
-
-    /// Whether `key` is an entry whose latest recorded use is older than `nanos` (since the Unix
-    /// epoch).
-    pub(crate) fn used_before(&self, key: &CacheKey, nanos: u64) -> bool {
-        let state = self.state.read().unwrap_or_else(PoisonError::into_inner);
-        state
-            .index
-            .get(key)
-            .is_some_and(|slot| slot.kind == Kind::Entry && slot.used < nanos)
     }
 
     /// Writes the records waiting in memory, if any, without holding the state's lock while
@@ -1760,7 +1761,7 @@ mod tests {
         // And the index knows it.
         let reader = Packs::new(version, false);
         assert!(matches!(reader.get(&key(1)).unwrap(), Found::Entry(b) if b == b"one"));
-        assert!(!reader.used_before(&key(1), 30) && reader.used_before(&key(1), 31));
+        assert_eq!(reader.get_used(&key(1)).unwrap().1, 30);
     }
 
     #[test]

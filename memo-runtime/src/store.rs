@@ -273,8 +273,7 @@ impl DirStore {
         preview: Option<&str>,
         defer: bool,
     ) -> Result<(), Error> {
-        let short = at.version.get(..VERSION_DIR_DIGITS).unwrap_or(at.version);
-        let packs = self.packs_of(at.function, short)?;
+        let packs = self.packs_at(at)?;
         let create = |dir: &Path| -> io::Result<()> {
             self.create_dir(dir).map_err(io::Error::other)?;
             self.check_no_links(dir).map_err(io::Error::other)
@@ -300,15 +299,22 @@ impl DirStore {
             })
     }
 
-    /// Records a use of a packed entry just read, when its latest recorded use is older than
-    /// [`TOUCH_AFTER`] (as a read refreshes an entry file's time): a "used" record, which may
-    /// wait in memory. Best effort.
+    /// Records a use of a packed entry just read, when its latest recorded use (`used`,
+    /// nanoseconds since the Unix epoch) is older than [`TOUCH_AFTER`] (as a read refreshes an
+    /// entry file's time): a "used" record, which may wait in memory. Best effort.
     #[cfg(unix)]
-    fn note_use(&self, at: &EntryAddress<'_>, packs: &Packs) {
+    fn note_use(&self, at: &EntryAddress<'_>, used: u64) {
         let stale = pack::now_nanos().saturating_sub(TOUCH_AFTER.as_nanos() as u64);
-        if packs.used_before(at.key, stale) {
+        if used < stale {
             let _ = self.append(at, pack::Kind::Used, &[], None, true);
         }
+    }
+
+    /// The packs of the version folder of `at`.
+    #[cfg(unix)]
+    fn packs_at(&self, at: &EntryAddress<'_>) -> Result<Arc<Packs>, Error> {
+        let short = at.version.get(..VERSION_DIR_DIGITS).unwrap_or(at.version);
+        self.packs_of(at.function, short)
     }
 
     /// Tells the processes using the version folders `dirs` that they are being removed, and
@@ -999,15 +1005,13 @@ impl Store for DirStore {
     fn read(&self, at: &EntryAddress<'_>) -> Result<Option<EntryBytes>, Error> {
         #[cfg(unix)]
         {
-            let short = at.version.get(..VERSION_DIR_DIGITS).unwrap_or(at.version);
-            let packs = self.packs_of(at.function, short)?;
-            match packs.get(at.key) {
-                Ok(Found::Absent) => return Ok(None),
-                Ok(Found::Entry(bytes)) => {
-                    self.note_use(at, &packs);
+            match self.packs_at(at)?.get_used(at.key) {
+                Ok((Found::Absent, _)) => return Ok(None),
+                Ok((Found::Entry(bytes), used)) => {
+                    self.note_use(at, used);
                     return Ok(Some(EntryBytes::Heap(bytes)));
                 }
-                Ok(Found::File) => {}
+                Ok((Found::File, _)) => {}
                 Err(e) => {
                     let dir = self
                         .version_dir(at.function, at.version)
@@ -1266,8 +1270,7 @@ impl Store for DirStore {
     fn touch(&self, at: &EntryAddress<'_>) {
         #[cfg(unix)]
         {
-            let short = at.version.get(..VERSION_DIR_DIGITS).unwrap_or(at.version);
-            if let Ok(packs) = self.packs_of(at.function, short) {
+            if let Ok(packs) = self.packs_at(at) {
                 if let Ok(Found::Entry(_)) = packs.get(at.key) {
                     // Best effort, as for a file.
                     let _ = self.append(at, pack::Kind::Used, &[], None, true);
