@@ -56,14 +56,24 @@ fn sized(x: u64) -> Vec<u8> {
     vec![x as u8; 1000]
 }
 
+/// In a child process: the cache in the folder the parent named.
+fn child_cache() -> &'static Memory {
+    let dir = std::env::var_os(DIR).expect("cache folder");
+    use_cache(Path::new(&dir))
+}
+
+/// In a child process: how many values the parent asked for.
+fn child_count() -> u64 {
+    std::env::var(COUNT).unwrap().parse().unwrap()
+}
+
 /// Not a test of its own: a writer process. Stores `quick(0..n)` then `sized(0..n)` in the
 /// folder the environment names, and exits (a normal exit writes what waits in memory).
 #[test]
 #[ignore = "run by the other tests of this file as a child process"]
 fn writer() {
-    let dir = std::env::var_os(DIR).expect("cache folder");
-    let n: u64 = std::env::var(COUNT).unwrap().parse().unwrap();
-    use_cache(Path::new(&dir));
+    let n = child_count();
+    child_cache();
     for x in 0..n {
         assert_eq!(quick(x), x * x);
     }
@@ -77,9 +87,8 @@ fn writer() {
 #[test]
 #[ignore = "run by the other tests of this file as a child process"]
 fn lingering() {
-    let dir = std::env::var_os(DIR).expect("cache folder");
-    let n: u64 = std::env::var(COUNT).unwrap().parse().unwrap();
-    use_cache(Path::new(&dir));
+    let n = child_count();
+    child_cache();
     for x in 0..n {
         assert_eq!(quick(x), x * x);
     }
@@ -91,8 +100,7 @@ fn lingering() {
 #[test]
 #[ignore = "run by the other tests of this file as a child process"]
 fn forking() {
-    let dir = std::env::var_os(DIR).expect("cache folder");
-    let memory = use_cache(Path::new(&dir));
+    let memory = child_cache();
     assert_eq!(quick(1), 1);
     // SAFETY: the child only runs memo code and ends with `_exit`; no lock is held across the
     // fork by this thread, and the flushing thread's locks are free between its writes.
