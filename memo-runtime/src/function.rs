@@ -394,6 +394,7 @@ fn read_stored<R>(
         }
     };
     let size = bytes.len();
+    let first_read = matches!(bytes, EntryBytes::FirstRead(_));
     let broken = |message: String| {
         Stored::Broken(Error::Decode {
             path: store.describe(at),
@@ -436,7 +437,8 @@ fn read_stored<R>(
     match codec.decode(&plain) {
         Ok(value) => {
             // Small ones are kept inline in the memory tier's slot: no allocation.
-            let kept = (plain.len() <= keep_plain).then(|| Bytes::new(plain));
+            // Not before a second read (see `EntryBytes::FirstRead`).
+            let kept = (!first_read && plain.len() <= keep_plain).then(|| Bytes::new(plain));
             hit(value, kept)
         }
         Err(message) => broken(message),

@@ -42,7 +42,7 @@ use std::fs::{self, File};
 use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockWriteGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -345,7 +345,7 @@ pub(crate) fn unmark_removed(dir: &Path) {
 }
 
 /// Where an index entry's record is.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Slot {
     kind: Kind,
     written: u64,
@@ -355,6 +355,27 @@ struct Slot {
     /// Where the body starts in the pack.
     body_at: u64,
     body_len: u32,
+    /// Set when this process reads the entry's bytes.
+    read: ReadBefore,
+}
+
+/// Whether this process has read an entry's bytes: set by readers under the shared lock.
+#[derive(Debug, Default)]
+struct ReadBefore(AtomicBool);
+
+impl Clone for ReadBefore {
+    fn clone(&self) -> Self {
+        ReadBefore(AtomicBool::new(self.0.load(Ordering::Relaxed)))
+    }
+}
+
+/// What a look-up learned of an entry besides its bytes.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Seen {
+    /// The latest recorded use of the entry (nanoseconds since the Unix epoch; 0 when none).
+    pub(crate) used: u64,
+    /// Whether this process had read the entry's bytes before (since they were last written).
+    pub(crate) again: bool,
 }
 
 /// A pack this process knows.
@@ -595,9 +616,9 @@ impl Packs {
         self.get_used(key).map(|(found, _)| found)
     }
 
-    /// [`Packs::get`], with the latest recorded use of an entry found (nanoseconds since the
-    /// Unix epoch), from the same look-up.
-    pub(crate) fn get_used(&self, key: &CacheKey) -> io::Result<(Found, u64)> {
+    /// [`Packs::get`], with what the same look-up learned of the entry: its latest recorded use,
+    /// and whether this process read it before.
+    pub(crate) fn get_used(&self, key: &CacheKey) -> io::Result<(Found, Seen)> {
         {
             let state = self.state.read().unwrap_or_else(PoisonError::into_inner);
             if let Some(generation) = &state.generation {
@@ -611,9 +632,13 @@ impl Packs {
         self.found(&state, key)
     }
 
-    fn found(&self, state: &State, key: &CacheKey) -> io::Result<(Found, u64)> {
-        let used = state.index.get(key).map_or(0, |slot| slot.used);
-        self.found_entry(state, key).map(|found| (found, used))
+    fn found(&self, state: &State, key: &CacheKey) -> io::Result<(Found, Seen)> {
+        let seen = state.index.get(key).map_or(Seen::default(), |slot| Seen {
+            used: slot.used,
+            // Written only the first time: readers of a hot entry do not pass its line around.
+            again: slot.read.0.load(Ordering::Relaxed) || slot.read.0.swap(true, Ordering::Relaxed),
+        });
+        self.found_entry(state, key).map(|found| (found, seen))
     }
 
     fn found_entry(&self, state: &State, key: &CacheKey) -> io::Result<Found> {
@@ -761,6 +786,7 @@ impl Packs {
                         pack: u32::MAX,
                         body_at: 0,
                         body_len: 0,
+                        read: ReadBefore::default(),
                     });
                 }
             }
@@ -838,6 +864,7 @@ impl Packs {
             pack: writer.pack,
             body_at: at + RECORD_HEADER as u64,
             body_len: body.iter().map(|part| part.len()).sum::<usize>() as u32,
+            read: ReadBefore::default(),
         };
         let gathered = writer.pending.len();
         upsert(&mut state.index, *key, slot);
@@ -1176,6 +1203,7 @@ fn scan(state: &mut State, id: u32) {
             pack: id,
             body_at: record.offset + RECORD_HEADER as u64,
             body_len: record.body.len() as u32,
+            read: ReadBefore::default(),
         };
         upsert(index, record.key, slot);
     };
@@ -1761,7 +1789,7 @@ mod tests {
         // And the index knows it.
         let reader = Packs::new(version, false);
         assert!(matches!(reader.get(&key(1)).unwrap(), Found::Entry(b) if b == b"one"));
-        assert_eq!(reader.get_used(&key(1)).unwrap().1, 30);
+        assert_eq!(reader.get_used(&key(1)).unwrap().1.used, 30);
     }
 
     #[test]

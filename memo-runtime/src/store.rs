@@ -883,6 +883,10 @@ fn open_entry(path: &Path) -> io::Result<File> {
 pub enum EntryBytes {
     /// Read into memory.
     Heap(Vec<u8>),
+    /// Read into memory, for the first time in this process. The memory tier keeps a value
+    /// only once it is read again: a process that reads each entry once (a new process going
+    /// through a cache, a scan) neither pays for the tier's copy nor pushes out its hot values.
+    FirstRead(Vec<u8>),
     /// Mapped read-only. memo never changes an entry file in place (entries are replaced by new
     /// files, and removed files stay readable while mapped), so the mapping is stable unless
     /// something outside memo truncates the file meanwhile.
@@ -896,7 +900,7 @@ impl std::ops::Deref for EntryBytes {
 
     fn deref(&self) -> &[u8] {
         match self {
-            EntryBytes::Heap(bytes) => bytes,
+            EntryBytes::Heap(bytes) | EntryBytes::FirstRead(bytes) => bytes,
             EntryBytes::Mapped(map) => map,
             EntryBytes::Shared(map) => map,
         }
@@ -907,6 +911,7 @@ impl std::fmt::Debug for EntryBytes {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let kind = match self {
             EntryBytes::Heap(_) => "Heap",
+            EntryBytes::FirstRead(_) => "FirstRead",
             EntryBytes::Mapped(_) | EntryBytes::Shared(_) => "Mapped",
         };
         write!(f, "EntryBytes::{kind}({} bytes)", self.len())
@@ -1007,9 +1012,13 @@ impl Store for DirStore {
         {
             match self.packs_at(at)?.get_used(at.key) {
                 Ok((Found::Absent, _)) => return Ok(None),
-                Ok((Found::Entry(bytes), used)) => {
-                    self.note_use(at, used);
-                    return Ok(Some(EntryBytes::Heap(bytes)));
+                Ok((Found::Entry(bytes), seen)) => {
+                    self.note_use(at, seen.used);
+                    return Ok(Some(if seen.again {
+                        EntryBytes::Heap(bytes)
+                    } else {
+                        EntryBytes::FirstRead(bytes)
+                    }));
                 }
                 Ok((Found::File, _)) => {}
                 Err(e) => {
