@@ -269,6 +269,29 @@ fn caches_on_one_folder_see_each_others_records_and_a_clear() {
 }
 
 #[test]
+fn a_packed_value_is_kept_in_memory_from_its_second_read_on() {
+    let dir = fresh_dir("pack-second-read");
+    let writer = use_cache(&dir);
+    for x in 0..10 {
+        assert_eq!(quick(x), x * x);
+    }
+    writer.flush().unwrap();
+    // A cache with a memory tier, new to the folder, as a new process is.
+    let reader: &'static Memory = Box::leak(Box::new(Memory::new(&dir)));
+    CURRENT.with(|c| c.set(Some(reader)));
+    let hits = || (reader.stats().hits, reader.stats().memory_hits);
+    for round in 1..=3 {
+        for x in 0..10 {
+            assert_eq!(quick(x), x * x, "round {round}");
+        }
+    }
+    // Rounds 1 and 2 read the pack (a value read once is not worth a copy in memory), round 3
+    // finds the values in memory.
+    assert_eq!(hits(), (30, 10));
+    assert_eq!(computed(), 10);
+}
+
+#[test]
 fn clearing_one_function_keeps_what_waits_for_another() {
     let dir = fresh_dir("pack-clear-other");
     let memory = use_cache(&dir);

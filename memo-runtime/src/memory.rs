@@ -250,7 +250,8 @@ impl Memory {
     /// read the disk. Values larger than 1/128 of it are always read
     /// from disk. `0` turns it off. Default: [`DEFAULT_MEMORY_TIER`] (64 MiB).
     ///
-    /// The tier serves what this process stored or read; an entry deleted on disk by another
+    /// The tier serves what this process stored or read (a small, packed value from its second
+    /// read on: a value read once is not worth the copy); an entry deleted on disk by another
     /// process (or by hand) is still served from memory until it is pushed out or this process
     /// clears it (`f::clear()`, [`Memory::clear`]). Expiry (`expire = ...`) and validation
     /// callbacks are checked on every hit, in memory too.
