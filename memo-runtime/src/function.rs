@@ -817,7 +817,8 @@ impl CachedFunction {
         let tier = memory.tier.as_ref()?;
         let freshness = self.def.freshness;
         let hit = tier.get(tier_key, TOUCH_AFTER, |slot| {
-            if !freshness.accepts_meta(slot.created, slot.duration, slot.size) {
+            let checked = freshness.expire_after.is_some() || freshness.validate.is_some();
+            if checked && !freshness.accepts_meta(slot.created(), slot.duration(), slot.size()) {
                 return None;
             }
             codec.decode(&slot.payload).ok()
@@ -1001,7 +1002,7 @@ impl CachedFunction {
             Stored::Hit(hit) => {
                 probe::record_hit(hit.duration);
                 if let (Some(tier), Some(plain)) = (&memory.tier, hit.plain) {
-                    tier.insert(*key, self.id(), plain, hit.created, hit.duration, hit.size);
+                    tier.insert(*key, plain, hit.created, hit.duration, hit.size);
                 }
                 Lookup::Hit(hit.value)
             }
@@ -1125,7 +1126,7 @@ impl CachedFunction {
                 if let Some(tier) = &memory.tier {
                     let payload = Arc::clone(&prepared.payload);
                     let (created, duration) = (prepared.created, prepared.duration);
-                    tier.insert(tier_key, self.id(), payload, created, duration, bytes);
+                    tier.insert(tier_key, payload, created, duration, bytes);
                 }
                 Counters::bump(&memory.counters.stores);
                 memory.note_stored(bytes);

@@ -3,7 +3,9 @@
 //! Looked up by the function (the address of its static, which fixes its version) and the call's
 //! encoded arguments compared byte for byte when they are short, or else by the call's full
 //! 256-bit [`CacheKey`] (which covers the function, its version and the arguments): two
-//! different calls can never share a slot. Bounded in bytes: each of
+//! different calls can never share a slot. A slot and its key fill two cache lines, aligned: a
+//! hit whose slot is not in the processor's caches (the usual case for a map over thousands of
+//! items) waits for two lines from memory, not four. Bounded in bytes: each of
 //! [`SHARDS`] shards holds an equal share and forgets its oldest insertions first. Values larger
 //! than an eighth of a shard's share are not kept (they would push out many small ones); they
 //! are read from disk on every hit.
@@ -16,30 +18,31 @@ use std::time::{Duration, Instant, SystemTime};
 use rustc_hash::FxHasher;
 
 use crate::flight::Payload;
-use crate::key::{CacheKey, CallKey, SHORT_ARGS};
+use crate::key::{CacheKey, CallKey};
 
 /// What the tier is looked up by: a function (the address of its static) and its call's short
 /// encoded arguments, compared byte for byte, or else the call's full 256-bit key. Equality
-/// compares all of it; the hash is computed once, when the key is made.
+/// compares all of it; the hash is computed once, when the key is made. One cache line.
 #[derive(Clone, Copy)]
 pub(crate) struct TierKey {
     hash: u64,
+    function: usize,
     form: Form,
 }
 
+/// Encoded arguments up to this many bytes are the key themselves (longer ones are hashed to a
+/// [`CacheKey`]): what fits a [`TierKey`] in 64 bytes.
+const ARGS: usize = 46;
+
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Form {
-    Args {
-        function: usize,
-        len: u8,
-        args: [u8; SHORT_ARGS],
-    },
+    Args { len: u8, args: [u8; ARGS] },
     Digest(CacheKey),
 }
 
 impl PartialEq for TierKey {
     fn eq(&self, other: &Self) -> bool {
-        self.hash == other.hash && self.form == other.form
+        self.hash == other.hash && self.function == other.function && self.form == other.form
     }
 }
 
@@ -54,16 +57,16 @@ impl Hash for TierKey {
 impl TierKey {
     pub(crate) fn new(function: usize, call: &CallKey, digest: impl FnOnce() -> CacheKey) -> Self {
         match call.short_args() {
-            Some(short) if short.len() <= SHORT_ARGS => {
+            Some(short) if short.len() <= ARGS => {
                 let mut hasher = FxHasher::default();
                 hasher.write_usize(function);
                 hasher.write(short);
-                let mut args = [0u8; SHORT_ARGS];
+                let mut args = [0u8; ARGS];
                 args[..short.len()].copy_from_slice(short);
                 TierKey {
                     hash: hasher.finish(),
+                    function,
                     form: Form::Args {
-                        function,
                         len: short.len() as u8,
                         args,
                     },
@@ -75,6 +78,7 @@ impl TierKey {
                 bytes.copy_from_slice(&key.as_bytes()[..8]);
                 TierKey {
                     hash: u64::from_le_bytes(bytes),
+                    function,
                     form: Form::Digest(key),
                 }
             }
@@ -82,8 +86,8 @@ impl TierKey {
     }
 
     #[cfg(test)]
-    fn digest(key: CacheKey) -> Self {
-        TierKey::new(0, &CallKey::hashed(key), || key)
+    fn digest(function: usize, key: CacheKey) -> Self {
+        TierKey::new(function, &CallKey::hashed(key), || key)
     }
 }
 
@@ -169,21 +173,58 @@ impl From<Payload> for Bytes {
     }
 }
 
-/// One entry in memory: its payload (plain) and what its header said.
+/// One entry in memory: its payload (plain) and what its header said. One cache line, beside
+/// its key's.
+#[repr(align(64))]
 pub(crate) struct Slot {
     pub(crate) payload: Bytes,
-    pub(crate) created: SystemTime,
-    pub(crate) duration: Duration,
+    /// When the entry was created, in nanoseconds since the Unix epoch.
+    created: u64,
+    /// How long its computation took: seconds and nanoseconds (read back without a division).
+    duration_secs: u32,
+    duration_nanos: u32,
     /// The entry's size on disk (for validation callbacks).
-    pub(crate) size: u64,
-    /// Which function it belongs to (the address of its static), for [`Tier::remove_function`].
-    function: usize,
+    size: u32,
     /// When this process last refreshed the entry's time on disk (for least-recently-used
-    /// eviction across processes).
-    touched: Instant,
+    /// eviction across processes), in seconds since [`epoch`].
+    touched: u32,
     /// Hits so far: the clock is read on every 64th only.
     hits: u32,
-    generation: u64,
+    /// Which insertion made it (wrapping: a stale place in the queue that matches by chance
+    /// only forgets a slot early).
+    generation: u32,
+}
+
+impl Slot {
+    /// When the entry was created.
+    pub(crate) fn created(&self) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_nanos(self.created)
+    }
+
+    /// How long its computation took.
+    pub(crate) fn duration(&self) -> Duration {
+        Duration::new(u64::from(self.duration_secs), self.duration_nanos)
+    }
+
+    /// The entry's size on disk.
+    pub(crate) fn size(&self) -> u64 {
+        u64::from(self.size)
+    }
+}
+
+// A key and its slot: two cache lines.
+const _: () =
+    assert!(std::mem::size_of::<TierKey>() <= 64 && std::mem::size_of::<(TierKey, Slot)>() == 128);
+
+/// What slots' times count from: the first use of a tier in this process.
+fn epoch() -> Instant {
+    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+/// Seconds since [`epoch`].
+fn seconds() -> u32 {
+    u32::try_from(epoch().elapsed().as_secs()).unwrap_or(u32::MAX)
 }
 
 #[derive(Default)]
@@ -191,9 +232,9 @@ struct Shard {
     slots: Slots,
     /// Insertion order, with the generation each insertion had (a replaced slot's old place in
     /// the queue is skipped).
-    order: VecDeque<(TierKey, u64)>,
+    order: VecDeque<(TierKey, u32)>,
     bytes: u64,
-    generation: u64,
+    generation: u32,
 }
 
 /// What a look-up in the tier tells the caller besides the value.
@@ -243,12 +284,17 @@ impl Tier {
         let slot = shard.slots.get_mut(key)?;
         match read(slot) {
             Some(value) => {
-                let duration = slot.duration;
+                let duration = slot.duration();
                 slot.hits = slot.hits.wrapping_add(1);
-                let touch = slot.hits % CLOCK_EVERY == 0 && slot.touched.elapsed() > touch_after;
-                if touch {
-                    slot.touched = Instant::now();
-                }
+                let touch = slot.hits % CLOCK_EVERY == 0 && {
+                    let now = seconds();
+                    let due = Duration::from_secs(u64::from(now.saturating_sub(slot.touched)))
+                        > touch_after;
+                    if due {
+                        slot.touched = now;
+                    }
+                    due
+                };
                 Some(TierHit {
                     value,
                     duration,
@@ -275,7 +321,6 @@ impl Tier {
     pub(crate) fn insert(
         &self,
         key: TierKey,
-        function: usize,
         payload: impl Into<Bytes>,
         created: SystemTime,
         duration: Duration,
@@ -283,23 +328,32 @@ impl Tier {
     ) {
         let payload = payload.into();
         let bytes = cost(&payload);
+        let (Ok(size), Ok(created)) = (
+            u32::try_from(size),
+            created.duration_since(SystemTime::UNIX_EPOCH),
+        ) else {
+            // Larger than a slot records (never under the default budget), or created before
+            // 1970 (a clock set wrong): not kept.
+            return;
+        };
         if bytes > self.shard_budget / 8 {
             return;
         }
-        let mut shard = self.shard(&key);
-        let shard = &mut *shard;
-        shard.generation += 1;
-        let generation = shard.generation;
         let slot = Slot {
             payload,
-            created,
-            duration,
+            created: u64::try_from(created.as_nanos()).unwrap_or(u64::MAX),
+            duration_secs: u32::try_from(duration.as_secs()).unwrap_or(u32::MAX),
+            duration_nanos: duration.subsec_nanos(),
             size,
-            function,
-            touched: Instant::now(),
+            touched: seconds(),
             hits: 0,
-            generation,
+            generation: 0,
         };
+        let mut shard = self.shard(&key);
+        let shard = &mut *shard;
+        shard.generation = shard.generation.wrapping_add(1);
+        let generation = shard.generation;
+        let slot = Slot { generation, ..slot };
         if let Some(old) = shard.slots.insert(key, slot) {
             shard.bytes -= cost(&old.payload);
         }
@@ -330,7 +384,7 @@ impl Tier {
 
     /// Forgets every slot of one function (by the address of its static).
     pub(crate) fn remove_function(&self, function: usize) {
-        self.retain(|slot| slot.function != function);
+        self.retain(|key| key.function != function);
     }
 
     /// Forgets everything.
@@ -338,13 +392,13 @@ impl Tier {
         self.retain(|_| false);
     }
 
-    fn retain(&self, keep: impl Fn(&Slot) -> bool) {
+    fn retain(&self, keep: impl Fn(&TierKey) -> bool) {
         for shard in self.shards.iter() {
             let mut shard = shard.lock().unwrap_or_else(PoisonError::into_inner);
             let shard = &mut *shard;
             let mut freed = 0;
-            shard.slots.retain(|_, slot| {
-                let kept = keep(slot);
+            shard.slots.retain(|key, slot| {
+                let kept = keep(key);
                 if !kept {
                     freed += cost(&slot.payload);
                 }
@@ -379,12 +433,12 @@ mod tests {
     fn key(n: u16) -> TierKey {
         let mut bytes = [0u8; 32];
         bytes[..2].copy_from_slice(&n.to_le_bytes());
-        TierKey::digest(CacheKey::from_bytes(bytes))
+        TierKey::digest(1, CacheKey::from_bytes(bytes))
     }
 
     fn put(tier: &Tier, n: u16, len: usize) {
         let payload = Arc::new(vec![n as u8; len]);
-        tier.insert(key(n), 1, payload, SystemTime::now(), Duration::ZERO, 0);
+        tier.insert(key(n), payload, SystemTime::now(), Duration::ZERO, 0);
     }
 
     fn value(tier: &Tier, n: u16) -> Option<Vec<u8>> {
@@ -424,6 +478,29 @@ mod tests {
         let before = tier.bytes();
         put(&tier, 999, 100);
         assert_eq!(tier.bytes(), before);
+    }
+
+    #[test]
+    fn a_slot_gives_back_the_times_and_size_it_was_given() {
+        let tier = Tier::new(1 << 20).unwrap();
+        let created = SystemTime::UNIX_EPOCH + Duration::new(1_764_000_000, 123_456_789);
+        let duration = Duration::new(90_061, 999_999_999);
+        tier.insert(key(1), Arc::new(vec![1; 40]), created, duration, 4242);
+        let hit = tier
+            .get(&key(1), Duration::MAX, |slot| {
+                Some((
+                    slot.created(),
+                    slot.duration(),
+                    slot.size(),
+                    slot.payload.len(),
+                ))
+            })
+            .unwrap();
+        assert_eq!(hit.value, (created, duration, 4242, 40));
+        assert_eq!(hit.duration, duration);
+        // A size the slot cannot record is not kept.
+        tier.insert(key(2), Arc::new(vec![2; 40]), created, duration, 1 << 32);
+        assert_eq!(value(&tier, 2), None);
     }
 
     #[test]
