@@ -3,9 +3,8 @@
 //! Looked up by the function (the address of its static, which fixes its version) and the call's
 //! encoded arguments compared byte for byte when they are short, or else by the call's full
 //! 256-bit [`CacheKey`] (which covers the function, its version and the arguments): two
-//! different calls can never share a slot. A slot and its key fill two cache lines, aligned: a
-//! hit whose slot is not in the processor's caches (the usual case for a map over thousands of
-//! items) waits for two lines from memory, not four. Bounded in bytes: each of
+//! different calls can never share a slot. A slot and its key fill two aligned cache lines (a hit
+//! touches no more; the tier holds more slots in its budget). Bounded in bytes: each of
 //! [`SHARDS`] shards holds an equal share and forgets its oldest insertions first. Values larger
 //! than an eighth of a shard's share are not kept (they would push out many small ones); they
 //! are read from disk on every hit.
