@@ -555,7 +555,7 @@ impl CachedFunction {
             .get_or_init(|| FunctionKey::new(self.identity(), self.version()));
         let mut hasher = ArgsHasher::for_function(function);
         args(&mut hasher);
-        match hasher.finish_call() {
+        match hasher.take_call() {
             Ok(key) => Some(key),
             Err(source) => {
                 let function = self.identity().to_owned();

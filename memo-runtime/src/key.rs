@@ -441,11 +441,18 @@ impl ArgsHasher {
     /// The call's key, keeping short encoded arguments as they are so that the memory tier can
     /// look them up without hashing; or the first error an argument's `Serialize`
     /// implementation returned.
-    pub fn finish_call(self) -> Result<CallKey, KeyError> {
-        if let Some(error) = self.error {
+    pub fn finish_call(mut self) -> Result<CallKey, KeyError> {
+        self.take_call()
+    }
+
+    /// [`ArgsHasher::finish_call`] without moving the hasher (a few hundred bytes, which a
+    /// small hit would otherwise copy); it is left empty.
+    #[inline]
+    pub(crate) fn take_call(&mut self) -> Result<CallKey, KeyError> {
+        if let Some(error) = self.error.take() {
             return Err(error);
         }
-        let sink = self.sink;
+        let sink = &mut self.sink;
         let function = sink.key.unwrap_or_default();
         if sink.hasher.is_none() && sink.large.is_empty() && sink.len <= SHORT_ARGS {
             let mut args = [0u8; SHORT_ARGS];
@@ -458,6 +465,7 @@ impl ArgsHasher {
                 },
             });
         }
+        let sink = std::mem::replace(sink, Sink::with(None));
         Ok(CallKey {
             function,
             form: KeyForm::Digest(CacheKey(sink.finish())),
