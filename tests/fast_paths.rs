@@ -108,6 +108,25 @@ fn recompute_replaces_the_value_in_memory() {
     assert_eq!(DRAWS.get(), 2);
 }
 
+static GROWN: Counter = Counter::new();
+
+/// Its second computation gives a value too large for `SMALL_TIER`'s slots.
+#[cached(memory = SMALL_TIER)]
+fn grows(x: u64) -> Vec<u8> {
+    GROWN.bump();
+    vec![x as u8; if GROWN.get() == 1 { 10 } else { 8192 }]
+}
+
+#[test]
+fn a_recomputed_value_too_large_for_memory_replaces_the_small_one() {
+    assert_eq!(grows(3).len(), 10);
+    assert_eq!(grows(3).len(), 10, "served from memory");
+    assert_eq!(grows::recompute(3).len(), 8192);
+    // Not kept in memory (over 1/128 of the tier): the old small value must not be served.
+    assert_eq!(grows(3).len(), 8192);
+    assert_eq!(GROWN.get(), 2);
+}
+
 static SMALL_TIER: LazyLock<Memory> =
     LazyLock::new(|| Memory::new(fresh_dir("small-tier")).memory_tier(128 * 1024));
 static NO_TIER: LazyLock<Memory> =

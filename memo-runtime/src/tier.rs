@@ -315,8 +315,8 @@ impl Tier {
     }
 
     /// Keeps a payload, replacing any slot of the same key, and forgets the oldest slots of its
-    /// shard beyond the budget. Too large a payload is not kept (and replaces nothing: a slot of
-    /// the same key holds the same value).
+    /// shard beyond the budget. Too large a payload is not kept, and the key's slot goes (a
+    /// refreshed call may have given a different value).
     pub(crate) fn insert(
         &self,
         key: TierKey,
@@ -333,9 +333,11 @@ impl Tier {
         ) else {
             // Larger than a slot records (never under the default budget), or created before
             // 1970 (a clock set wrong): not kept.
+            self.forget(&key);
             return;
         };
         if bytes > self.shard_budget / 8 {
+            self.forget(&key);
             return;
         }
         let slot = Slot {
@@ -378,6 +380,14 @@ impl Tier {
             shard.order.retain(|(key, generation)| {
                 slots.get(key).is_some_and(|s| s.generation == *generation)
             });
+        }
+    }
+
+    /// Forgets the slot of one key, if any.
+    fn forget(&self, key: &TierKey) {
+        let mut shard = self.shard(key);
+        if let Some(slot) = shard.slots.remove(key) {
+            shard.bytes -= cost(&slot.payload);
         }
     }
 
@@ -507,6 +517,13 @@ mod tests {
         let tier = Tier::new(16 * 1024).unwrap();
         put(&tier, 1, 200);
         assert_eq!(value(&tier, 1), None);
+        // A key whose new value is too large loses its old one (a refreshed call).
+        let tier = Tier::new(1 << 20).unwrap();
+        put(&tier, 2, 10);
+        assert_eq!(value(&tier, 2), Some(vec![2; 10]));
+        put(&tier, 2, 10_000);
+        assert_eq!(value(&tier, 2), None);
+        assert_eq!(tier.bytes(), 0);
         assert!(Tier::new(0).is_none());
     }
 
