@@ -879,7 +879,9 @@ fn open_entry(path: &Path) -> io::Result<File> {
     })
 }
 
-/// An entry's bytes as read: in memory, or mapped from its file (large entries).
+/// An entry's bytes as read: in memory, or mapped from its file (large entries). More ways of
+/// holding them may come: match with a wildcard arm, or use the bytes through `Deref`.
+#[non_exhaustive]
 pub enum EntryBytes {
     /// Read into memory.
     Heap(Vec<u8>),
