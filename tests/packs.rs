@@ -268,6 +268,30 @@ fn caches_on_one_folder_see_each_others_records_and_a_clear() {
     assert_eq!(stored_keys(&dir).len(), 1);
 }
 
+/// Slow enough (over `LOCK_FROM`) for its misses to take the key's cross-process lock.
+#[cached(memory = current())]
+fn slow_one(x: u64) -> u64 {
+    COMPUTED.with(|n| n.set(n.get() + 1));
+    std::thread::sleep(Duration::from_micros(300));
+    x + 1
+}
+
+#[test]
+fn a_value_another_cache_stored_is_found_under_the_key_lock() {
+    let dir = fresh_dir("pack-absent");
+    let first = use_cache(&dir);
+    // The folder has no packs yet; the first cache's look-ups remember that for a moment.
+    assert!(!slow_one::is_cached(1));
+    // Another cache on the folder (as another process would) computes and stores the value.
+    use_cache(&dir);
+    assert_eq!(slow_one(1), 2);
+    CURRENT.with(|c| c.set(Some(first)));
+    // The first cache's look-up still takes the folder for empty, but under the key's lock it
+    // looks again and finds the value: computed once.
+    assert_eq!(slow_one(1), 2);
+    assert_eq!(computed(), 1);
+}
+
 #[test]
 fn a_packed_value_is_kept_in_memory_from_its_second_read_on() {
     let dir = fresh_dir("pack-second-read");

@@ -589,7 +589,16 @@ pub(crate) struct Packs {
     /// Held by a flush from taking the waiting records to recording them written: one at a
     /// time, and records reach the file in order.
     writing: Mutex<()>,
+    /// When a look-up last found the folder without packs (nanoseconds since the Unix epoch; 0:
+    /// not known). Look-ups within [`ABSENT_FOR`] of it answer from the index without looking
+    /// again, so a map's look-up pass over a new function does not open a missing file per item.
+    absent_at: AtomicU64,
 }
+
+/// How long a folder found without packs is taken to still have none (by look-ups that are not
+/// made under the key's lock, which forgets it): another process's first values in the meantime
+/// are found that much later, and a quick function may compute one of them again.
+pub(crate) const ABSENT_FOR: std::time::Duration = std::time::Duration::from_millis(10);
 
 impl Packs {
     pub(crate) fn new(dir: PathBuf, durable: bool) -> Packs {
@@ -599,7 +608,19 @@ impl Packs {
             durable,
             state: RwLock::default(),
             writing: Mutex::new(()),
+            absent_at: AtomicU64::new(0),
         }
+    }
+
+    /// Forgets that the folder had no packs: the next look-up looks again.
+    pub(crate) fn forget_absence(&self) {
+        self.absent_at.store(0, Ordering::Relaxed);
+    }
+
+    /// Whether a look-up found the folder without packs less than [`ABSENT_FOR`] ago.
+    fn recently_absent(&self) -> bool {
+        let at = self.absent_at.load(Ordering::Relaxed);
+        at != 0 && now_nanos().saturating_sub(at) < ABSENT_FOR.as_nanos() as u64
     }
 
     /// The version folder.
@@ -621,10 +642,12 @@ impl Packs {
     pub(crate) fn get_used(&self, key: &CacheKey) -> io::Result<(Found, Seen)> {
         {
             let state = self.state.read().unwrap_or_else(PoisonError::into_inner);
-            if let Some(generation) = &state.generation {
-                if generation.load() == state.seen && !generation.removed() {
-                    return self.found(&state, key);
-                }
+            let current = match &state.generation {
+                Some(generation) => generation.load() == state.seen && !generation.removed(),
+                None => state.files_listed && self.recently_absent(),
+            };
+            if current {
+                return self.found(&state, key);
             }
         }
         let mut state = self.write_state();
@@ -701,6 +724,7 @@ impl Packs {
                 // interrupted: then the next write puts a new counter in place).
                 _ => {
                     self.list_files(state);
+                    self.absent_at.store(now_nanos().max(1), Ordering::Relaxed);
                     return;
                 }
             }
@@ -1635,6 +1659,9 @@ mod tests {
             .append(record(Kind::Entry, &key(1), &[b"one"]), &no_dir)
             .unwrap();
         assert!(writer.writing());
+        // The reader found the folder without packs a moment ago, which it takes to hold for
+        // `ABSENT_FOR` unless it forgets it (as taking a key's lock does).
+        reader.forget_absence();
         assert!(matches!(reader.get(&key(1)).unwrap(), Found::Entry(b) if b == b"one"));
         writer
             .append(record(Kind::Removed, &key(1), &[]), &no_dir)

@@ -317,6 +317,53 @@ impl DirStore {
         self.packs_of(at.function, short)
     }
 
+    /// Takes the cross-process lock of one key ([`Store::lock`]).
+    #[cfg(target_os = "linux")]
+    fn take_key_lock(
+        &self,
+        at: &EntryAddress<'_>,
+        timeout: Option<Duration>,
+    ) -> Result<Acquired, Error> {
+        let dir = self.version_dir(at.function, at.version);
+        self.check_no_links(&dir)?;
+        let path = dir.join(LOCKS_FILE);
+        // The opening errors are this store's own; only the locking ones come back as io errors.
+        let failed = std::cell::RefCell::new(None);
+        let open = |again: bool| {
+            self.lock_file(&dir, again).map_err(|error| {
+                *failed.borrow_mut() = Some(error);
+                io::Error::other("cannot open the lock file")
+            })
+        };
+        let outcome =
+            lock::range::acquire(&path, open, lock::range::offset(at.key.as_bytes()), timeout);
+        match (outcome, failed.into_inner()) {
+            (Ok(acquired), _) => Ok(acquired),
+            (Err(_), Some(error)) => Err(error),
+            (Err(e), None) => Err(Error::io("locking cache entry in", &path, e)),
+        }
+    }
+
+    #[cfg(not(target_os = "linux"))]
+    fn take_key_lock(
+        &self,
+        at: &EntryAddress<'_>,
+        timeout: Option<Duration>,
+    ) -> Result<Acquired, Error> {
+        let path = self.lock_path(at);
+        let dir = path.parent().unwrap_or(&self.base).to_path_buf();
+        self.check_no_links(&dir)?;
+        let fail = |e| Error::io("locking cache entry", &path, e);
+        match lock::acquire(&path, timeout) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                self.create_dir(&dir)?;
+                self.check_no_links(&dir)?;
+                lock::acquire(&path, timeout).map_err(fail)
+            }
+            other => other.map_err(fail),
+        }
+    }
+
     /// Tells the processes using the version folders `dirs` that they are being removed, and
     /// forgets this process's packs of them.
     fn retire(&self, dirs: &[PathBuf]) {
@@ -1042,42 +1089,15 @@ impl Store for DirStore {
         }
     }
 
-    #[cfg(target_os = "linux")]
     fn lock(&self, at: &EntryAddress<'_>, timeout: Option<Duration>) -> Result<Acquired, Error> {
-        let dir = self.version_dir(at.function, at.version);
-        self.check_no_links(&dir)?;
-        let path = dir.join(LOCKS_FILE);
-        // The opening errors are this store's own; only the locking ones come back as io errors.
-        let failed = std::cell::RefCell::new(None);
-        let open = |again: bool| {
-            self.lock_file(&dir, again).map_err(|error| {
-                *failed.borrow_mut() = Some(error);
-                io::Error::other("cannot open the lock file")
-            })
-        };
-        let outcome =
-            lock::range::acquire(&path, open, lock::range::offset(at.key.as_bytes()), timeout);
-        match (outcome, failed.into_inner()) {
-            (Ok(acquired), _) => Ok(acquired),
-            (Err(_), Some(error)) => Err(error),
-            (Err(e), None) => Err(Error::io("locking cache entry in", &path, e)),
+        let acquired = self.take_key_lock(at, timeout)?;
+        // What is stored now is what the look-up under the lock must see: not a remembered
+        // absence of the version's packs.
+        #[cfg(unix)]
+        if let Ok(packs) = self.packs_at(at) {
+            packs.forget_absence();
         }
-    }
-
-    #[cfg(not(target_os = "linux"))]
-    fn lock(&self, at: &EntryAddress<'_>, timeout: Option<Duration>) -> Result<Acquired, Error> {
-        let path = self.lock_path(at);
-        let dir = path.parent().unwrap_or(&self.base).to_path_buf();
-        self.check_no_links(&dir)?;
-        let fail = |e| Error::io("locking cache entry", &path, e);
-        match lock::acquire(&path, timeout) {
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                self.create_dir(&dir)?;
-                self.check_no_links(&dir)?;
-                lock::acquire(&path, timeout).map_err(fail)
-            }
-            other => other.map_err(fail),
-        }
+        Ok(acquired)
     }
 
     fn clean_version(
