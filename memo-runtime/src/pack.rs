@@ -113,6 +113,16 @@ pub struct Record<'a> {
     pub offset: u64,
 }
 
+/// Nanoseconds since this process first asked, plus one (never 0): a clock that a change of the
+/// system's time does not move.
+fn monotonic_nanos() -> u64 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    let start = *START.get_or_init(std::time::Instant::now);
+    u64::try_from(start.elapsed().as_nanos())
+        .unwrap_or(u64::MAX - 1)
+        .saturating_add(1)
+}
+
 /// Nanoseconds since the Unix epoch, now.
 pub(crate) fn now_nanos() -> u64 {
     SystemTime::now()
@@ -589,8 +599,7 @@ pub(crate) struct Packs {
     /// Held by a flush from taking the waiting records to recording them written: one at a
     /// time, and records reach the file in order.
     writing: Mutex<()>,
-    /// When a look-up last found the folder without packs (nanoseconds since the Unix epoch; 0:
-    /// not known). Look-ups within [`ABSENT_FOR`] of it answer from the index without looking
+    /// When a look-up last found the folder without packs ([`monotonic_nanos`]; 0: not known). Look-ups within [`ABSENT_FOR`] of it answer from the index without looking
     /// again, so a map's look-up pass over a new function does not open a missing file per item.
     absent_at: AtomicU64,
 }
@@ -620,7 +629,7 @@ impl Packs {
     /// Whether a look-up found the folder without packs less than [`ABSENT_FOR`] ago.
     fn recently_absent(&self) -> bool {
         let at = self.absent_at.load(Ordering::Relaxed);
-        at != 0 && now_nanos().saturating_sub(at) < ABSENT_FOR.as_nanos() as u64
+        at != 0 && monotonic_nanos().saturating_sub(at) < ABSENT_FOR.as_nanos() as u64
     }
 
     /// The version folder.
@@ -724,7 +733,7 @@ impl Packs {
                 // interrupted: then the next write puts a new counter in place).
                 _ => {
                     self.list_files(state);
-                    self.absent_at.store(now_nanos().max(1), Ordering::Relaxed);
+                    self.absent_at.store(monotonic_nanos(), Ordering::Relaxed);
                     return;
                 }
             }
