@@ -236,6 +236,15 @@ struct Shard {
     generation: u32,
 }
 
+impl Shard {
+    /// Forgets the slot of `key`, if any, and its bytes.
+    fn remove(&mut self, key: &TierKey) {
+        if let Some(slot) = self.slots.remove(key) {
+            self.bytes -= cost(&slot.payload);
+        }
+    }
+}
+
 /// What a look-up in the tier tells the caller besides the value.
 pub(crate) struct TierHit<T> {
     pub(crate) value: T,
@@ -301,9 +310,7 @@ impl Tier {
                 })
             }
             None => {
-                if let Some(slot) = shard.slots.remove(key) {
-                    shard.bytes -= cost(&slot.payload);
-                }
+                shard.remove(key);
                 None
             }
         }
@@ -369,9 +376,7 @@ impl Tier {
                 .get(&oldest)
                 .is_some_and(|slot| slot.generation == generation);
             if current {
-                if let Some(slot) = shard.slots.remove(&oldest) {
-                    shard.bytes -= cost(&slot.payload);
-                }
+                shard.remove(&oldest);
             }
         }
         // Replaced slots leave stale places in the queue: drop them when they dominate.
@@ -385,10 +390,7 @@ impl Tier {
 
     /// Forgets the slot of one key, if any.
     fn forget(&self, key: &TierKey) {
-        let mut shard = self.shard(key);
-        if let Some(slot) = shard.slots.remove(key) {
-            shard.bytes -= cost(&slot.payload);
-        }
+        self.shard(key).remove(key);
     }
 
     /// Forgets every slot of one function (by the address of its static).
