@@ -85,6 +85,12 @@ impl Freshness {
         validate: None,
     };
 
+    /// Whether it can refuse an entry at all (an expiry or a callback is set): when not, an
+    /// entry's times need not be read.
+    fn checks(&self) -> bool {
+        self.expire_after.is_some() || self.validate.is_some()
+    }
+
     fn accepts(&self, header: &entry::EntryHeader, size: usize) -> bool {
         self.accepts_meta(header.created, header.duration, size as u64)
     }
@@ -817,8 +823,9 @@ impl CachedFunction {
         let tier = memory.tier.as_ref()?;
         let freshness = self.def.freshness;
         let hit = tier.get(tier_key, TOUCH_AFTER, |slot| {
-            let checked = freshness.expire_after.is_some() || freshness.validate.is_some();
-            if checked && !freshness.accepts_meta(slot.created(), slot.duration(), slot.size()) {
+            if freshness.checks()
+                && !freshness.accepts_meta(slot.created(), slot.duration(), slot.size())
+            {
                 return None;
             }
             codec.decode(&slot.payload).ok()
