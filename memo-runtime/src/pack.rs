@@ -113,12 +113,9 @@ pub struct Record<'a> {
     pub offset: u64,
 }
 
-/// Nanoseconds since this process first asked, plus one (never 0): a clock that a change of the
-/// system's time does not move.
+/// Nanoseconds of [`crate::uptime`], plus one (never 0).
 fn monotonic_nanos() -> u64 {
-    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
-    let start = *START.get_or_init(std::time::Instant::now);
-    u64::try_from(start.elapsed().as_nanos())
+    u64::try_from(crate::uptime().as_nanos())
         .unwrap_or(u64::MAX - 1)
         .saturating_add(1)
 }
@@ -599,8 +596,9 @@ pub(crate) struct Packs {
     /// Held by a flush from taking the waiting records to recording them written: one at a
     /// time, and records reach the file in order.
     writing: Mutex<()>,
-    /// When a look-up last found the folder without packs ([`monotonic_nanos`]; 0: not known). Look-ups within [`ABSENT_FOR`] of it answer from the index without looking
-    /// again, so a map's look-up pass over a new function does not open a missing file per item.
+    /// When a look-up last found the folder without packs ([`monotonic_nanos`]; 0: not known).
+    /// Look-ups within [`ABSENT_FOR`] of it answer from the index without looking again, so a
+    /// map's look-up pass over a new function does not open a missing file per item.
     absent_at: AtomicU64,
 }
 

@@ -12,7 +12,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasherDefault, Hash, Hasher};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use rustc_hash::FxHasher;
 
@@ -185,7 +185,7 @@ pub(crate) struct Slot {
     /// The entry's size on disk (for validation callbacks).
     size: u32,
     /// When this process last refreshed the entry's time on disk (for least-recently-used
-    /// eviction across processes), in seconds since [`epoch`].
+    /// eviction across processes), in seconds of [`crate::uptime`].
     touched: u32,
     /// Hits so far: the clock is read on every 64th only.
     hits: u32,
@@ -215,15 +215,9 @@ impl Slot {
 const _: () =
     assert!(std::mem::size_of::<TierKey>() <= 64 && std::mem::size_of::<(TierKey, Slot)>() == 128);
 
-/// What slots' times count from: the first use of a tier in this process.
-fn epoch() -> Instant {
-    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
-    *EPOCH.get_or_init(Instant::now)
-}
-
-/// Seconds since [`epoch`].
+/// Seconds of [`crate::uptime`].
 fn seconds() -> u32 {
-    u32::try_from(epoch().elapsed().as_secs()).unwrap_or(u32::MAX)
+    u32::try_from(crate::uptime().as_secs()).unwrap_or(u32::MAX)
 }
 
 #[derive(Default)]
