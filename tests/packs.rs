@@ -121,6 +121,39 @@ fn forking() {
     memory.flush().unwrap();
 }
 
+/// Not a test of its own: stores `quick(1)`, forks, and stores `quick(2)` after the fork; the
+/// child only reads, and exits with 0 when it finds both stored (1 when it had to compute).
+#[test]
+#[ignore = "run by the other tests of this file as a child process"]
+fn forked_reader() {
+    let memory = child_cache();
+    assert_eq!(quick(1), 1);
+    memory.flush().unwrap();
+    let stored = PathBuf::from(std::env::var_os(DIR).unwrap()).join("parent-stored");
+    // SAFETY: as in `forking`.
+    let child = unsafe { libc::fork() };
+    assert!(child >= 0, "fork failed");
+    if child == 0 {
+        let started = Instant::now();
+        while !stored.exists() && started.elapsed() < Duration::from_secs(30) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let ok = quick(1) == 1 && quick(2) == 4 && computed() == 1;
+        // SAFETY: as in `forking`.
+        unsafe { libc::_exit(if ok { 0 } else { 1 }) };
+    }
+    assert_eq!(quick(2), 4);
+    memory.flush().unwrap();
+    std::fs::write(&stored, b"").unwrap();
+    let mut status = 0;
+    // SAFETY: waits for the child started above.
+    assert_eq!(unsafe { libc::waitpid(child, &mut status, 0) }, child);
+    assert!(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "the child computed a value its parent had stored (status {status})"
+    );
+}
+
 /// Runs the `writer` child on `dir` with `n` values of each function.
 fn write_in_child(dir: &Path, n: u64) {
     let output = child_test("writer")
@@ -433,6 +466,18 @@ fn a_forked_child_writes_a_pack_of_its_own() {
         assert_eq!(quick(x), x * x);
     }
     assert_eq!(computed(), 0);
+}
+
+#[test]
+fn a_forked_child_that_only_reads_sees_what_its_parent_stores() {
+    let dir = fresh_dir("pack-fork-reader");
+    let output = child_test("forked_reader").env(DIR, &dir).output().unwrap();
+    assert!(
+        output.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
 }
 
 static STRICT: std::sync::LazyLock<Memory> = std::sync::LazyLock::new(|| {

@@ -724,6 +724,8 @@ impl Packs {
         if state.generation.as_ref().is_some_and(Generation::removed) {
             *state = State::default();
         }
+        // In a child of `fork` that only reads, the parent's pack is read like the others.
+        forget_inherited(state);
         if state.generation.is_none() {
             match Generation::open(&self.dir, false) {
                 Ok(generation) if !generation.removed() => state.generation = Some(generation),
@@ -747,7 +749,10 @@ impl Packs {
                 .map(|item| item.file_name())
                 .filter(|name| name.to_string_lossy().ends_with(PACK_SUFFIX))
                 .collect(),
-            Err(_) => Vec::new(),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
+            // (Out of file descriptors, say: the packs are not gone; the next look-up looks
+            // again, the index left as it was.)
+            Err(_) => return,
         };
         // Packs removed meanwhile (compacted into another): forget their records.
         for id in 0..state.packs.len() {
@@ -841,9 +846,6 @@ impl Packs {
             preview,
             defer,
         } = record;
-        // Now, not the entry's creation: an entry fetched from elsewhere (or written after the
-        // clock went back) must still be newer than a removal this process saw.
-        let written = now_nanos();
         let mut state = self.write_state();
         if state.generation.as_ref().is_some_and(Generation::removed) {
             *state = State::default();
@@ -882,6 +884,14 @@ impl Packs {
             self.start_pack(&mut state, create_dir)?;
         }
         let defer = defer && flusher::running();
+        // Now, not the entry's creation, and after every record of the key this process knows,
+        // even when the clock went back meanwhile: an entry fetched from elsewhere, a value
+        // computed again or a removal must be newer than what it replaces.
+        let written = state
+            .index
+            .get(key)
+            .map_or(0, |slot| slot.written.saturating_add(1))
+            .max(now_nanos());
         let Some(writer) = state.writer.as_mut() else {
             return Err(io::Error::other("no pack to write to"));
         };
@@ -1187,20 +1197,18 @@ impl Drop for Packs {
     }
 }
 
-/// Records `slot` for `key` unless a newer record is there.
+/// Records `slot` for `key` unless a newer record is there. A "used" record only moves the
+/// latest use of the key's record; read before any other record of its key (which may be in a
+/// pack read later), it stands alone for that time, as no entry, until one comes.
 fn upsert(index: &mut Index, key: CacheKey, slot: Slot) {
-    if slot.kind == Kind::Used {
-        // Only a later use of the entry that is there: it does not say where an entry is.
-        if let Some(present) = index.get_mut(&key) {
-            present.used = present.used.max(slot.written);
-        }
-        return;
-    }
     match index.entry(key) {
         std::collections::hash_map::Entry::Occupied(mut present) => {
-            if slot.written >= present.get().written {
-                let used = present.get().used.max(slot.used);
-                present.insert(Slot { used, ..slot });
+            let present = present.get_mut();
+            let used = present.used.max(slot.used);
+            if slot.kind == Kind::Used {
+                present.used = used;
+            } else if present.kind == Kind::Used || slot.written >= present.written {
+                *present = Slot { used, ..slot };
             }
         }
         std::collections::hash_map::Entry::Vacant(vacant) => {
@@ -1456,11 +1464,15 @@ pub(crate) fn compact(dir: &Path, min_packs: usize) -> io::Result<u64> {
 
 /// The records of `merged` worth keeping, oldest first, and the bytes of `merged`: each key's
 /// newest record among them, unless a newer one is in `others`; a removal only while an older
-/// record of its key remains in `others`.
+/// record of its key remains in `others`. (A "used" record in `others` is no newer version of
+/// its key: it only says when the entry was read.)
 fn plan(merged: &[(PathBuf, File)], others: &[PathBuf]) -> io::Result<(Vec<Vec<u8>>, u64)> {
     let mut other_newest: HashMap<CacheKey, u64> = HashMap::new();
     for path in others {
         let _ = read_pack(path, |record| {
+            if record.kind == Kind::Used {
+                return;
+            }
             let newest = other_newest.entry(record.key).or_insert(0);
             *newest = (*newest).max(record.written);
         });
@@ -1496,7 +1508,14 @@ fn plan(merged: &[(PathBuf, File)], others: &[PathBuf]) -> io::Result<(Vec<Vec<u
         }
         total += fs::metadata(path).map(|m| m.len()).unwrap_or(0);
     }
-    let mut kept: Vec<(u64, Vec<u8>)> = Vec::new();
+    // The latest use of an entry that lives in another pack goes along too.
+    let mut kept: Vec<(u64, Vec<u8>)> = used
+        .iter()
+        .filter(|(key, last)| {
+            !newest.contains_key(key) && other_newest.get(key).is_some_and(|at| at < last)
+        })
+        .map(|(key, &last)| (last, encode(Kind::Used, last, key, &[], b"")))
+        .collect();
     for (key, (written, bytes)) in newest {
         let superseded = other_newest.get(&key).is_some_and(|other| *other > written);
         let kind = Kind::from_byte(bytes[4]);
@@ -1581,6 +1600,10 @@ pub(crate) fn repair(path: &Path) -> io::Result<bool> {
         let kept = folder.join(name);
         let written = create_new(&kept)
             .and_then(|new| {
+                // Locked while it is written, as a writer's pack is: a compaction meanwhile
+                // leaves it alone rather than merging (and removing) what is there so far.
+                new.try_lock()
+                    .map_err(|_| io::Error::other("cannot lock a new pack"))?;
                 new.write_all_at(&bytes[..parsed.consumed], 0)?;
                 new.sync_all()
             })
@@ -1824,6 +1847,91 @@ mod tests {
         let reader = Packs::new(version, false);
         assert!(matches!(reader.get(&key(1)).unwrap(), Found::Entry(b) if b == b"one"));
         assert_eq!(reader.get_used(&key(1)).unwrap().1.used, 30);
+    }
+
+    /// Packs `1-0` and `2-0` of one small entry each, and a larger `3-0` of `bulk` and 50
+    /// entries of 200 bytes (left out of a merge for their number).
+    fn two_small_packs_and_a_large_one(version: &Path, small: [Vec<u8>; 2], bulk: Vec<u8>) {
+        fs::create_dir_all(version.join(PACK_DIR)).unwrap();
+        fs::write(version.join(GENERATION_FILE), [0u8; 16]).unwrap();
+        let [one, two] = small;
+        fs::write(version.join(PACK_DIR).join("1-0.pack"), one).unwrap();
+        fs::write(version.join(PACK_DIR).join("2-0.pack"), two).unwrap();
+        let mut large = bulk;
+        for n in 10..60 {
+            large.extend(encode(Kind::Entry, 60, &key(n), &[&[n; 200]], b""));
+        }
+        fs::write(version.join(PACK_DIR).join("3-0.pack"), large).unwrap();
+    }
+
+    #[test]
+    fn a_use_recorded_in_a_pack_left_out_does_not_drop_the_entry() {
+        let dir = tempfile::tempdir().unwrap();
+        let version = dir.path().join("v");
+        two_small_packs_and_a_large_one(
+            &version,
+            [
+                encode(Kind::Entry, 10, &key(1), &[b"one"], b""),
+                encode(Kind::Entry, 11, &key(2), &[b"two"], b""),
+            ],
+            // Entry 1 read an hour later, by the process that wrote the large pack.
+            encode(Kind::Used, 50, &key(1), &[], b""),
+        );
+        assert_eq!(pack_paths(&version).len(), 3);
+        compact(&version, 2).unwrap();
+        assert_eq!(pack_paths(&version).len(), 2, "the small packs merged");
+        let reader = Packs::new(version, false);
+        let (found, seen) = reader.get_used(&key(1)).unwrap();
+        assert!(matches!(found, Found::Entry(b) if b == b"one"));
+        assert_eq!(seen.used, 50);
+        assert!(matches!(reader.get(&key(2)).unwrap(), Found::Entry(b) if b == b"two"));
+    }
+
+    #[test]
+    fn merging_keeps_the_latest_use_of_an_entry_in_a_pack_left_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let version = dir.path().join("v");
+        let mut used = encode(Kind::Used, 50, &key(1), &[], b"");
+        used.extend(encode(Kind::Entry, 11, &key(2), &[b"two"], b""));
+        two_small_packs_and_a_large_one(
+            &version,
+            [used, encode(Kind::Entry, 12, &key(3), &[b"three"], b"")],
+            encode(Kind::Entry, 10, &key(1), &[b"one"], b""),
+        );
+        assert_eq!(pack_paths(&version).len(), 3);
+        compact(&version, 2).unwrap();
+        assert_eq!(pack_paths(&version).len(), 2, "the small packs merged");
+        let reader = Packs::new(version, false);
+        let (found, seen) = reader.get_used(&key(1)).unwrap();
+        assert!(matches!(found, Found::Entry(b) if b == b"one"));
+        assert_eq!(seen.used, 50);
+    }
+
+    #[test]
+    fn a_store_after_the_clock_went_back_still_replaces_the_value() {
+        let dir = tempfile::tempdir().unwrap();
+        let version = dir.path().join("v");
+        fs::create_dir_all(version.join(PACK_DIR)).unwrap();
+        fs::write(version.join(GENERATION_FILE), [0u8; 16]).unwrap();
+        // Written an hour "later" than now: by a process whose clock was ahead, or before this
+        // machine's clock was set back.
+        let later = now_nanos() + 3_600_000_000_000;
+        let old = encode(Kind::Entry, later, &key(1), &[b"old"], b"");
+        fs::write(version.join(PACK_DIR).join("1-0.pack"), old).unwrap();
+        let packs = Arc::new(Packs::new(version.clone(), false));
+        assert!(matches!(packs.get(&key(1)).unwrap(), Found::Entry(b) if b == b"old"));
+        packs
+            .append(record(Kind::Entry, &key(1), &[b"new"]), &no_dir)
+            .unwrap();
+        assert!(matches!(packs.get(&key(1)).unwrap(), Found::Entry(b) if b == b"new"));
+        // So for another process, and for a removal after it.
+        let other = Packs::new(version, false);
+        assert!(matches!(other.get(&key(1)).unwrap(), Found::Entry(b) if b == b"new"));
+        packs
+            .append(record(Kind::Removed, &key(1), &[]), &no_dir)
+            .unwrap();
+        assert!(matches!(packs.get(&key(1)).unwrap(), Found::Absent));
+        assert!(matches!(other.get(&key(1)).unwrap(), Found::Absent));
     }
 
     #[test]
