@@ -3,12 +3,13 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::LazyLock;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, LazyLock};
 
 use common::{entry_files, fresh_dir, stored_keys, Counter};
 use memo::prelude::*;
 use memo::EntryMeta;
+use serde::{Deserialize, Deserializer, Serialize};
 
 static TIERED: LazyLock<Memory> = LazyLock::new(|| Memory::new(fresh_dir("tiered")));
 /// Its own memory: the test counts its hits.
@@ -383,4 +384,166 @@ fn a_large_array_hit_is_read_in_place_and_outlives_its_entry() {
     let packed_hit = packed_signal(2_000_000);
     assert!(!packed_hit.is_mapped());
     assert_eq!(packed, packed_hit);
+}
+
+/// A point where a thread stops until the test lets it go on: [`Gate::hold`] arms it for the
+/// next thread that passes, which tells the test when it is there.
+struct Gate(std::sync::Mutex<Option<(mpsc::Sender<()>, mpsc::Receiver<()>)>>);
+
+impl Gate {
+    const fn new() -> Self {
+        Gate(std::sync::Mutex::new(None))
+    }
+
+    /// Arms the gate: gives (a word when a thread stopped there, the word to let it go on).
+    fn hold(&self) -> (mpsc::Receiver<()>, mpsc::Sender<()>) {
+        let (there, reached) = mpsc::channel();
+        let (go, wait) = mpsc::channel();
+        *self.0.lock().unwrap() = Some((there, wait));
+        (reached, go)
+    }
+
+    /// Stops here when the gate is armed (the first thread to pass disarms it).
+    fn pass(&self) {
+        let armed = self.0.lock().unwrap().take();
+        if let Some((there, wait)) = armed {
+            there.send(()).unwrap();
+            wait.recv().unwrap();
+        }
+    }
+}
+
+/// Entries in files of their own: a value read from the disk enters memory at its first read.
+static RACED: LazyLock<Memory> = LazyLock::new(|| Memory::new(fresh_dir("raced")).pack_limit(0));
+/// The tests that stop a decoding run one at a time (they share its gate).
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+static DECODING: Gate = Gate::new();
+
+/// A value whose decoding can be stopped in the middle: a slow read from the disk.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+struct Slow(usize);
+
+impl<'de> Deserialize<'de> for Slow {
+    fn deserialize<D: Deserializer<'de>>(from: D) -> Result<Self, D::Error> {
+        let value = usize::deserialize(from)?;
+        DECODING.pass();
+        Ok(Slow(value))
+    }
+}
+
+static RECOMPUTED: Counter = Counter::new();
+
+#[cached(memory = RACED)]
+fn recomputed_while_read(x: u64) -> Slow {
+    let _ = x;
+    RECOMPUTED.bump();
+    Slow(RECOMPUTED.get())
+}
+
+#[test]
+fn a_value_read_while_it_was_computed_again_does_not_replace_the_new_one_in_memory() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    assert_eq!(recomputed_while_read(1), Slow(1));
+    RACED.clear_memory_tier();
+    let (reached, go) = DECODING.hold();
+    let reader = std::thread::spawn(|| recomputed_while_read(1));
+    // The reader has the old value from the disk, and decodes it.
+    reached.recv().unwrap();
+    assert_eq!(recomputed_while_read::recompute(1), Slow(2));
+    go.send(()).unwrap();
+    assert_eq!(reader.join().unwrap(), Slow(1));
+    assert_eq!(recomputed_while_read(1), Slow(2));
+    assert_eq!(RECOMPUTED.get(), 2);
+}
+
+static CLEARED: Counter = Counter::new();
+
+#[cached(memory = RACED)]
+fn cleared_while_read(x: u64) -> Slow {
+    let _ = x;
+    CLEARED.bump();
+    Slow(CLEARED.get())
+}
+
+#[test]
+fn a_value_read_while_it_was_cleared_does_not_come_back_from_memory() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    assert_eq!(cleared_while_read(1), Slow(1));
+    RACED.clear_memory_tier();
+    let (reached, go) = DECODING.hold();
+    let reader = std::thread::spawn(|| cleared_while_read(1));
+    reached.recv().unwrap();
+    cleared_while_read::clear().unwrap();
+    go.send(()).unwrap();
+    assert_eq!(reader.join().unwrap(), Slow(1));
+    assert_eq!(
+        cleared_while_read(1),
+        Slow(2),
+        "computed again after the clear"
+    );
+}
+
+static SOURCE: AtomicU64 = AtomicU64::new(10);
+static COMPUTING: Gate = Gate::new();
+
+/// Reads data that changes: what `recompute` is for.
+#[cached(memory = RACED)]
+fn reads_source(x: u64) -> u64 {
+    let _ = x;
+    let value = SOURCE.load(Ordering::SeqCst);
+    COMPUTING.pass();
+    value
+}
+
+#[test]
+fn recompute_does_not_take_the_value_of_a_computation_that_began_before_it() {
+    let (reached, go) = COMPUTING.hold();
+    let before = std::thread::spawn(|| reads_source(7));
+    reached.recv().unwrap();
+    SOURCE.store(20, Ordering::SeqCst);
+    let refresh = std::thread::spawn(|| reads_source::recompute(7));
+    // Time for the refresh to find the other computation under way (if it does not, it
+    // computes at once: the test then passes without showing anything).
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    go.send(()).unwrap();
+    assert_eq!(before.join().unwrap(), 10);
+    assert_eq!(refresh.join().unwrap(), 20);
+    assert_eq!(reads_source(7), 20);
+}
+
+#[cached(memory = TIERED)]
+fn neighbour(i: u32) -> u32 {
+    i
+}
+
+/// A validation that calls cached functions, whose keys fall in every shard of the tier.
+fn calls_cached_functions(_: &EntryMeta) -> bool {
+    (0..64).all(|i| neighbour(i) == i)
+}
+
+#[cached(memory = TIERED, validate = calls_cached_functions)]
+fn validated_by_cached_calls(x: u32) -> u32 {
+    x + 1
+}
+
+#[test]
+fn a_validation_that_calls_cached_functions_does_not_deadlock() {
+    let (done, finished) = mpsc::channel();
+    let calls = std::thread::spawn(move || {
+        for i in 0..64 {
+            assert_eq!(neighbour(i), i);
+        }
+        for x in 0..8 {
+            assert_eq!(validated_by_cached_calls(x), x + 1);
+            // From memory: validated there, while other calls go through the tier.
+            assert_eq!(validated_by_cached_calls(x), x + 1);
+        }
+        done.send(()).unwrap();
+    });
+    match finished.recv_timeout(std::time::Duration::from_secs(60)) {
+        Err(mpsc::RecvTimeoutError::Timeout) => {
+            panic!("a validation calling cached functions hung")
+        }
+        _ => calls.join().unwrap(),
+    }
 }

@@ -22,7 +22,7 @@ use crate::probe;
 use crate::store::{
     function_dir_name, EntryAddress, EntryBytes, Store, TOUCH_AFTER, VERSION_DIR_DIGITS,
 };
-use crate::tier::{Bytes, Tier, TierKey};
+use crate::tier::{Bytes, Ticket, Tier, TierKey};
 
 /// What the `#[cached]` macro knows about a function at compile time.
 #[derive(Debug)]
@@ -622,6 +622,9 @@ impl CachedFunction {
                     Counters::bump(&memory.counters.misses);
                     return compute();
                 }
+                // A refresh does not take the value of a computation that began before it: it
+                // claims the key again, now that that one has finished.
+                Claim::Waited(Some(_)) if mode == CallMode::Refresh => {}
                 Claim::Waited(Some(payload)) => {
                     if let Some(value) = self.decode_payload(memory, store, &at, &payload, codec) {
                         Counters::bump(&memory.counters.hits);
@@ -729,7 +732,12 @@ impl CachedFunction {
         loop {
             match memory.flights.claim_async(key) {
                 AsyncClaim::Wait(wait) => {
-                    if let Some(payload) = wait.await {
+                    let waited = wait.await;
+                    if mode == CallMode::Refresh {
+                        // As in `call`: a refresh claims the key again.
+                        continue;
+                    }
+                    if let Some(payload) = waited {
                         let at = self.address(&key);
                         if let Some(value) =
                             self.decode_payload(memory, &*store, &at, &payload, codec)
@@ -822,22 +830,24 @@ impl CachedFunction {
     ) -> Option<R> {
         let tier = memory.tier.as_ref()?;
         let freshness = self.def.freshness;
-        let hit = tier.get(tier_key, TOUCH_AFTER, |slot| {
-            if freshness.checks()
-                && !freshness.accepts_meta(slot.created(), slot.duration(), slot.size())
-            {
-                return None;
-            }
-            codec.decode(&slot.payload).ok()
-        })?;
-        if hit.touch {
+        // Checked and decoded without the tier's lock: both may run the user's code (a
+        // validation callback, `Deserialize`), which may call cached functions.
+        let kept = tier.get(tier_key, TOUCH_AFTER)?;
+        let facts = kept.facts;
+        let fresh = !freshness.checks()
+            || freshness.accepts_meta(facts.created(), facts.duration(), facts.size());
+        let Some(value) = fresh.then(|| codec.decode(&kept.payload).ok()).flatten() else {
+            tier.discard(tier_key, &kept);
+            return None;
+        };
+        if kept.touch {
             store.touch(&self.address(&call.digest()));
         }
         // Counted once: `Stats::hits` adds the memory hits to the others (one shared counter
         // bumped per hit, not two, when threads hit at once).
         Counters::bump(&memory.counters.memory_hits);
-        probe::record_hit(hit.duration);
-        Some(hit.value)
+        probe::record_hit(facts.duration());
+        Some(value)
     }
 
     /// The address of an entry, owned, for work on other threads.
@@ -890,11 +900,12 @@ impl CachedFunction {
         let store = Arc::clone(store);
         let freshness = self.def.freshness;
         let keep = memory.tier.as_ref().map_or(0, Tier::largest);
+        let ticket = memory.tier.as_ref().map(|tier| tier.ticket(&tier_key));
         let found = blocking::unblock(move || {
             read_stored::<S>(&*store, &address.at(), freshness, keep, codec)
         })
         .await;
-        let found = self.report(memory, &tier_key, found);
+        let found = self.report(memory, &tier_key, ticket, found);
         if let Lookup::Hit(_) = found {
             Counters::bump(&memory.counters.hits);
         }
@@ -940,13 +951,15 @@ impl CachedFunction {
 
     /// Removes every stored entry of this function, all versions.
     pub fn clear(&self, memory: &Memory) -> Result<(), Error> {
+        let cleared = match memory.store() {
+            Some(store) => store.clear_function(&self.names().dir),
+            None => Ok(()),
+        };
+        // After the disk: a value read from it meanwhile is not kept in memory (see `Ticket`).
         if let Some(tier) = &memory.tier {
             tier.remove_function(self.id());
         }
-        match memory.store() {
-            Some(store) => store.clear_function(&self.names().dir),
-            None => Ok(()),
-        }
+        cleared
     }
 
     /// Removes every version of this function but the one compiled in now.
@@ -999,17 +1012,25 @@ impl CachedFunction {
         codec: Codec<R>,
     ) -> Lookup<R> {
         let keep = memory.tier.as_ref().map_or(0, Tier::largest);
+        let ticket = memory.tier.as_ref().map(|tier| tier.ticket(tier_key));
         let found = read_stored(store, at, self.def.freshness, keep, codec);
-        self.report(memory, tier_key, found)
+        self.report(memory, tier_key, ticket, found)
     }
 
-    /// Turns what [`read_stored`] found into a look-up, reporting a broken entry.
-    fn report<R>(&self, memory: &Memory, key: &TierKey, found: Stored<R>) -> Lookup<R> {
+    /// Turns what [`read_stored`] found into a look-up, reporting a broken entry. `ticket`: the
+    /// memory tier's, taken before the reading.
+    fn report<R>(
+        &self,
+        memory: &Memory,
+        key: &TierKey,
+        ticket: Option<Ticket>,
+        found: Stored<R>,
+    ) -> Lookup<R> {
         match found {
             Stored::Hit(hit) => {
                 probe::record_hit(hit.duration);
-                if let (Some(tier), Some(plain)) = (&memory.tier, hit.plain) {
-                    tier.insert(*key, plain, hit.created, hit.duration, hit.size);
+                if let (Some(tier), Some(ticket), Some(plain)) = (&memory.tier, ticket, hit.plain) {
+                    tier.insert_read(*key, ticket, plain, hit.created, hit.duration, hit.size);
                 }
                 Lookup::Hit(hit.value)
             }

@@ -580,11 +580,12 @@ impl Memory {
     /// memory.clear().unwrap();
     /// ```
     pub fn clear(&self) -> Result<(), Error> {
-        self.forget_in_memory();
-        match &self.store {
+        let cleared = match &self.store {
             Some(store) => store.clear(),
             None => Ok(()),
-        }
+        };
+        self.forget_in_memory();
+        cleared
     }
 
     /// Removes the broken entries a [`Memory::verify`] report lists (each would be a miss anyway);
@@ -638,11 +639,12 @@ impl Memory {
     /// Removes every entry of one function (a name as [`Memory::functions`] gives it), all
     /// versions.
     pub fn clear_function(&self, function: &str) -> Result<(), Error> {
-        self.forget_in_memory();
-        match &self.store {
+        let cleared = match &self.store {
             Some(store) => store.clear_function(function),
             None => Ok(()),
-        }
+        };
+        self.forget_in_memory();
+        cleared
     }
 
     /// Removes the temporary files and lock files that processes which died left behind, when
@@ -683,7 +685,8 @@ impl Memory {
         self.forget_in_memory();
     }
 
-    /// Empties the memory tier (after this process removed entries on purpose).
+    /// Empties the memory tier (after this process removed entries on purpose: after the disk,
+    /// so that a value read from it meanwhile is not kept in memory).
     pub(crate) fn forget_in_memory(&self) {
         if let Some(tier) = &self.tier {
             tier.clear();

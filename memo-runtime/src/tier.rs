@@ -8,10 +8,16 @@
 //! [`SHARDS`] shards holds an equal share and forgets its oldest insertions first. Values larger
 //! than an eighth of a shard's share are not kept (they would push out many small ones); they
 //! are read from disk on every hit.
+//!
+//! A value read from the disk is kept only when nothing in its shard was computed again or
+//! removed while it was read ([`Ticket`]): a slow read never puts back a value that a recompute
+//! replaced or a clear removed. A hit copies its slot out under the shard's lock and is checked
+//! and decoded after it (that runs the caller's code, which may call cached functions).
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasherDefault, Hash, Hasher};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use rustc_hash::FxHasher;
@@ -127,6 +133,7 @@ const SLOT_OVERHEAD: u64 = ((std::mem::size_of::<TierKey>() + std::mem::size_of:
 
 /// A kept payload: small ones in the slot itself (a hit then touches no other memory), larger
 /// ones shared with the flight that produced them.
+#[derive(Clone)]
 pub(crate) enum Bytes {
     Inline { len: u8, bytes: [u8; INLINE] },
     Shared(Payload),
@@ -175,8 +182,19 @@ impl From<Payload> for Bytes {
 /// One entry in memory: its payload (plain) and what its header said. One cache line, beside
 /// its key's.
 #[repr(align(64))]
-pub(crate) struct Slot {
-    pub(crate) payload: Bytes,
+struct Slot {
+    payload: Bytes,
+    facts: Facts,
+    /// When this process last refreshed the entry's time on disk (for least-recently-used
+    /// eviction across processes), in seconds of [`crate::uptime`].
+    touched: u32,
+    /// Hits so far: the clock is read on every 64th only.
+    hits: u32,
+}
+
+/// What a slot knows of its entry besides the payload: copied out with it by a hit.
+#[derive(Clone, Copy)]
+pub(crate) struct Facts {
     /// When the entry was created, in nanoseconds since the Unix epoch.
     created: u64,
     /// How long its computation took: seconds and nanoseconds (read back without a division).
@@ -184,17 +202,12 @@ pub(crate) struct Slot {
     duration_nanos: u32,
     /// The entry's size on disk (for validation callbacks).
     size: u32,
-    /// When this process last refreshed the entry's time on disk (for least-recently-used
-    /// eviction across processes), in seconds of [`crate::uptime`].
-    touched: u32,
-    /// Hits so far: the clock is read on every 64th only.
-    hits: u32,
-    /// Which insertion made it (wrapping: a stale place in the queue that matches by chance
-    /// only forgets a slot early).
+    /// Which insertion made the slot (wrapping: a stale place in the queue that matches by
+    /// chance only forgets a slot early).
     generation: u32,
 }
 
-impl Slot {
+impl Facts {
     /// When the entry was created.
     pub(crate) fn created(&self) -> SystemTime {
         SystemTime::UNIX_EPOCH + Duration::from_nanos(self.created)
@@ -239,19 +252,32 @@ impl Shard {
     }
 }
 
-/// What a look-up in the tier tells the caller besides the value.
-pub(crate) struct TierHit<T> {
-    pub(crate) value: T,
-    pub(crate) duration: Duration,
+/// A slot as a hit found it, copied out of the shard: to be checked and decoded without its lock.
+pub(crate) struct Kept {
+    pub(crate) payload: Bytes,
+    pub(crate) facts: Facts,
     /// The entry's time on disk should be refreshed: it was last refreshed long ago.
     pub(crate) touch: bool,
 }
 
+/// Taken before an entry is read from the disk, and given back with what was read
+/// ([`Tier::insert_read`]): the count of changes to the key's shard at that moment.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Ticket(u64);
+
 /// The memory tier of one [`Memory`](crate::Memory).
 pub(crate) struct Tier {
     shards: Box<[Mutex<Shard>]>,
+    /// Per shard, how many times a value was computed again or removed there (changed under
+    /// the shard's lock; read without it, for a [`Ticket`]).
+    changes: Box<[Changes]>,
     shard_budget: u64,
 }
+
+/// A shard's count of changes, on a cache line of its own.
+#[repr(align(64))]
+#[derive(Default)]
+struct Changes(AtomicU64);
 
 impl Tier {
     /// A tier holding at most about `bytes` bytes of payloads; `None` for 0.
@@ -261,52 +287,54 @@ impl Tier {
         }
         Some(Tier {
             shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
+            changes: (0..SHARDS).map(|_| Changes::default()).collect(),
             shard_budget: (bytes / SHARDS as u64).max(1),
         })
     }
 
-    fn shard(&self, key: &TierKey) -> MutexGuard<'_, Shard> {
-        // Fibonacci hashing: the top bits of the product depend on every bit of the hash.
-        let index = (key.hash.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 60) as usize % SHARDS;
-        self.shards[index]
+    /// The shard of `key`, locked, and its count of changes.
+    fn shard(&self, key: &TierKey) -> (std::sync::MutexGuard<'_, Shard>, &AtomicU64) {
+        let index = shard_of(key);
+        let shard = self.shards[index]
             .lock()
-            .unwrap_or_else(PoisonError::into_inner)
+            .unwrap_or_else(PoisonError::into_inner);
+        (shard, &self.changes[index].0)
     }
 
-    /// Looks `key` up and, when present, runs `read` on its slot under the shard's lock (so a
-    /// small value is decoded without touching the reference count). `read` returning `None`
-    /// (a value that is not fresh any more, or does not decode) removes the slot.
-    pub(crate) fn get<T>(
-        &self,
-        key: &TierKey,
-        touch_after: Duration,
-        read: impl FnOnce(&Slot) -> Option<T>,
-    ) -> Option<TierHit<T>> {
-        let mut shard = self.shard(key);
+    /// What a reading of `key`'s entry from the disk takes first, for [`Tier::insert_read`].
+    pub(crate) fn ticket(&self, key: &TierKey) -> Ticket {
+        Ticket(self.changes[shard_of(key)].0.load(Ordering::Acquire))
+    }
+
+    /// Looks `key` up: a copy of its slot (a small payload is copied, a larger one shared), to
+    /// be checked and decoded once the shard's lock is let go.
+    pub(crate) fn get(&self, key: &TierKey, touch_after: Duration) -> Option<Kept> {
+        let (mut shard, _) = self.shard(key);
         let slot = shard.slots.get_mut(key)?;
-        match read(slot) {
-            Some(value) => {
-                let duration = slot.duration();
-                slot.hits = slot.hits.wrapping_add(1);
-                let touch = slot.hits % CLOCK_EVERY == 0 && {
-                    let now = seconds();
-                    let due = Duration::from_secs(u64::from(now.saturating_sub(slot.touched)))
-                        > touch_after;
-                    if due {
-                        slot.touched = now;
-                    }
-                    due
-                };
-                Some(TierHit {
-                    value,
-                    duration,
-                    touch,
-                })
+        slot.hits = slot.hits.wrapping_add(1);
+        let touch = slot.hits % CLOCK_EVERY == 0 && {
+            let now = seconds();
+            let due =
+                Duration::from_secs(u64::from(now.saturating_sub(slot.touched))) > touch_after;
+            if due {
+                slot.touched = now;
             }
-            None => {
-                shard.remove(key);
-                None
-            }
+            due
+        };
+        Some(Kept {
+            payload: slot.payload.clone(),
+            facts: slot.facts,
+            touch,
+        })
+    }
+
+    /// Forgets the slot a hit found (a value not fresh any more, or that does not decode),
+    /// unless another value took its place meanwhile.
+    pub(crate) fn discard(&self, key: &TierKey, kept: &Kept) {
+        let (mut shard, _) = self.shard(key);
+        let found = shard.slots.get(key);
+        if found.is_some_and(|slot| slot.facts.generation == kept.facts.generation) {
+            shard.remove(key);
         }
     }
 
@@ -315,9 +343,9 @@ impl Tier {
         (self.shard_budget / 8).saturating_sub(SLOT_OVERHEAD) as usize
     }
 
-    /// Keeps a payload, replacing any slot of the same key, and forgets the oldest slots of its
-    /// shard beyond the budget. Too large a payload is not kept, and the key's slot goes (a
-    /// refreshed call may have given a different value).
+    /// Keeps a value just computed (and stored), replacing any slot of the same key, and forgets
+    /// the oldest slots of its shard beyond the budget. Too large a payload is not kept, and the
+    /// key's slot goes (a refreshed call may have given a different value).
     pub(crate) fn insert(
         &self,
         key: TierKey,
@@ -326,7 +354,42 @@ impl Tier {
         duration: Duration,
         size: u64,
     ) {
-        let payload = payload.into();
+        self.put(key, None, payload.into(), created, duration, size);
+    }
+
+    /// [`Tier::insert`] for a value read from the disk after `ticket` was taken: not kept when
+    /// a value of the key's shard was computed again or removed meanwhile (what was read may be
+    /// what that replaced).
+    pub(crate) fn insert_read(
+        &self,
+        key: TierKey,
+        ticket: Ticket,
+        payload: impl Into<Bytes>,
+        created: SystemTime,
+        duration: Duration,
+        size: u64,
+    ) {
+        self.put(key, Some(ticket), payload.into(), created, duration, size);
+    }
+
+    fn put(
+        &self,
+        key: TierKey,
+        read: Option<Ticket>,
+        payload: Bytes,
+        created: SystemTime,
+        duration: Duration,
+        size: u64,
+    ) {
+        let (mut shard, changes) = self.shard(&key);
+        let shard = &mut *shard;
+        match read {
+            Some(Ticket(then)) if changes.load(Ordering::Relaxed) != then => return,
+            Some(_) => {}
+            None => {
+                changes.fetch_add(1, Ordering::Release);
+            }
+        }
         let bytes = cost(&payload);
         let (Ok(size), Ok(created)) = (
             u32::try_from(size),
@@ -334,28 +397,27 @@ impl Tier {
         ) else {
             // Larger than a slot records (never under the default budget), or created before
             // 1970 (a clock set wrong): not kept.
-            self.forget(&key);
+            shard.remove(&key);
             return;
         };
         if bytes > self.shard_budget / 8 {
-            self.forget(&key);
+            shard.remove(&key);
             return;
         }
-        let slot = Slot {
-            payload,
-            created: u64::try_from(created.as_nanos()).unwrap_or(u64::MAX),
-            duration_secs: u32::try_from(duration.as_secs()).unwrap_or(u32::MAX),
-            duration_nanos: duration.subsec_nanos(),
-            size,
-            touched: seconds(),
-            hits: 0,
-            generation: 0,
-        };
-        let mut shard = self.shard(&key);
-        let shard = &mut *shard;
         shard.generation = shard.generation.wrapping_add(1);
         let generation = shard.generation;
-        let slot = Slot { generation, ..slot };
+        let slot = Slot {
+            payload,
+            facts: Facts {
+                created: u64::try_from(created.as_nanos()).unwrap_or(u64::MAX),
+                duration_secs: u32::try_from(duration.as_secs()).unwrap_or(u32::MAX),
+                duration_nanos: duration.subsec_nanos(),
+                size,
+                generation,
+            },
+            touched: seconds(),
+            hits: 0,
+        };
         if let Some(old) = shard.slots.insert(key, slot) {
             shard.bytes -= cost(&old.payload);
         }
@@ -368,7 +430,7 @@ impl Tier {
             let current = shard
                 .slots
                 .get(&oldest)
-                .is_some_and(|slot| slot.generation == generation);
+                .is_some_and(|slot| slot.facts.generation == generation);
             if current {
                 shard.remove(&oldest);
             }
@@ -377,14 +439,11 @@ impl Tier {
         if shard.order.len() > 2 * shard.slots.len() + 64 {
             let slots = &shard.slots;
             shard.order.retain(|(key, generation)| {
-                slots.get(key).is_some_and(|s| s.generation == *generation)
+                slots
+                    .get(key)
+                    .is_some_and(|s| s.facts.generation == *generation)
             });
         }
-    }
-
-    /// Forgets the slot of one key, if any.
-    fn forget(&self, key: &TierKey) {
-        self.shard(key).remove(key);
     }
 
     /// Forgets every slot of one function (by the address of its static).
@@ -398,9 +457,10 @@ impl Tier {
     }
 
     fn retain(&self, keep: impl Fn(&TierKey) -> bool) {
-        for shard in self.shards.iter() {
+        for (shard, changes) in self.shards.iter().zip(self.changes.iter()) {
             let mut shard = shard.lock().unwrap_or_else(PoisonError::into_inner);
             let shard = &mut *shard;
+            changes.0.fetch_add(1, Ordering::Release);
             let mut freed = 0;
             shard.slots.retain(|key, slot| {
                 let kept = keep(key);
@@ -426,6 +486,12 @@ impl Tier {
     }
 }
 
+/// The shard of a key. Fibonacci hashing: the top bits of the product depend on every bit of
+/// the hash.
+fn shard_of(key: &TierKey) -> usize {
+    (key.hash.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 60) as usize % SHARDS
+}
+
 fn cost(payload: &[u8]) -> u64 {
     payload.len() as u64 + SLOT_OVERHEAD
 }
@@ -447,8 +513,8 @@ mod tests {
     }
 
     fn value(tier: &Tier, n: u16) -> Option<Vec<u8>> {
-        tier.get(&key(n), Duration::MAX, |slot| Some(slot.payload.to_vec()))
-            .map(|hit| hit.value)
+        tier.get(&key(n), Duration::MAX)
+            .map(|kept| kept.payload.to_vec())
     }
 
     #[test]
@@ -491,18 +557,13 @@ mod tests {
         let created = SystemTime::UNIX_EPOCH + Duration::new(1_764_000_000, 123_456_789);
         let duration = Duration::new(90_061, 999_999_999);
         tier.insert(key(1), Arc::new(vec![1; 40]), created, duration, 4242);
-        let hit = tier
-            .get(&key(1), Duration::MAX, |slot| {
-                Some((
-                    slot.created(),
-                    slot.duration(),
-                    slot.size(),
-                    slot.payload.len(),
-                ))
-            })
-            .unwrap();
-        assert_eq!(hit.value, (created, duration, 4242, 40));
-        assert_eq!(hit.duration, duration);
+        let kept = tier.get(&key(1), Duration::MAX).unwrap();
+        let facts = kept.facts;
+        assert_eq!(
+            (facts.created(), facts.duration(), facts.size()),
+            (created, duration, 4242)
+        );
+        assert_eq!(kept.payload.len(), 40);
         // A size the slot cannot record is not kept.
         tier.insert(key(2), Arc::new(vec![2; 40]), created, duration, 1 << 32);
         assert_eq!(value(&tier, 2), None);
@@ -528,7 +589,8 @@ mod tests {
         let tier = Tier::new(1 << 20).unwrap();
         put(&tier, 1, 10);
         put(&tier, 2, 10);
-        assert!(tier.get(&key(1), Duration::MAX, |_| None::<()>).is_none());
+        let kept = tier.get(&key(1), Duration::MAX).unwrap();
+        tier.discard(&key(1), &kept);
         assert_eq!(value(&tier, 1), None);
         tier.remove_function(1);
         assert_eq!(tier.bytes(), 0);
@@ -536,5 +598,48 @@ mod tests {
         tier.remove_function(1);
         assert_eq!(value(&tier, 3), None);
         assert_eq!(tier.bytes(), 0);
+    }
+
+    #[test]
+    fn a_slot_replaced_after_a_hit_is_not_discarded_by_it() {
+        let tier = Tier::new(1 << 20).unwrap();
+        put(&tier, 1, 10);
+        let kept = tier.get(&key(1), Duration::MAX).unwrap();
+        put(&tier, 1, 20);
+        tier.discard(&key(1), &kept);
+        assert_eq!(value(&tier, 1), Some(vec![1; 20]));
+    }
+
+    #[test]
+    fn a_value_read_while_its_shard_changed_is_not_kept() {
+        let tier = Tier::new(1 << 20).unwrap();
+        let read = |n: u16, ticket: Ticket, len: usize| {
+            let payload = Arc::new(vec![n as u8; len]);
+            tier.insert_read(
+                key(n),
+                ticket,
+                payload,
+                SystemTime::now(),
+                Duration::ZERO,
+                0,
+            );
+        };
+        // Nothing changed since the reading began: kept.
+        let ticket = tier.ticket(&key(1));
+        read(1, ticket, 10);
+        assert_eq!(value(&tier, 1), Some(vec![1; 10]));
+        // Computed again while an older value was read: the read one is not kept.
+        let ticket = tier.ticket(&key(1));
+        put(&tier, 1, 20);
+        read(1, ticket, 10);
+        assert_eq!(value(&tier, 1), Some(vec![1; 20]));
+        // Removed (cleared) while it was read: not put back.
+        let ticket = tier.ticket(&key(1));
+        tier.clear();
+        read(1, ticket, 10);
+        assert_eq!(value(&tier, 1), None);
+        let ticket = tier.ticket(&key(1));
+        read(1, ticket, 10);
+        assert_eq!(value(&tier, 1), Some(vec![1; 10]));
     }
 }
