@@ -40,7 +40,7 @@ use std::collections::HashMap;
 use std::ffi::OsString;
 use std::fs::{self, File};
 use std::io;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockWriteGuard};
@@ -261,6 +261,8 @@ pub fn read_pack(path: &Path, each: impl FnMut(Record<'_>)) -> io::Result<Parsed
 /// The shared change counter of a version folder, mapped into every process that uses it.
 struct Generation {
     map: memmap2::MmapMut,
+    /// The counter's file, for [`unlinked`].
+    file: File,
 }
 
 impl Generation {
@@ -288,7 +290,7 @@ impl Generation {
                 .len(Self::LEN as usize)
                 .map_mut(&file)?
         };
-        Ok(Generation { map })
+        Ok(Generation { map, file })
     }
 
     /// A new counter file in `dir`, put in place of one marked removed whose folder was not
@@ -557,6 +559,36 @@ struct State {
     writer: Option<Writer>,
     /// Whether the folder was looked at once for entry files written without a record.
     files_listed: bool,
+    /// When an append last checked that the counter and the pack are still in the folder
+    /// ([`monotonic_nanos`]).
+    checked_at: u64,
+}
+
+/// How often appends check that this process's counter and pack are still in the folder.
+const CHECK_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// Whether `file` was removed from its folder (it has no name left).
+fn unlinked(file: &File) -> bool {
+    file.metadata().is_ok_and(|meta| meta.nlink() == 0)
+}
+
+/// Lets go of a counter or a pack that is no longer in the folder (deleted by hand with the
+/// folder, or a counter another process replaced at the same moment as this one): appends would
+/// go to a file nobody sees, and the counter would never move again. Checked at most every
+/// [`CHECK_EVERY`]; what went to such a pack meanwhile is lost (computed again when asked for).
+fn let_go_of_unlinked(state: &mut State) {
+    let now = monotonic_nanos();
+    if now.saturating_sub(state.checked_at) < CHECK_EVERY.as_nanos() as u64 {
+        return;
+    }
+    state.checked_at = now;
+    if state.writer.as_ref().is_some_and(|w| unlinked(&w.file)) {
+        *state = State::default();
+    } else if state.generation.as_ref().is_some_and(|g| unlinked(&g.file)) {
+        // The pack is still there: only the counter is opened again, and everything read anew.
+        state.generation = None;
+        state.seen = 0;
+    }
 }
 
 impl std::fmt::Debug for Generation {
@@ -850,6 +882,7 @@ impl Packs {
         if state.generation.as_ref().is_some_and(Generation::removed) {
             *state = State::default();
         }
+        let_go_of_unlinked(&mut state);
         if state.generation.is_none() {
             self.refresh(&mut state);
         }
@@ -1932,6 +1965,48 @@ mod tests {
             .unwrap();
         assert!(matches!(packs.get(&key(1)).unwrap(), Found::Absent));
         assert!(matches!(other.get(&key(1)).unwrap(), Found::Absent));
+    }
+
+    #[test]
+    fn a_folder_deleted_by_hand_is_made_again_by_a_later_append() {
+        let dir = tempfile::tempdir().unwrap();
+        let version = dir.path().join("v");
+        let packs = Arc::new(Packs::new(version.clone(), false));
+        packs
+            .append(record(Kind::Entry, &key(1), &[b"one"]), &no_dir)
+            .unwrap();
+        // Without a word to the processes using it (no `mark_removed`).
+        fs::remove_dir_all(&version).unwrap();
+        std::thread::sleep(CHECK_EVERY + std::time::Duration::from_millis(20));
+        packs
+            .append(record(Kind::Entry, &key(2), &[b"two"]), &no_dir)
+            .unwrap();
+        let reader = Packs::new(version, false);
+        assert!(matches!(reader.get(&key(2)).unwrap(), Found::Entry(b) if b == b"two"));
+    }
+
+    #[test]
+    fn a_counter_replaced_under_a_writer_is_opened_again_by_its_next_append() {
+        let dir = tempfile::tempdir().unwrap();
+        let version = dir.path().join("v");
+        let first = Arc::new(Packs::new(version.clone(), false));
+        first
+            .append(record(Kind::Entry, &key(1), &[b"one"]), &no_dir)
+            .unwrap();
+        // Another process put a counter of its own in place (as `Generation::replace` does).
+        let temporary = version.join("replacing");
+        fs::write(&temporary, [0u8; 16]).unwrap();
+        fs::rename(&temporary, version.join(GENERATION_FILE)).unwrap();
+        let second = Arc::new(Packs::new(version.clone(), false));
+        second
+            .append(record(Kind::Entry, &key(2), &[b"two"]), &no_dir)
+            .unwrap();
+        std::thread::sleep(CHECK_EVERY + std::time::Duration::from_millis(20));
+        first
+            .append(record(Kind::Entry, &key(3), &[b"three"]), &no_dir)
+            .unwrap();
+        assert!(matches!(first.get(&key(2)).unwrap(), Found::Entry(b) if b == b"two"));
+        assert!(matches!(second.get(&key(3)).unwrap(), Found::Entry(b) if b == b"three"));
     }
 
     #[test]
