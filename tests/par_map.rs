@@ -356,3 +356,86 @@ fn cached_items_are_served_before_any_item_is_computed() {
         ["return 2", "return 3", "compute 1", "return 1"]
     );
 }
+
+static CAUGHT: Counter = Counter::new();
+
+#[cached(memory = MEMORY)]
+fn caught_square(x: u64) -> u64 {
+    CAUGHT.bump();
+    x * x
+}
+
+#[test]
+fn an_item_that_catches_panics_around_its_cached_call_still_gets_its_value() {
+    // The look-up stops a missed call by unwinding; `f` catching it must not make its made-up
+    // result (`None` here) the item's.
+    let results: Vec<Option<u64>> = (0..8u64)
+        .par_cached_map(|x| std::panic::catch_unwind(|| caught_square(x)).ok())
+        .collect();
+    assert_eq!(results, (0..8).map(|x| Some(x * x)).collect::<Vec<_>>());
+    assert_eq!(CAUGHT.get(), 8);
+}
+
+static INNER: Counter = Counter::new();
+
+#[cached(memory = MEMORY)]
+fn inner_square(x: u64) -> u64 {
+    INNER.bump();
+    x * x
+}
+
+#[test]
+fn a_map_inside_an_item_computes_on_a_cold_cache_and_is_all_hits_after() {
+    let nested = || {
+        (0..4u64)
+            .par_cached_map(|x| {
+                (0..3u64)
+                    .par_cached_map(move |y| inner_square(10 * x + y))
+                    .jobs(1)
+                    .collect::<Vec<u64>>()
+                    .iter()
+                    .sum::<u64>()
+            })
+            .run()
+            .unwrap()
+    };
+    let expected: Vec<u64> = (0..4u64)
+        .map(|x| (0..3).map(|y| (10 * x + y) * (10 * x + y)).sum())
+        .collect();
+    let first = nested();
+    assert_eq!(first.results, expected);
+    assert_eq!((first.computed, first.from_cache), (4, 0));
+    assert_eq!(INNER.get(), 12);
+    let again = nested();
+    assert_eq!(again.results, expected);
+    assert_eq!((again.computed, again.from_cache), (0, 4));
+    assert_eq!(INNER.get(), 12);
+}
+
+#[cached(memory = MEMORY)]
+fn noted_on_drop(x: u64) -> u64 {
+    x + 1
+}
+
+#[cached(memory = MEMORY)]
+fn guarded_square(x: u64) -> u64 {
+    x * x
+}
+
+#[test]
+fn a_drop_that_calls_a_cached_function_during_the_look_up_does_not_abort() {
+    struct Note(u64);
+    impl Drop for Note {
+        fn drop(&mut self) {
+            assert_eq!(noted_on_drop(self.0), self.0 + 1);
+        }
+    }
+    let results: Vec<u64> = (0..4u64)
+        .par_cached_map(|x| {
+            let _note = Note(1000 + x);
+            guarded_square(5000 + x)
+        })
+        .jobs(1)
+        .collect();
+    assert_eq!(results, (5000..5004u64).map(|x| x * x).collect::<Vec<_>>());
+}

@@ -18,7 +18,16 @@
 //!
 //! Code of `f` that runs before its cached call runs once more for a missed item (once in the
 //! look-up, once in the computation); keep such code cheap and free of side effects. `f` must not
-//! be an `extern "C"` function (the look-up returns early by unwinding).
+//! be an `extern "C"` function (the look-up returns early by unwinding). Because of that
+//! unwinding: a `std::sync::Mutex` guard that `f` holds across a cached call that misses is
+//! dropped while unwinding, which poisons the mutex (take the guard after the call, or use a lock
+//! that does not poison); `f` catching panics is fine (the miss is still seen); a map inside `f`
+//! is looked up with it (an item whose inner map misses is computed later, inner map and all).
+//! While an item is looked up, rayon may run other work on the same thread (when `f` itself uses
+//! rayon and waits): a map's computations are protected from the look-up, but plain rayon code
+//! of the program that calls a `#[cached]` function and runs at the same time on the same pool
+//! may see its call end with a panic; run such code outside the map's pool (`CachedMap::jobs`
+//! gives the map a pool of its own).
 //!
 //! # Sharding
 //!
@@ -489,6 +498,10 @@ impl Pool {
     }
 }
 
+/// Look-ups of items that made no cached call after which a map stops looking up (not under a
+/// shard) when no item made one: `f` calls no cached function, and its items are computed at once.
+const UNCACHED_AFTER: usize = 8;
+
 fn panic_message(payload: &(dyn Any + Send)) -> String {
     if let Some(text) = payload.downcast_ref::<&str>() {
         (*text).to_owned()
@@ -736,6 +749,7 @@ where
         //    (not under a shard, where each item's key decides whose it is, so every item is
         //    looked up).
         let uncached = AtomicBool::new(false);
+        let (without_calls, with_calls) = (AtomicUsize::new(0), AtomicUsize::new(0));
         let all: Vec<usize> = (0..items.len()).collect();
         let mut steps: Vec<Step<R>> = pool.map(&all, false, |i| {
             if shard.is_none() && uncached.load(Ordering::Relaxed) {
@@ -743,11 +757,18 @@ where
             }
             let step = match probe::probe(|| f(items[i].clone())) {
                 Probe::Returned(value, tally) => {
-                    if tally.calls == 0 && !uncached.swap(true, Ordering::Relaxed) {
-                        log::warn(
-                            "par_cached_map: the mapped function calls no #[cached] function, so \
-                             nothing is cached; items are computed in parallel",
-                        );
+                    // Judged on several items: `f` may call a cached function for some inputs
+                    // only, or on other threads (rayon inside `f`), which this one does not see.
+                    let counter = if tally.calls == 0 {
+                        &without_calls
+                    } else {
+                        &with_calls
+                    };
+                    counter.fetch_add(1, Ordering::Relaxed);
+                    if without_calls.load(Ordering::Relaxed) >= UNCACHED_AFTER
+                        && with_calls.load(Ordering::Relaxed) == 0
+                    {
+                        uncached.store(true, Ordering::Relaxed);
                     }
                     Step::Done(value, tally)
                 }
@@ -759,6 +780,17 @@ where
             }
             step
         });
+
+        // A map inside an item of another map being looked up (a nested map) is itself a look-up:
+        // unless all its items were hits, that item is a miss, computed later for real.
+        if probe::probing() {
+            if let Some(missed) = steps.iter().find(|step| !matches!(step, Step::Done(..))) {
+                probe::miss(match missed {
+                    Step::Pending(key) => *key,
+                    _ => None,
+                });
+            }
+        }
 
         // Under a shard, the misses of other shards are left to them.
         let mut elsewhere = Vec::new();
@@ -788,7 +820,9 @@ where
         for round in [first, then] {
             let outcomes = pool.map(&round, true, |i| {
                 let before = probe::tally();
-                match panic::catch_unwind(AssertUnwindSafe(|| f(items[i].clone()))) {
+                // Not probed, even on a thread that waits inside another map's probe.
+                let computed = || probe::unprobed(|| f(items[i].clone()));
+                match panic::catch_unwind(AssertUnwindSafe(computed)) {
                     Ok(value) => {
                         let tally = probe::tally().since(before);
                         update(&tally);
@@ -833,6 +867,16 @@ where
         }
         bar.finish_and_clear();
 
+        let calls_cached = steps
+            .iter()
+            .any(|step| matches!(step, Step::Done(_, tally) if tally.calls > 0));
+        let done = steps.iter().any(|step| matches!(step, Step::Done(..)));
+        if done && !calls_cached {
+            log::warn(
+                "par_cached_map: the mapped function called no #[cached] function, so nothing \
+                 was cached; the items were computed in parallel",
+            );
+        }
         let (mut saved, mut from_cache, mut computed) = (Duration::ZERO, 0, 0);
         let mut results = Vec::with_capacity(steps.len());
         let mut failures = Vec::new();

@@ -4,6 +4,9 @@
 //! key and unwinds with a private payload (through [`std::panic::resume_unwind`], so no panic
 //! hook runs and nothing is printed). Hits return as usual. Per-thread tallies of hits, misses
 //! and the compute time that hits saved let the map report what each item did.
+//!
+//! A miss is a miss even when `f` catches its unwinding (the record stays), and a cached call
+//! made while the thread unwinds (from a `Drop`) computes rather than unwinding again.
 
 use std::any::Any;
 use std::cell::Cell;
@@ -14,7 +17,8 @@ use crate::key::CacheKey;
 
 thread_local! {
     static PROBING: Cell<bool> = const { Cell::new(false) };
-    static MISSED: Cell<Option<CacheKey>> = const { Cell::new(None) };
+    /// Set by a probed miss (with its key, if it had one), taken by the probe.
+    static MISSED: Cell<Option<Option<CacheKey>>> = const { Cell::new(None) };
     static TALLY: Cell<Tally> = const { Cell::new(Tally::ZERO) };
 }
 
@@ -73,9 +77,26 @@ pub(crate) fn record_hit(saved: Duration) {
     });
 }
 
-/// Whether a probe is running on this thread.
+/// Whether a probe is running on this thread (and the thread is not unwinding already: a
+/// second unwinding would abort the process).
 pub(crate) fn probing() -> bool {
-    PROBING.with(Cell::get)
+    PROBING.with(Cell::get) && !std::thread::panicking()
+}
+
+/// Runs `f` with probing off: code that computes for real, which may run on a thread that is
+/// inside a probe (rayon runs other work on a thread that waits).
+pub(crate) fn unprobed<R>(f: impl FnOnce() -> R) -> R {
+    let _reset = Reset(PROBING.with(|p| p.replace(false)));
+    f()
+}
+
+/// Puts the probing flag back as it was.
+struct Reset(bool);
+
+impl Drop for Reset {
+    fn drop(&mut self) {
+        PROBING.with(|p| p.set(self.0));
+    }
 }
 
 /// The unwinding payload of a probed miss.
@@ -84,7 +105,7 @@ struct ProbeMiss;
 /// Ends a probed call that missed: records the key (`None` when the call could not be keyed,
 /// e.g. a disabled cache) and unwinds to [`probe`].
 pub(crate) fn miss(key: Option<CacheKey>) -> ! {
-    MISSED.with(|m| m.set(key));
+    MISSED.with(|m| m.set(Some(key)));
     panic::resume_unwind(Box::new(ProbeMiss))
 }
 
@@ -98,19 +119,62 @@ pub(crate) enum Probe<R> {
     Panicked(Box<dyn Any + Send>),
 }
 
-/// Runs `f` with probing on.
+/// Runs `f` with probing on. A miss recorded while it ran makes it a miss however `f` ended:
+/// `f` may have caught the miss's unwinding (and returned something made up) or panicked after.
 pub(crate) fn probe<R>(f: impl FnOnce() -> R) -> Probe<R> {
-    struct Reset(bool);
-    impl Drop for Reset {
-        fn drop(&mut self) {
-            PROBING.with(|p| p.set(self.0));
-        }
-    }
     let before = tally();
-    let _reset = Reset(PROBING.with(|p| p.replace(true)));
-    match panic::catch_unwind(AssertUnwindSafe(f)) {
-        Ok(value) => Probe::Returned(value, tally().since(before)),
-        Err(payload) if payload.is::<ProbeMiss>() => Probe::Missed(MISSED.with(Cell::take)),
-        Err(payload) => Probe::Panicked(payload),
+    // A probe inside another on this thread (a nested map) keeps the outer one's record aside.
+    let outer = MISSED.with(Cell::take);
+    let outcome = {
+        let _reset = Reset(PROBING.with(|p| p.replace(true)));
+        panic::catch_unwind(AssertUnwindSafe(f))
+    };
+    let missed = MISSED.with(|m| m.replace(outer));
+    match (outcome, missed) {
+        (_, Some(key)) => Probe::Missed(key),
+        (Ok(value), None) => Probe::Returned(value, tally().since(before)),
+        // The miss of a job that another thread ran for `f` (rayon inside `f`): its key stayed
+        // on that thread.
+        (Err(payload), None) if payload.is::<ProbeMiss>() => Probe::Missed(None),
+        (Err(payload), None) => Probe::Panicked(payload),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_miss_that_f_catches_is_still_a_miss() {
+        let key = CacheKey::from_bytes([7; 32]);
+        let probed = probe(|| {
+            let caught = panic::catch_unwind(|| miss(Some(key)));
+            assert!(caught.is_err());
+            5
+        });
+        assert!(matches!(probed, Probe::Missed(Some(k)) if k == key));
+        // Nothing is left over for the next probe on this thread.
+        assert!(matches!(probe(|| 6), Probe::Returned(6, _)));
+    }
+
+    #[test]
+    fn code_run_unprobed_inside_a_probe_is_not_probed() {
+        assert!(matches!(probe(probing), Probe::Returned(true, _)));
+        assert!(matches!(
+            probe(|| unprobed(probing)),
+            Probe::Returned(false, _)
+        ));
+        assert!(!probing());
+    }
+
+    #[test]
+    fn a_probe_inside_a_probe_keeps_the_outer_miss() {
+        let key = CacheKey::from_bytes([8; 32]);
+        let probed = probe(|| {
+            let _ = panic::catch_unwind(|| miss(Some(key)));
+            assert!(matches!(probe(|| 1), Probe::Returned(1, _)));
+            2
+        });
+        assert!(matches!(probed, Probe::Missed(Some(k)) if k == key));
     }
 }
