@@ -5,9 +5,9 @@
 //! - Reads go to the local folder first; a local miss reads the remote object, checks it (header,
 //!   key, checksum, and the MAC when a secret is set) and copies it into the local folder, so the
 //!   next hit is a local read.
-//! - Writes go to both. The remote write is a conditional create (`If-None-Match: *`): of two
-//!   machines storing one key, the first wins and the second keeps the first's entry, so an
-//!   entry is never torn or mixed.
+//! - Writes go to both. The remote write is a conditional create (`If-None-Match: *`); an entry
+//!   already there is replaced (conditionally on being the one read) only when it is broken or
+//!   older than the new one (a recompute, an expired entry), so an entry is never torn or mixed.
 //! - A miss claims its key across machines with a lease object, created conditionally and
 //!   renewed while the value is computed; others wait for the value, or take the lease over
 //!   (`If-Match` on the expired lease) once it has expired without renewal.
