@@ -449,6 +449,36 @@ fn a_header_claiming_a_huge_length_is_a_miss() {
     assert_eq!(HUGE_CALLS.get(), 2, "and repaired");
 }
 
+/// Entries in files of their own: their argument previews go to the version's previews file.
+static PREVIEWED: LazyLock<Memory> =
+    LazyLock::new(|| Memory::new(fresh_dir("previewed")).pack_limit(0));
+
+#[cached(memory = PREVIEWED)]
+fn previewed(secret: String) -> usize {
+    secret.len()
+}
+
+#[cfg(unix)]
+#[test]
+fn argument_previews_are_not_written_through_a_symbolic_link() {
+    let version_dir = previewed::location().unwrap();
+    std::fs::create_dir_all(&version_dir).unwrap();
+    let outside = fresh_dir("outside-previews").join("target");
+    std::fs::write(&outside, "").unwrap();
+    std::os::unix::fs::symlink(
+        &outside,
+        version_dir.join(memo::format::store::PREVIEW_FILE),
+    )
+    .unwrap();
+    assert_eq!(previewed("secret-argument".into()), 15);
+    assert_eq!(previewed("secret-argument".into()), 15);
+    assert_eq!(
+        std::fs::read_to_string(&outside).unwrap(),
+        "",
+        "nothing written through the link"
+    );
+}
+
 static LINKED: LazyLock<Memory> = LazyLock::new(|| Memory::new(fresh_dir("linked")).memory_tier(0));
 static LINKED_CALLS: Counter = Counter::new();
 

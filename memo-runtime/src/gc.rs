@@ -386,9 +386,11 @@ pub(crate) fn reduce_size(
         let path = location.join(LAYOUT_DIR).join(EVICTION_LOG);
         std::fs::create_dir_all(location.join(LAYOUT_DIR))
             .map_err(|e| Error::io("creating the folder of the eviction log", &path, e))?;
-        OpenOptions::new()
-            .create(true)
-            .append(true)
+        let mut options = OpenOptions::new();
+        options.create(true).append(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::custom_flags(&mut options, libc::O_NOFOLLOW);
+        options
             .open(&path)
             .and_then(|mut file| file.write_all(log.as_bytes()))
             .map_err(|e| Error::io("appending to the eviction log", &path, e))?;

@@ -442,7 +442,11 @@ impl DirStore {
                     let mut options = fs::OpenOptions::new();
                     options.create(true).append(true);
                     #[cfg(unix)]
-                    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+                    {
+                        use std::os::unix::fs::OpenOptionsExt;
+                        // Arguments go into it: never through a link to another file.
+                        options.mode(0o600).custom_flags(libc::O_NOFOLLOW);
+                    }
                     let file = Arc::new(options.open(&path).map_err(fail)?);
                     keep_open(&mut files, path.clone(), &file);
                     file
@@ -911,12 +915,16 @@ pub(crate) fn assemble_listing(listed: Vec<ListedVersion>) -> Vec<Listed> {
         .collect()
 }
 
-/// Opens an entry without following a symbolic link in its last component.
+/// Opens an entry without following a symbolic link in its last component (nor waiting, should
+/// a named pipe be in its place: it is then not a regular file, which readers check).
 fn open_entry(path: &Path) -> io::Result<File> {
     let mut options = fs::OpenOptions::new();
     options.read(true);
     #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::custom_flags(&mut options, libc::O_NOFOLLOW);
+    std::os::unix::fs::OpenOptionsExt::custom_flags(
+        &mut options,
+        libc::O_NOFOLLOW | libc::O_NONBLOCK,
+    );
     options.open(path).map_err(|e| {
         #[cfg(unix)]
         if e.raw_os_error() == Some(libc::ELOOP) {
@@ -924,6 +932,13 @@ fn open_entry(path: &Path) -> io::Result<File> {
         }
         e
     })
+}
+
+/// Reads a text file of memo's (a source, the previews) without following a link.
+fn read_text(path: &Path) -> io::Result<String> {
+    let mut text = String::new();
+    open_entry(path)?.read_to_string(&mut text)?;
+    Ok(text)
 }
 
 /// An entry's bytes as read: in memory, or mapped from its file (large entries). More ways of
@@ -1006,9 +1021,12 @@ fn read_entry_file(path: &Path, touch: bool) -> io::Result<EntryBytes> {
             // SAFETY: the file is mapped read-only and memo never writes to an entry file after it
             // is in place; the mapping lives as long as the bytes it is read through. (A process
             // outside memo truncating the file while it is mapped would fault the reader.)
-            let map = unsafe { memmap2::MmapOptions::new().populate().map(&file)? };
-            if map.len() as u64 == len {
-                return Ok(EntryBytes::Mapped(map));
+            let map = unsafe { memmap2::MmapOptions::new().populate().map(&file) };
+            // (A file system that cannot map files is read instead.)
+            if let Ok(map) = map {
+                if map.len() as u64 == len {
+                    return Ok(EntryBytes::Mapped(map));
+                }
             }
         }
         let keep = if fits { len } else { READ_WHOLE };
@@ -1036,8 +1054,11 @@ fn verify_entry(path: &Path, name: &str) -> Result<(), String> {
         .map_err(|e| e.to_string())
 }
 
+/// The key an entry file's name spells, in the form memo writes (64 lower-case hex digits) and
+/// no other.
 pub(crate) fn decode_hex_key(name: &str) -> Option<CacheKey> {
-    if name.len() != 64 {
+    let hex = |b: u8| b.is_ascii_digit() || (b'a'..=b'f').contains(&b);
+    if name.len() != 64 || !name.bytes().all(hex) {
         return None;
     }
     let mut key = [0u8; 32];
@@ -1171,7 +1192,7 @@ impl Store for DirStore {
     fn source(&self, function: &str, version: &str) -> Result<String, Error> {
         let (function, version) = (plain_name(function)?, plain_name(version)?);
         let path = self.version_dir(function, version).join(SOURCE_FILE);
-        fs::read_to_string(&path).map_err(|e| Error::io("reading the source of", path, e))
+        read_text(&path).map_err(|e| Error::io("reading the source of", path, e))
     }
 
     fn entries(&self, function: &str, version: &str) -> Result<Vec<EntryInfo>, Error> {
@@ -1179,7 +1200,7 @@ impl Store for DirStore {
         // What waits in memory is listed too.
         self.flush()?;
         let previews: HashMap<String, String> =
-            fs::read_to_string(self.version_dir(function, version).join(PREVIEW_FILE))
+            read_text(&self.version_dir(function, version).join(PREVIEW_FILE))
                 .unwrap_or_default()
                 .lines()
                 .filter_map(|line| {
@@ -1201,7 +1222,7 @@ impl Store for DirStore {
                     continue;
                 };
                 let mut header = [0u8; HEADER_LEN];
-                let decoded = File::open(&path)
+                let decoded = open_entry(&path)
                     .and_then(|mut f| f.read_exact(&mut header))
                     .ok()
                     .and_then(|()| entry::decode_header(&header).ok());
@@ -1432,6 +1453,17 @@ mod tests {
         let store = DirStore::new(outside.path().join("cache"));
         assert!(store.clear_function("../../victim").is_err());
         assert!(victim.exists());
+    }
+
+    #[test]
+    fn only_names_memo_writes_are_entry_names() {
+        let key = CacheKey::from_bytes([0xab; 32]);
+        let name = key.to_hex();
+        assert_eq!(decode_hex_key(&name), Some(key));
+        assert_eq!(decode_hex_key(&name.to_uppercase()), None);
+        // `u8::from_str_radix` takes a sign: "+a" is 10.
+        assert_eq!(decode_hex_key(&format!("+a{}", &name[2..])), None);
+        assert_eq!(decode_hex_key(&name[1..]), None);
     }
 
     #[test]
