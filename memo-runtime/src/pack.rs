@@ -246,16 +246,34 @@ pub fn parse(bytes: &[u8], base: u64, mut each: impl FnMut(Record<'_>)) -> Parse
 }
 
 /// Reads a whole pack and parses it; `each` sees every valid record. The pack is mapped, not
-/// copied: a damaged (or sparse, or foreign) file is read only as far as it parses.
+/// copied: a damaged (or sparse, or foreign) file is read only as far as it parses. (On a
+/// network file system it is read: see [`crate::store::may_map`].)
 pub fn read_pack(path: &Path, each: impl FnMut(Record<'_>)) -> io::Result<Parsed> {
     let file = open_read(path)?;
-    if file.metadata()?.len() == 0 {
+    let len = file.metadata()?.len();
+    if len == 0 {
         return Ok(parse(&[], 0, each));
+    }
+    if !crate::store::may_map(&file) {
+        return Ok(parse(&read_at(&file, 0, len)?, 0, each));
     }
     // SAFETY: a read-only mapping of a pack, which memo never changes in place (see `scan`);
     // it lives as long as the bytes parsed from it.
     let map = unsafe { memmap2::Mmap::map(&file)? };
     Ok(parse(&map, 0, each))
+}
+
+/// `len` bytes of `file` from `at`, in memory (refused, rather than aborting the process, when
+/// there is no room for them).
+fn read_at(file: &File, at: u64, len: u64) -> io::Result<Vec<u8>> {
+    let mut bytes = Vec::new();
+    usize::try_from(len)
+        .ok()
+        .and_then(|len| bytes.try_reserve_exact(len).ok().map(|()| len))
+        .map(|len| bytes.resize(len, 0))
+        .ok_or_else(|| io::Error::new(io::ErrorKind::OutOfMemory, "a pack too large to read"))?;
+    file.read_exact_at(&mut bytes, at)?;
+    Ok(bytes)
 }
 
 /// The shared change counter of a version folder, mapped into every process that uses it.
@@ -1279,7 +1297,9 @@ fn scan(state: &mut State, id: u32) {
         };
         upsert(index, record.key, slot);
     };
-    let parsed = if pack.map.is_none() || tail > (1 << 20).max(mapped / 4) {
+    let parsed = if (pack.map.is_none() || tail > (1 << 20).max(mapped / 4))
+        && crate::store::may_map(&pack.file)
+    {
         // The first reading, or much was added: (re)mapped whole. Its pages are read in one go
         // the first time, rather than a fault each.
         // SAFETY: memo never changes the bytes of a pack that a reader has read (records are
@@ -1308,11 +1328,11 @@ fn scan(state: &mut State, id: u32) {
         pack.map = Some(map);
         parsed
     } else {
-        // A little was added: read, and served by reads until the next remapping.
-        let mut bytes = vec![0; (len - pack.scanned) as usize];
-        if pack.file.read_exact_at(&mut bytes, pack.scanned).is_err() {
+        // A little was added (or the pack is on a network file system): read, and served by
+        // reads until the next remapping.
+        let Ok(bytes) = read_at(&pack.file, pack.scanned, len - pack.scanned) else {
             return;
-        }
+        };
         parse(&bytes, pack.scanned, |r| each(index, r))
     };
     pack.scanned += parsed.consumed as u64;

@@ -934,6 +934,45 @@ fn open_entry(path: &Path) -> io::Result<File> {
     })
 }
 
+/// Whether a file of memo's may be read through a memory map: not on a network or FUSE file
+/// system, where a file that another machine removes (an eviction, a compaction) makes the
+/// mapping's next page fault a `SIGBUS` that ends the process. There it is read instead.
+pub(crate) fn may_map(file: &File) -> bool {
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    {
+        use std::os::fd::AsRawFd;
+        /// `f_type` of NFS, SMB, CIFS, SMB2, FUSE, Ceph, Lustre, GPFS, 9P, AFS and BeeGFS.
+        const SHARED: [u32; 11] = [
+            0x6969,
+            0x517B,
+            0xFF53_4D42,
+            0xFE53_4D42,
+            0x6573_5546,
+            0x00C3_6400,
+            0x0BD0_0BD0,
+            0x4750_4653,
+            0x0102_1997,
+            0x5346_414F,
+            0x1983_0326,
+        ];
+        // SAFETY: an all-zero `statfs` is a valid value of this plain C struct.
+        let mut info: libc::statfs = unsafe { std::mem::zeroed() };
+        // SAFETY: a valid descriptor, and a pointer to a `statfs` that outlives the call.
+        if unsafe { libc::fstatfs(file.as_raw_fd(), &mut info) } != 0 {
+            return false;
+        }
+        // (`f_type`'s width and sign differ between targets; the magic numbers are 32 bits.)
+        #[allow(clippy::unnecessary_cast)]
+        let kind = info.f_type as u32;
+        !SHARED.contains(&kind)
+    }
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    {
+        let _ = file;
+        true
+    }
+}
+
 /// Reads a text file of memo's (a source, the previews) without following a link.
 fn read_text(path: &Path) -> io::Result<String> {
     let mut text = String::new();
@@ -1017,7 +1056,7 @@ fn read_entry_file(path: &Path, touch: bool) -> io::Result<EntryBytes> {
         file.read_exact(&mut header)?;
         let claimed = entry::decode_header(&header).map(|h| h.payload_len);
         let fits = claimed.is_ok_and(|n| n.checked_add(HEADER_LEN as u64) == Some(len));
-        if fits && len >= MAP_FROM {
+        if fits && len >= MAP_FROM && may_map(&file) {
             // SAFETY: the file is mapped read-only and memo never writes to an entry file after it
             // is in place; the mapping lives as long as the bytes it is read through. (A process
             // outside memo truncating the file while it is mapped would fault the reader.)
@@ -1453,6 +1492,12 @@ mod tests {
         let store = DirStore::new(outside.path().join("cache"));
         assert!(store.clear_function("../../victim").is_err());
         assert!(victim.exists());
+    }
+
+    #[test]
+    fn files_on_a_local_file_system_may_be_mapped() {
+        let file = tempfile::tempfile().unwrap();
+        assert!(may_map(&file));
     }
 
     #[test]
