@@ -518,7 +518,9 @@ impl RemoteStore {
     fn display(&self, path: &ObjectPath) -> PathBuf {
         let below = path.as_ref();
         let prefix_len = self.root.as_ref().len() - LAYOUT_DIR.len();
-        PathBuf::from(format!("{}/{}", self.url, &below[prefix_len..]))
+        // (A server listing a name outside the prefix asked for is shown whole, not cut.)
+        let shown = below.get(prefix_len..).unwrap_or(below);
+        PathBuf::from(format!("{}/{shown}", self.url))
     }
 
     /// The object a displayed name stands for, if it is one of this store's.
