@@ -165,3 +165,43 @@ fn methods_map_in_parallel() {
     );
     assert_eq!(PARALLEL.get(), 20);
 }
+
+/// A unit to convert metres to, by its factor.
+trait Unit {
+    const PER_METRE: f64;
+}
+
+struct Metres;
+struct Feet;
+
+impl Unit for Metres {
+    const PER_METRE: f64 = 1.0;
+}
+
+impl Unit for Feet {
+    const PER_METRE: f64 = 3.28084;
+}
+
+trait Convert<U> {
+    fn convert(metres: f64) -> f64;
+}
+
+static CONVERTED: Counter = Counter::new();
+
+/// One impl for every unit: the attribute sees neither `U` nor the trait's parameters.
+impl<U: Unit> Convert<U> for Model {
+    #[cached(memory = MEMORY, associated)]
+    fn convert(metres: f64) -> f64 {
+        CONVERTED.bump();
+        metres * U::PER_METRE
+    }
+}
+
+#[test]
+fn each_instance_of_a_generic_impl_has_its_own_entries() {
+    assert_eq!(<Model as Convert<Metres>>::convert(2.0), 2.0);
+    assert_eq!(<Model as Convert<Feet>>::convert(2.0), 6.56168);
+    assert_eq!(<Model as Convert<Metres>>::convert(2.0), 2.0);
+    assert_eq!(<Model as Convert<Feet>>::convert(2.0), 6.56168);
+    assert_eq!(CONVERTED.get(), 2);
+}

@@ -267,9 +267,12 @@ fn key(names: &Names<'_>, mode: TokenStream) -> TokenStream {
         }
     }
     if names.model.signature.associated {
-        // `A::new` and `B::new` of one module share a name: the type tells them apart.
+        // `A::new` and `B::new` of one module share a name, and so do `convert` of
+        // `impl<U> Convert<U> for Model` for every `U`: the name of a closure's type here
+        // spells the function's full path, `<Model as Convert<Feet>>::convert::{{closure}}`,
+        // with the impl's type and trait, and their parameters, which the attribute cannot see.
         parts.push(hash(
-            quote!(::core::any::type_name::<Self>()),
+            quote!(::core::any::type_name_of_val(&|| ())),
             names.model.item.sig.ident.span(),
         ));
     }

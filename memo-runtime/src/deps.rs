@@ -2,16 +2,17 @@
 //!
 //! Each tracked function (`#[memo::track]`, and every free `#[cached]` function) has a static
 //! [`DepNode`]: the hash of its own tokens and the nodes of its declared dependencies. The
-//! effective version of a cached function is BLAKE3 over the set of own-hashes reachable from
-//! it. A set, so the result does not depend on the order the functions are first called in, and
-//! cycles (helpers that call each other) are fine.
+//! effective version of a cached function is BLAKE3 over the set of the paths and own-hashes
+//! reachable from it. A set, so the result does not depend on the order the functions are first
+//! called in, and cycles (helpers that call each other) are fine; with the paths, so that calling
+//! `v2::weights` instead of a `v1::weights` of the same text is a new version.
 
 use std::collections::BTreeSet;
 
 /// One tracked function, as the macros record it.
 #[derive(Debug)]
 pub struct DepNode {
-    /// The function's path, for messages.
+    /// The function's path (part of the versions of the functions that depend on it).
     pub name: &'static str,
     /// The hash of the function's own tokens (64 hex digits).
     pub own: &'static str,
@@ -20,25 +21,27 @@ pub struct DepNode {
 }
 
 /// The version of a function with own-hash `own` and dependencies `deps`: `own` itself when
-/// there are none, else 64 hex digits of BLAKE3 over the sorted own-hashes of everything
-/// reachable.
+/// there are none, else 64 hex digits of BLAKE3 over `own` and the sorted paths and own-hashes
+/// of everything reachable.
 pub fn combined_version(own: &'static str, deps: &[fn() -> &'static DepNode]) -> String {
     if deps.is_empty() {
         return own.to_owned();
     }
-    let mut owns = BTreeSet::from([own]);
+    let mut owns = BTreeSet::from([("", own)]);
     let mut visited: BTreeSet<usize> = BTreeSet::new();
     let mut stack: Vec<&'static DepNode> = deps.iter().map(|node| node()).collect();
     while let Some(node) = stack.pop() {
         if !visited.insert(node as *const DepNode as usize) {
             continue;
         }
-        owns.insert(node.own);
+        owns.insert((node.name, node.own));
         stack.extend(node.deps.iter().map(|dep| dep()));
     }
     let mut hasher = blake3::Hasher::new();
-    hasher.update(b"memo dependency version v1\0");
-    for hash in owns {
+    hasher.update(b"memo dependency version v2\0");
+    for (name, hash) in owns {
+        hasher.update(name.as_bytes());
+        hasher.update(b"\0");
         hasher.update(hash.as_bytes());
         hasher.update(b"\0");
     }
@@ -83,6 +86,17 @@ mod tests {
         &C2
     }
 
+    /// `c`'s text in another module.
+    static ELSEWHERE: DepNode = DepNode {
+        name: "other::c",
+        own: "cccc",
+        deps: &[],
+    };
+
+    fn elsewhere() -> &'static DepNode {
+        &ELSEWHERE
+    }
+
     #[test]
     fn without_dependencies_the_version_is_the_own_hash() {
         assert_eq!(combined_version("ffff", &[]), "ffff");
@@ -110,6 +124,14 @@ mod tests {
         assert_ne!(
             combined_version("ffff", &[c]),
             combined_version("eeee", &[c])
+        );
+    }
+
+    #[test]
+    fn a_dependency_of_the_same_text_in_another_module_changes_the_version() {
+        assert_ne!(
+            combined_version("ffff", &[c]),
+            combined_version("ffff", &[elsewhere])
         );
     }
 }
