@@ -23,7 +23,7 @@ use crate::version::{source_text, version_hash};
 /// The attribute's entry point: any error becomes `compile_error!` next to the user's function,
 /// unchanged, so the rest of their crate still type-checks.
 pub(crate) fn cached(args: TokenStream, item: TokenStream) -> TokenStream {
-    let item: ItemFn = match syn::parse2(item.clone()) {
+    let mut item: ItemFn = match syn::parse2(item.clone()) {
         Ok(item) => item,
         Err(_) => {
             const MESSAGE: &str = "#[cached] applies to functions (`fn name(args) -> T { ... }`)";
@@ -38,6 +38,11 @@ pub(crate) fn cached(args: TokenStream, item: TokenStream) -> TokenStream {
         Ok(args) => args,
         Err(error) => return with_error(error, item.into_token_stream()),
     };
+    // The body moves into a closure: its inner attributes (`#![allow(..)]`, `//!`) go on the
+    // function, where they mean the same.
+    for attr in &mut item.attrs {
+        attr.style = syn::AttrStyle::Outer;
+    }
     match validate(&item, &args) {
         Ok(signature) => expand(&CachedFn {
             item,
@@ -482,7 +487,7 @@ fn function_state(names: &Names<'_>) -> TokenStream {
     };
     let validate = match &args.validate {
         Some(path) => quote_spanned! {path.span()=>
-            ::core::option::Option::Some(#path as fn(&#private::EntryMeta) -> bool)
+            ::core::option::Option::Some(#path as fn(&#private::EntryMeta) -> ::core::primitive::bool)
         },
         None => quote!(::core::option::Option::None),
     };
@@ -618,7 +623,7 @@ fn handle_methods(names: &Names<'_>) -> TokenStream {
         }
 
         #is_cached_doc
-        #vis fn is_cached #generics (#(#params),*) -> bool #where_clause {
+        #vis fn is_cached #generics (#(#params),*) -> ::core::primitive::bool #where_clause {
             // Ignored arguments, or all of them with `key = ...`, take no part here.
             #(let _ = &#all_bindings;)*
             #memory
@@ -644,7 +649,7 @@ fn handle_methods(names: &Names<'_>) -> TokenStream {
         }
 
         #version_doc
-        #vis fn version() -> &'static str {
+        #vis fn version() -> &'static ::core::primitive::str {
             Self::__memo_function().version()
         }
     }

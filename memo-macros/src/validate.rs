@@ -33,7 +33,20 @@ pub(crate) struct ReceiverUse {
 
 /// Whether the tokens mention `Self`.
 fn mentions_self(tokens: proc_macro2::TokenStream) -> bool {
+    // `Self` in an `impl` or `trait` block declared inside the body is that block's.
+    let mut in_item = false;
     tokens.into_iter().any(|token| match token {
+        proc_macro2::TokenTree::Ident(ident) if ident == "impl" || ident == "trait" => {
+            in_item = true;
+            false
+        }
+        proc_macro2::TokenTree::Group(group)
+            if in_item && group.delimiter() == proc_macro2::Delimiter::Brace =>
+        {
+            in_item = false;
+            false
+        }
+        _ if in_item => false,
         proc_macro2::TokenTree::Ident(ident) => ident == "Self",
         proc_macro2::TokenTree::Group(group) => mentions_self(group.stream()),
         _ => false,

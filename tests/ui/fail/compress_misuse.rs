@@ -5,4 +5,9 @@ fn big(x: u64) -> Vec<u64> {
     vec![x; 100]
 }
 
+#[cached(compress = 99)]
+fn beyond_zstd(x: u64) -> Vec<u64> {
+    vec![x; 100]
+}
+
 fn main() {}

@@ -35,6 +35,24 @@ mod b {
     }
 }
 
+/// Primitive type names shadowed by the user's types.
+#[allow(dead_code, non_camel_case_types)]
+mod shadowed {
+    use memo::prelude::*;
+
+    struct bool;
+    struct str;
+
+    fn fresh(_: &memo::EntryMeta) -> ::core::primitive::bool {
+        true
+    }
+
+    #[cached(validate = fresh)]
+    pub fn checked(x: u8) -> u8 {
+        x
+    }
+}
+
 #[no_implicit_prelude]
 mod bare {
     #[::memo::cached]
@@ -54,4 +72,7 @@ fn main() {
     assert_eq!(a::same(1), 1);
     assert_ne!(a::same::location(), b::same::location());
     assert_eq!(bare::bytes("hi".into()), b"hi".to_vec());
+    assert_eq!(shadowed::checked(3), 3);
+    assert!(shadowed::checked::is_cached(3));
+    assert_eq!(shadowed::checked::version().len(), 64);
 }
