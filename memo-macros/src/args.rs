@@ -176,14 +176,16 @@ impl Parse for Args {
                     match input.parse::<Lit>()? {
                         Lit::Bool(flag) if !flag.value => None,
                         Lit::Bool(_) => Some(3),
-                        Lit::Int(level) => match level.base10_parse::<i32>()? {
-                            valid @ 1..=19 => Some(valid),
-                            _ => return Err(syn::Error::new_spanned(
-                                level,
-                                "`compress` takes a zstd level (1 to 19; 3 is the default) \
+                        Lit::Int(level) => {
+                            match level.base10_parse::<i32>()? {
+                                valid @ 1..=19 => Some(valid),
+                                _ => return Err(syn::Error::new_spanned(
+                                    level,
+                                    "`compress` takes a zstd level (1 to 19; 3 is the default) \
                                  or `false`",
-                            )),
-                        },
+                                )),
+                            }
+                        }
                         other => return Err(syn::Error::new_spanned(
                             other,
                             "`compress` takes a zstd level (1 to 19; 3 is the default) or `false`",
