@@ -436,7 +436,10 @@ fn evictions(memory: &Memory, json: bool) -> Result<(), Failure> {
     }
     let mut rows = table(&["when", "reason", "function", "version", "key", "size"]);
     for e in &log {
-        let when = std::time::UNIX_EPOCH + Duration::from_secs(e.at);
+        // (A damaged line's time past what a clock holds shows as the epoch.)
+        let when = std::time::UNIX_EPOCH
+            .checked_add(Duration::from_secs(e.at))
+            .unwrap_or(std::time::UNIX_EPOCH);
         rows.add_row(vec![
             ago(Some(when)),
             e.reason.clone(),

@@ -148,6 +148,11 @@ fn the_handle_checks_bypasses_refreshes_and_clears() {
     assert!(entry_files(&location).is_empty());
     assert_eq!(handled(1), 1001);
     assert_eq!(HANDLED.get(), 4);
+    // The folder made anew has the source of its entries again.
+    assert!(
+        location.join("source.rs").is_file(),
+        "source recorded after the clear"
+    );
 }
 
 static SLOW: Counter = Counter::new();

@@ -480,6 +480,8 @@ pub struct CachedFunction {
     version: OnceLock<String>,
     function_key: OnceLock<FunctionKey>,
     write_warned: AtomicBool,
+    /// Whether an argument or a value that cannot be serialized was warned about.
+    unkeyed_warned: AtomicBool,
     /// Computations of this function in this process, and how many of them took
     /// [`LOCK_FROM`] or longer.
     computed: AtomicU64,
@@ -508,6 +510,7 @@ impl CachedFunction {
             version: OnceLock::new(),
             function_key: OnceLock::new(),
             write_warned: AtomicBool::new(false),
+            unkeyed_warned: AtomicBool::new(false),
             computed: AtomicU64::new(0),
             slow: AtomicU64::new(0),
         }
@@ -565,7 +568,8 @@ impl CachedFunction {
             Ok(key) => Some(key),
             Err(source) => {
                 let function = self.identity().to_owned();
-                self.problem(memory, Error::Key { function, source }, NOT_CACHED);
+                let error = Error::Key { function, source };
+                self.problem_once(memory, error, NOT_CACHED, &self.unkeyed_warned);
                 None
             }
         }
@@ -951,7 +955,9 @@ impl CachedFunction {
 
     /// Removes every stored entry of this function, all versions.
     pub fn clear(&self, memory: &Memory) -> Result<(), Error> {
-        let cleared = match memory.store() {
+        // The next store records the source again, in the folder made anew.
+        memory.forget_saved_source(self as *const Self as usize);
+        let cleared = match memory.store_to_clear() {
             Some(store) => store.clear_function(&self.names().dir),
             None => Ok(()),
         };
@@ -964,7 +970,7 @@ impl CachedFunction {
 
     /// Removes every version of this function but the one compiled in now.
     pub fn clear_stale(&self, memory: &Memory) -> Result<(), Error> {
-        let Some(store) = memory.store() else {
+        let Some(store) = memory.store_to_clear() else {
             return Ok(());
         };
         let dir = &self.names().dir;
@@ -1118,7 +1124,8 @@ impl CachedFunction {
             Ok(payload) => Some(Arc::new(payload)),
             Err(message) => {
                 let function = self.identity().to_owned();
-                self.problem(memory, Error::Encode { function, message }, NOT_CACHED);
+                let error = Error::Encode { function, message };
+                self.problem_once(memory, error, NOT_CACHED, &self.unkeyed_warned);
                 None
             }
         }
@@ -1159,7 +1166,13 @@ impl CachedFunction {
                 Counters::bump(&memory.counters.stores);
                 memory.note_stored(bytes);
             }
-            Err(error) => self.write_problem(memory, error),
+            Err(error) => {
+                if prepared.source.is_some() {
+                    // Not stored: the next store writes the source again.
+                    memory.forget_saved_source(self as *const Self as usize);
+                }
+                self.write_problem(memory, error);
+            }
         }
         if prepared.source.is_some() {
             memory.clean_in_background(&self.names().dir, self.version());
@@ -1169,8 +1182,13 @@ impl CachedFunction {
     /// A failed write: warned once per function (a read-only or full disk would otherwise warn on
     /// every call), then at debug level.
     fn write_problem(&self, memory: &Memory, error: Error) {
-        if memory.is_strict() || !self.write_warned.swap(true, Ordering::Relaxed) {
-            self.problem(memory, error, NOT_STORED);
+        self.problem_once(memory, error, NOT_STORED, &self.write_warned);
+    }
+
+    /// A problem warned about once per function (`warned`), then logged at debug level.
+    fn problem_once(&self, memory: &Memory, error: Error, consequence: &str, warned: &AtomicBool) {
+        if memory.is_strict() || !warned.swap(true, Ordering::Relaxed) {
+            self.problem(memory, error, consequence);
         } else {
             Counters::bump(&memory.counters.errors);
             tracing::debug!(target: "memo", "{error}");
@@ -1188,5 +1206,6 @@ impl CachedFunction {
 }
 
 const RECOMPUTING: &str = "treated as a miss, the value is recomputed";
-const NOT_CACHED: &str = "the value is computed and returned, but not cached";
+const NOT_CACHED: &str = "the value is computed and returned, but not cached; further such \
+                          failures of this function are logged at debug level";
 const NOT_STORED: &str = "the value is returned but not stored; further write failures of this function are logged at debug level";

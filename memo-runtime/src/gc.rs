@@ -345,42 +345,50 @@ pub(crate) fn reduce_size(
         dry_run: limits.dry_run,
     };
     let mut log = String::new();
-    for (candidate, reason) in planned {
+    // What was removed before a failure is logged all the same.
+    let evict = || -> Result<(), Error> {
+        for (candidate, reason) in planned {
+            if !limits.dry_run {
+                // An entry already gone (another process evicted it) is not an error.
+                store.remove_entry(&candidate.path)?;
+                let secs = SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs());
+                log.push_str(&format!(
+                    "{secs}\t{}\t{}\t{}\t{}\t{}\n",
+                    reason.as_str(),
+                    candidate.function,
+                    candidate.version,
+                    candidate.key,
+                    candidate.size
+                ));
+            }
+            report.evicted.push(Eviction {
+                function: candidate.function,
+                version: candidate.version,
+                key: candidate.key,
+                path: candidate.path,
+                size: candidate.size,
+                last_used: candidate.last_used,
+                reason,
+            });
+        }
+        if !limits.dry_run && !report.evicted.is_empty() {
+            // Evicted packed entries free their space when their packs are merged.
+            store.compact();
+        }
         if !limits.dry_run {
-            // An entry already gone (another process evicted it) is not an error.
-            store.remove_entry(&candidate.path)?;
-            let secs = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs());
-            log.push_str(&format!(
-                "{secs}\t{}\t{}\t{}\t{}\t{}\n",
-                reason.as_str(),
-                candidate.function,
-                candidate.version,
-                candidate.key,
-                candidate.size
-            ));
+            for (function, version) in &old_versions {
+                store.remove_version(function, version)?;
+            }
         }
-        report.evicted.push(Eviction {
-            function: candidate.function,
-            version: candidate.version,
-            key: candidate.key,
-            path: candidate.path,
-            size: candidate.size,
-            last_used: candidate.last_used,
-            reason,
-        });
-    }
-    if !limits.dry_run && !report.evicted.is_empty() {
-        // Evicted packed entries free their space when their packs are merged.
-        store.compact();
-    }
-    if !limits.dry_run {
-        for (function, version) in &old_versions {
-            store.remove_version(function, version)?;
+        Ok(())
+    };
+    let evicted = evict();
+    let logged = || -> Result<(), Error> {
+        if log.is_empty() {
+            return Ok(());
         }
-    }
-    if !log.is_empty() {
         // With a remote store, evictions are logged in the local folder of the machine that
         // evicted, which may have stored nothing yet.
         let path = location.join(LAYOUT_DIR).join(EVICTION_LOG);
@@ -393,7 +401,10 @@ pub(crate) fn reduce_size(
         options
             .open(&path)
             .and_then(|mut file| file.write_all(log.as_bytes()))
-            .map_err(|e| Error::io("appending to the eviction log", &path, e))?;
-    }
+            .map_err(|e| Error::io("appending to the eviction log", &path, e))
+    };
+    let logged = logged();
+    evicted?;
+    logged?;
     Ok(report)
 }

@@ -293,8 +293,10 @@ impl Memory {
                     Memory::new(fallback)
                 })
             }
-            Some(dir) if !dir.is_empty() => Memory::new(dir),
-            _ => Memory::new(Memory::default_location()),
+            // Made absolute now: the cache stays where it was named should the program change
+            // its current folder later.
+            Some(dir) if !dir.is_empty() => Memory::new(absolute(PathBuf::from(dir))),
+            _ => Memory::new(absolute(Memory::default_location())),
         }
     }
 
@@ -580,6 +582,7 @@ impl Memory {
     /// memory.clear().unwrap();
     /// ```
     pub fn clear(&self) -> Result<(), Error> {
+        self.forget_saved_sources();
         let cleared = match &self.store {
             Some(store) => store.clear(),
             None => Ok(()),
@@ -639,6 +642,7 @@ impl Memory {
     /// Removes every entry of one function (a name as [`Memory::functions`] gives it), all
     /// versions.
     pub fn clear_function(&self, function: &str) -> Result<(), Error> {
+        self.forget_saved_sources();
         let cleared = match &self.store {
             Some(store) => store.clear_function(function),
             None => Ok(()),
@@ -708,6 +712,12 @@ impl Memory {
         self.store.as_deref()
     }
 
+    /// The store, also when [`MEMO_DISABLE`] turns caching off: for clearing, which must not be
+    /// a silent no-op then (as [`Memory::clear`] is not).
+    pub(crate) fn store_to_clear(&self) -> Option<&dyn Store> {
+        self.store.as_deref()
+    }
+
     /// Whether the source of the function version whose static lives at `id` still has to be
     /// recorded; marks it as recorded.
     pub(crate) fn first_store_of(&self, id: usize) -> bool {
@@ -716,6 +726,28 @@ impl Memory {
             .unwrap_or_else(PoisonError::into_inner)
             .insert(id)
     }
+
+    /// Forgets that the source of the function version at `id` was recorded (its folder was
+    /// cleared, or the store that recorded it failed): the next store records it again.
+    pub(crate) fn forget_saved_source(&self, id: usize) {
+        self.sources_saved
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&id);
+    }
+
+    /// [`Memory::forget_saved_source`] for every function (after a clear of many).
+    fn forget_saved_sources(&self) {
+        self.sources_saved
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
+    }
+}
+
+/// `path` made absolute against the current folder (as it is, when that cannot be done).
+fn absolute(path: PathBuf) -> PathBuf {
+    std::path::absolute(&path).unwrap_or(path)
 }
 
 /// Whether [`MEMO_DISABLE`] turns caching off, read once per process.

@@ -1413,6 +1413,21 @@ impl Store for DirStore {
     }
 
     fn remove_entry(&self, path: &Path) -> Result<bool, Error> {
+        // Only what a listing or a verification of this cache can name: a file of a version
+        // folder (an entry, a pack), never anything else.
+        let inside = path.strip_prefix(&self.base).is_ok_and(|below| {
+            below.components().count() >= 3
+                && below
+                    .components()
+                    .all(|part| matches!(part, std::path::Component::Normal(_)))
+        });
+        if !inside {
+            return Err(Error::io(
+                "removing cache entry",
+                path,
+                io::Error::other("not a file of this cache"),
+            ));
+        }
         #[cfg(unix)]
         if path
             .extension()
@@ -1492,6 +1507,18 @@ mod tests {
         let store = DirStore::new(outside.path().join("cache"));
         assert!(store.clear_function("../../victim").is_err());
         assert!(victim.exists());
+    }
+
+    #[test]
+    fn only_files_of_the_cache_are_removed_as_entries() {
+        let outside = tempfile::tempdir().unwrap();
+        let victim = outside.path().join("victim");
+        std::fs::write(&victim, b"keep").unwrap();
+        let store = DirStore::new(outside.path().join("cache"));
+        assert!(store.remove_entry(&victim).is_err());
+        let climbing = store.base.join("f/v/kk/../../../../../victim");
+        assert!(store.remove_entry(&climbing).is_err());
+        assert_eq!(std::fs::read(&victim).unwrap(), b"keep");
     }
 
     #[test]
