@@ -973,6 +973,16 @@ pub(crate) fn may_map(file: &File) -> bool {
     }
 }
 
+/// The files of a shard folder; `None` when it is gone (another process cleared its version
+/// since the folder was listed).
+fn read_shard(shard: &Path) -> Result<Option<fs::ReadDir>, Error> {
+    match fs::read_dir(shard) {
+        Ok(read) => Ok(Some(read)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(Error::io("listing cache folder", shard, e)),
+    }
+}
+
 /// Reads a text file of memo's (a source, the previews) without following a link.
 fn read_text(path: &Path) -> io::Result<String> {
     let mut text = String::new();
@@ -1249,8 +1259,9 @@ impl Store for DirStore {
                 .collect();
         let mut entries = Vec::new();
         for shard in Self::shards(&self.version_dir(function, version)) {
-            let read =
-                fs::read_dir(&shard).map_err(|e| Error::io("listing cache folder", &shard, e))?;
+            let Some(read) = read_shard(&shard)? else {
+                continue;
+            };
             for item in read.flatten() {
                 let name = item.file_name().to_string_lossy().into_owned();
                 if decode_hex_key(&name).is_none() {
@@ -1290,8 +1301,9 @@ impl Store for DirStore {
         let mut report = VerifyReport::default();
         for version_dir in self.version_dirs() {
             for shard in Self::shards(&version_dir) {
-                let read = fs::read_dir(&shard)
-                    .map_err(|e| Error::io("listing cache folder", &shard, e))?;
+                let Some(read) = read_shard(&shard)? else {
+                    continue;
+                };
                 for item in read.flatten() {
                     let name = item.file_name().to_string_lossy().into_owned();
                     let path = item.path();
