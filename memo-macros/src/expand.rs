@@ -219,7 +219,14 @@ fn policy(names: &Names<'_>) -> TokenStream {
 /// The user's function, with its attributes, name and signature; its body calls `__memo_call`.
 fn public_fn(names: &Names<'_>) -> TokenStream {
     let item = &names.model.item;
-    let attrs = &item.attrs;
+    // An expected lint is expected where the body went (`__memo_call`): here it is allowed.
+    let attrs = item.attrs.iter().map(|attr| match &attr.meta {
+        syn::Meta::List(list) if list.path.is_ident("expect") => {
+            let lints = &list.tokens;
+            quote_spanned!(attr.span()=> #[allow(#lints)])
+        }
+        _ => attr.to_token_stream(),
+    });
     let vis = &item.vis;
     let mut sig = item.sig.clone();
     let params = plain_params(&names.model.signature.params);

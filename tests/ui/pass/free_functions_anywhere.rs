@@ -61,8 +61,17 @@ fn make_point(x: i32) -> Point {
     Point { x, y: -x }
 }
 
+/// An expected lint is fulfilled by the body, wherever the expansion puts it.
+#[cached]
+#[expect(unused_variables)]
+fn expects_a_lint(x: u64) -> u64 {
+    let unused = 1;
+    x
+}
+
 fn main() {
     std::env::set_var("MEMO_DIR", std::env::temp_dir().join("memo-ui-pass"));
+    assert_eq!(expects_a_lint(5), 5);
 
     #[cached]
     fn nested(x: u64) -> u64 {
