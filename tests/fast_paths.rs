@@ -431,6 +431,18 @@ impl<'de> Deserialize<'de> for Slow {
     }
 }
 
+/// Calls `f(1)` (stored, and out of memory) on another thread and runs `meanwhile` while that
+/// call decodes the value it read from the disk; what the call returned.
+fn while_read_from_disk(f: fn(u64) -> Slow, meanwhile: impl FnOnce()) -> Slow {
+    RACED.clear_memory_tier();
+    let (reached, go) = DECODING.hold();
+    let reader = std::thread::spawn(move || f(1));
+    reached.recv().unwrap();
+    meanwhile();
+    go.send(()).unwrap();
+    reader.join().unwrap()
+}
+
 static RECOMPUTED: Counter = Counter::new();
 
 #[cached(memory = RACED)]
@@ -444,14 +456,10 @@ fn recomputed_while_read(x: u64) -> Slow {
 fn a_value_read_while_it_was_computed_again_does_not_replace_the_new_one_in_memory() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     assert_eq!(recomputed_while_read(1), Slow(1));
-    RACED.clear_memory_tier();
-    let (reached, go) = DECODING.hold();
-    let reader = std::thread::spawn(|| recomputed_while_read(1));
-    // The reader has the old value from the disk, and decodes it.
-    reached.recv().unwrap();
-    assert_eq!(recomputed_while_read::recompute(1), Slow(2));
-    go.send(()).unwrap();
-    assert_eq!(reader.join().unwrap(), Slow(1));
+    let read = while_read_from_disk(recomputed_while_read, || {
+        assert_eq!(recomputed_while_read::recompute(1), Slow(2));
+    });
+    assert_eq!(read, Slow(1), "the reader had the old value");
     assert_eq!(recomputed_while_read(1), Slow(2));
     assert_eq!(RECOMPUTED.get(), 2);
 }
@@ -469,13 +477,8 @@ fn cleared_while_read(x: u64) -> Slow {
 fn a_value_read_while_it_was_cleared_does_not_come_back_from_memory() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     assert_eq!(cleared_while_read(1), Slow(1));
-    RACED.clear_memory_tier();
-    let (reached, go) = DECODING.hold();
-    let reader = std::thread::spawn(|| cleared_while_read(1));
-    reached.recv().unwrap();
-    cleared_while_read::clear().unwrap();
-    go.send(()).unwrap();
-    assert_eq!(reader.join().unwrap(), Slow(1));
+    let read = while_read_from_disk(cleared_while_read, || cleared_while_read::clear().unwrap());
+    assert_eq!(read, Slow(1));
     assert_eq!(
         cleared_while_read(1),
         Slow(2),
