@@ -247,7 +247,8 @@ pub fn parse(bytes: &[u8], base: u64, mut each: impl FnMut(Record<'_>)) -> Parse
 
 /// Reads a whole pack and parses it; `each` sees every valid record. The pack is mapped, not
 /// copied: a damaged (or sparse, or foreign) file is read only as far as it parses. (On a
-/// network file system it is read: see [`crate::store::may_map`].)
+/// network or FUSE file system it is read instead: a file another machine removes would make a
+/// mapping's next page fault end the process.)
 pub fn read_pack(path: &Path, each: impl FnMut(Record<'_>)) -> io::Result<Parsed> {
     let file = open_read(path)?;
     let len = file.metadata()?.len();

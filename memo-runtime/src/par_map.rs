@@ -498,8 +498,9 @@ impl Pool {
     }
 }
 
-/// Look-ups of items that made no cached call after which a map stops looking up (not under a
-/// shard) when no item made one: `f` calls no cached function, and its items are computed at once.
+/// How many items that made no cached call (while none made one) a map looks up before it stops
+/// looking up, not under a shard: `f` then calls no cached function, and the other items are
+/// computed at once.
 const UNCACHED_AFTER: usize = 8;
 
 fn panic_message(payload: &(dyn Any + Send)) -> String {
