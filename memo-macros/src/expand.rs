@@ -477,7 +477,13 @@ fn function_state(names: &Names<'_>) -> TokenStream {
     let private = &names.private;
     let name = item.sig.ident.to_string();
     let args = &names.model.args;
-    let version = version_hash(item, args.version.as_deref(), &args.keying());
+    let mut options = args.keying();
+    if names.model.signature.associated {
+        // Their keys name the impl (see `key`) since 2026-12: a version of its own, so that the
+        // entries keyed the old way are another version's, which `clear_stale` and gc remove.
+        options.push_str("keyed by impl path ");
+    }
+    let version = version_hash(item, args.version.as_deref(), &options);
     let source = source_text(item);
     let deps = dep_nodes(private, args.deps.as_ref());
     let expire_after = match args.expire {

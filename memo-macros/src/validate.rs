@@ -33,7 +33,16 @@ pub(crate) struct ReceiverUse {
 
 /// Whether the tokens mention `Self`.
 fn mentions_self(tokens: proc_macro2::TokenStream) -> bool {
-    // `Self` in an `impl` or `trait` block declared inside the body is that block's.
+    tokens.into_iter().any(|token| match token {
+        proc_macro2::TokenTree::Ident(ident) => ident == "Self",
+        proc_macro2::TokenTree::Group(group) => mentions_self(group.stream()),
+        _ => false,
+    })
+}
+
+/// Whether a function body mentions `Self` outside the `impl` and `trait` blocks declared in it
+/// (their `Self` is theirs).
+fn body_mentions_self(tokens: proc_macro2::TokenStream) -> bool {
     let mut in_item = false;
     tokens.into_iter().any(|token| match token {
         proc_macro2::TokenTree::Ident(ident) if ident == "impl" || ident == "trait" => {
@@ -48,7 +57,7 @@ fn mentions_self(tokens: proc_macro2::TokenStream) -> bool {
         }
         _ if in_item => false,
         proc_macro2::TokenTree::Ident(ident) => ident == "Self",
-        proc_macro2::TokenTree::Group(group) => mentions_self(group.stream()),
+        proc_macro2::TokenTree::Group(group) => body_mentions_self(group.stream()),
         _ => false,
     })
 }
@@ -276,7 +285,8 @@ pub(crate) fn validate(item: &ItemFn, args: &Args) -> Result<Checked, syn::Error
     }
     let associated = receiver_use.is_some()
         || args.associated.is_some()
-        || mentions_self(quote::quote!(#sig #item_block));
+        || mentions_self(quote::quote!(#sig))
+        || body_mentions_self(quote::quote!(#item_block));
     match errors.0 {
         Some(error) => Err(error),
         None => Ok(Checked {

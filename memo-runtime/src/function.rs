@@ -480,8 +480,10 @@ pub struct CachedFunction {
     version: OnceLock<String>,
     function_key: OnceLock<FunctionKey>,
     write_warned: AtomicBool,
-    /// Whether an argument or a value that cannot be serialized was warned about.
+    /// Whether an argument that cannot be serialized was warned about.
     unkeyed_warned: AtomicBool,
+    /// Whether a value that cannot be serialized was warned about.
+    unencoded_warned: AtomicBool,
     /// Computations of this function in this process, and how many of them took
     /// [`LOCK_FROM`] or longer.
     computed: AtomicU64,
@@ -511,6 +513,7 @@ impl CachedFunction {
             function_key: OnceLock::new(),
             write_warned: AtomicBool::new(false),
             unkeyed_warned: AtomicBool::new(false),
+            unencoded_warned: AtomicBool::new(false),
             computed: AtomicU64::new(0),
             slow: AtomicU64::new(0),
         }
@@ -1125,7 +1128,7 @@ impl CachedFunction {
             Err(message) => {
                 let function = self.identity().to_owned();
                 let error = Error::Encode { function, message };
-                self.problem_once(memory, error, NOT_CACHED, &self.unkeyed_warned);
+                self.problem_once(memory, error, NOT_CACHED, &self.unencoded_warned);
                 None
             }
         }

@@ -1640,8 +1640,8 @@ pub(crate) fn repair(path: &Path) -> io::Result<bool> {
             "a running process still writes to it; try again when it has ended",
         ));
     }
-    // SAFETY: as in `read_pack`; this process holds the pack's lock, so no memo process writes it.
-    let bytes = unsafe { memmap2::Mmap::map(&file)? };
+    // Read, not mapped: a rare repair, and safe on a network file system too.
+    let bytes = read_at(&file, 0, file.metadata()?.len())?;
     let parsed = parse(&bytes, 0, |_| {});
     if parsed.damage.is_none() {
         return Ok(false);

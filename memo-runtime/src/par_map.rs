@@ -874,8 +874,10 @@ where
         let done = steps.iter().any(|step| matches!(step, Step::Done(..)));
         if done && !calls_cached {
             log::warn(
-                "par_cached_map: the mapped function called no #[cached] function, so nothing \
-                 was cached; the items were computed in parallel",
+                "par_cached_map: the mapped function made no #[cached] call on the map's threads, \
+                 so nothing seems cached (calls it makes on threads of its own, e.g. through rayon \
+                 inside it or a nested map with jobs of its own, are not seen); the items were \
+                 computed in parallel",
             );
         }
         let (mut saved, mut from_cache, mut computed) = (Duration::ZERO, 0, 0);
