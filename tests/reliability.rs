@@ -508,3 +508,34 @@ fn a_cache_folder_that_is_a_symbolic_link_is_not_written_through() {
         "nothing written outside"
     );
 }
+
+/// Entries in files of their own, read from disk on every call.
+static REWRITTEN: LazyLock<Memory> = LazyLock::new(|| {
+    Memory::new(fresh_dir("rewritten"))
+        .pack_limit(0)
+        .memory_tier(0)
+});
+static REWRITES: Counter = Counter::new();
+
+#[cached(memory = REWRITTEN)]
+fn rewritten(x: u64) -> u64 {
+    REWRITES.bump();
+    x + 7
+}
+
+#[test]
+fn an_entry_stored_again_after_a_verification_is_not_removed_as_broken() {
+    assert_eq!(rewritten(1), 8);
+    let entry = only_entry(rewritten::location());
+    let mut bytes = std::fs::read(&entry).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    std::fs::write(&entry, &bytes).unwrap();
+    let report = REWRITTEN.verify().unwrap();
+    assert_eq!(report.broken.len(), 1, "{report:?}");
+    // Stored again meanwhile, by a program running beside the one that verified.
+    assert_eq!(rewritten::recompute(1), 8);
+    assert_eq!(REWRITTEN.remove_broken(&report).unwrap(), 0);
+    assert_eq!(rewritten(1), 8);
+    assert_eq!(REWRITES.get(), 2, "the entry stored again is still there");
+}

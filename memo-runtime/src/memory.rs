@@ -591,14 +591,20 @@ impl Memory {
         cleared
     }
 
-    /// Removes the broken entries a [`Memory::verify`] report lists (each would be a miss anyway);
-    /// returns how many were removed.
+    /// Removes the broken entries a [`Memory::verify`] report lists (each would be a miss anyway)
+    /// that are broken still: one stored again since the report (by a program running meanwhile)
+    /// is kept. Returns how many were removed.
     pub fn remove_broken(&self, report: &VerifyReport) -> Result<usize, Error> {
         let Some(store) = &self.store else {
             return Ok(0);
         };
         let mut removed = 0;
-        for (path, _) in &report.broken {
+        // An entry stored again since the verification (by a program running meanwhile) stays.
+        for (path, _) in report
+            .broken
+            .iter()
+            .filter(|(path, _)| store.still_broken(path))
+        {
             removed += usize::from(store.remove_entry(path)?);
         }
         Ok(removed)

@@ -1379,6 +1379,11 @@ impl Store for Tiered {
         self.remote.delete_all(self.remote.root.clone())
     }
 
+    fn still_broken(&self, path: &Path) -> bool {
+        // A remote object is checked again when read; a local one here.
+        self.remote.object_of(path).is_some() || self.local.still_broken(path)
+    }
+
     fn remove_entry(&self, path: &Path) -> Result<bool, Error> {
         let Some(object) = self.remote.object_of(path) else {
             return self.local.remove_entry(path);

@@ -117,6 +117,13 @@ pub(crate) trait Store: Send + Sync {
     /// Removes one entry, named by the path a listing or a verification gave for it; whether
     /// it was there (an entry already gone is not an error).
     fn remove_entry(&self, path: &Path) -> Result<bool, Error>;
+    /// Whether an entry that a verification reported broken (named by the path it gave) is
+    /// broken still: a program may have stored it again since. A store that cannot tell says
+    /// yes.
+    fn still_broken(&self, path: &Path) -> bool {
+        let _ = path;
+        true
+    }
     /// Where the cache lives, as a URL, when it is not (only) a local folder.
     fn remote_url(&self) -> Option<&str> {
         None
@@ -1467,6 +1474,27 @@ impl Store for DirStore {
             }
         }
         Ok(removed)
+    }
+
+    fn still_broken(&self, path: &Path) -> bool {
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+        if path.is_file() {
+            // (A damaged pack is no entry: `remove_entry` repairs only a damage still there.)
+            return name.is_none_or(|name| verify_entry(path, &name).is_err());
+        }
+        #[cfg(unix)]
+        if let Some((function, short, key)) = self.packed_address(path) {
+            return match self
+                .packs_of(&function, &short)
+                .map(|packs| packs.get(&key))
+            {
+                Ok(Ok(Found::Entry(bytes))) => entry::decode(&bytes, &key).is_err(),
+                // Gone, or never there: nothing broken to remove.
+                Ok(Ok(Found::Absent | Found::File)) => false,
+                Ok(Err(_)) | Err(_) => true,
+            };
+        }
+        true
     }
 
     fn set_strict(&self, strict: bool) {
