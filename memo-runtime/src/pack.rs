@@ -579,7 +579,7 @@ struct State {
     /// Whether the folder was looked at once for entry files written without a record.
     files_listed: bool,
     /// When an append last checked that the counter and the pack are still in the folder
-    /// ([`monotonic_nanos`]).
+    /// ([`now_nanos`], which appends read anyway).
     checked_at: u64,
 }
 
@@ -594,10 +594,10 @@ fn unlinked(file: &File) -> bool {
 /// Lets go of a counter or a pack that is no longer in the folder (deleted by hand with the
 /// folder, or a counter another process replaced at the same moment as this one): appends would
 /// go to a file nobody sees, and the counter would never move again. Checked at most every
-/// [`CHECK_EVERY`]; what went to such a pack meanwhile is lost (computed again when asked for).
-fn let_go_of_unlinked(state: &mut State) {
-    let now = monotonic_nanos();
-    if now.saturating_sub(state.checked_at) < CHECK_EVERY.as_nanos() as u64 {
+/// [`CHECK_EVERY`] (`now`: the wall clock; one set back checks at once); what went to such a
+/// pack meanwhile is lost (computed again when asked for).
+fn let_go_of_unlinked(state: &mut State, now: u64) {
+    if now >= state.checked_at && now - state.checked_at < CHECK_EVERY.as_nanos() as u64 {
         return;
     }
     state.checked_at = now;
@@ -897,11 +897,12 @@ impl Packs {
             preview,
             defer,
         } = record;
+        let now = now_nanos();
         let mut state = self.write_state();
         if state.generation.as_ref().is_some_and(Generation::removed) {
             *state = State::default();
         }
-        let_go_of_unlinked(&mut state);
+        let_go_of_unlinked(&mut state, now);
         if state.generation.is_none() {
             self.refresh(&mut state);
         }
@@ -943,7 +944,7 @@ impl Packs {
             .index
             .get(key)
             .map_or(0, |slot| slot.written.saturating_add(1))
-            .max(now_nanos());
+            .max(now);
         let Some(writer) = state.writer.as_mut() else {
             return Err(io::Error::other("no pack to write to"));
         };
