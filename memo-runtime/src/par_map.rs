@@ -868,25 +868,15 @@ where
         }
         bar.finish_and_clear();
 
-        let calls_cached = steps
-            .iter()
-            .any(|step| matches!(step, Step::Done(_, tally) if tally.calls > 0));
-        let done = steps.iter().any(|step| matches!(step, Step::Done(..)));
-        if done && !calls_cached {
-            log::warn(
-                "par_cached_map: the mapped function made no #[cached] call on the map's threads, \
-                 so nothing seems cached (calls it makes on threads of its own, e.g. through rayon \
-                 inside it or a nested map with jobs of its own, are not seen); the items were \
-                 computed in parallel",
-            );
-        }
         let (mut saved, mut from_cache, mut computed) = (Duration::ZERO, 0, 0);
+        let mut calls = 0;
         let mut results = Vec::with_capacity(steps.len());
         let mut failures = Vec::new();
         for (index, step) in steps.into_iter().enumerate() {
             match step {
                 Step::Done(value, tally) => {
                     saved = saved.saturating_add(tally.saved);
+                    calls += tally.calls;
                     if tally.loaded() {
                         from_cache += 1;
                     } else {
@@ -906,6 +896,14 @@ where
                 Step::Elsewhere => results.push(None),
                 Step::Pending(_) => unreachable!("every pending item is computed in step 2"),
             }
+        }
+        if from_cache + computed > 0 && calls == 0 {
+            log::warn(
+                "par_cached_map: the mapped function made no #[cached] call on the map's threads, \
+                 so nothing seems cached (calls it makes on threads of its own, e.g. through rayon \
+                 inside it or a nested map with jobs of its own, are not seen); the items were \
+                 computed in parallel",
+            );
         }
         let finished = Finished {
             results,
