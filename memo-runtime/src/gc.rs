@@ -385,26 +385,28 @@ pub(crate) fn reduce_size(
         Ok(())
     };
     let evicted = evict();
-    let logged = || -> Result<(), Error> {
-        if log.is_empty() {
-            return Ok(());
-        }
-        // With a remote store, evictions are logged in the local folder of the machine that
-        // evicted, which may have stored nothing yet.
-        let path = location.join(LAYOUT_DIR).join(EVICTION_LOG);
-        std::fs::create_dir_all(location.join(LAYOUT_DIR))
-            .map_err(|e| Error::io("creating the folder of the eviction log", &path, e))?;
-        let mut options = OpenOptions::new();
-        options.create(true).append(true);
-        #[cfg(unix)]
-        std::os::unix::fs::OpenOptionsExt::custom_flags(&mut options, libc::O_NOFOLLOW);
-        options
-            .open(&path)
-            .and_then(|mut file| file.write_all(log.as_bytes()))
-            .map_err(|e| Error::io("appending to the eviction log", &path, e))
-    };
-    let logged = logged();
+    let logged = append_to_eviction_log(location, &log);
     evicted?;
     logged?;
     Ok(report)
+}
+
+/// Appends `lines` (when there are any) to the eviction log of the cache at `location`. With a
+/// remote store, evictions are logged in the local folder of the machine that evicted, which
+/// may have stored nothing yet.
+fn append_to_eviction_log(location: &Path, lines: &str) -> Result<(), Error> {
+    if lines.is_empty() {
+        return Ok(());
+    }
+    let path = location.join(LAYOUT_DIR).join(EVICTION_LOG);
+    std::fs::create_dir_all(location.join(LAYOUT_DIR))
+        .map_err(|e| Error::io("creating the folder of the eviction log", &path, e))?;
+    let mut options = OpenOptions::new();
+    options.create(true).append(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::custom_flags(&mut options, libc::O_NOFOLLOW);
+    options
+        .open(&path)
+        .and_then(|mut file| file.write_all(lines.as_bytes()))
+        .map_err(|e| Error::io("appending to the eviction log", &path, e))
 }
