@@ -820,7 +820,8 @@ impl CachedFunction {
         }
     }
 
-    /// This function's identity in the memory tier: the address of its static.
+    /// This function's identity in this process (the memory tier, the sources recorded): the
+    /// address of its static.
     fn id(&self) -> usize {
         self as *const Self as usize
     }
@@ -959,7 +960,7 @@ impl CachedFunction {
     /// Removes every stored entry of this function, all versions.
     pub fn clear(&self, memory: &Memory) -> Result<(), Error> {
         // The next store records the source again, in the folder made anew.
-        memory.forget_saved_source(self as *const Self as usize);
+        memory.forget_saved_source(self.id());
         let cleared = match memory.store_to_clear() {
             Some(store) => store.clear_function(&self.names().dir),
             None => Ok(()),
@@ -1137,16 +1138,14 @@ impl CachedFunction {
     /// The text of this version's `source.rs` when this process has not recorded it yet in
     /// `memory`.
     fn source_to_save(&self, memory: &Memory) -> Option<String> {
-        memory
-            .first_store_of(self as *const Self as usize)
-            .then(|| {
-                format!(
-                    "// memo: source of `{}`, version {}\n{}",
-                    self.identity(),
-                    self.version(),
-                    self.def.source
-                )
-            })
+        memory.first_store_of(self.id()).then(|| {
+            format!(
+                "// memo: source of `{}`, version {}\n{}",
+                self.identity(),
+                self.version(),
+                self.def.source
+            )
+        })
     }
 
     /// Counts or reports the outcome of a store, keeping a stored value in the memory tier; after
@@ -1172,7 +1171,7 @@ impl CachedFunction {
             Err(error) => {
                 if prepared.source.is_some() {
                     // Not stored: the next store writes the source again.
-                    memory.forget_saved_source(self as *const Self as usize);
+                    memory.forget_saved_source(self.id());
                 }
                 self.write_problem(memory, error);
             }
