@@ -16,7 +16,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasherDefault, Hash, Hasher};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
@@ -272,6 +272,9 @@ pub(crate) struct Tier {
     /// the shard's lock; read without it, for a [`Ticket`]).
     changes: Box<[Changes]>,
     shard_budget: u64,
+    /// Set by the first value kept: until then a look-up has nothing to find and takes no lock
+    /// (the first calls of a new process, which read each entry once, are not kept).
+    kept_any: AtomicBool,
 }
 
 /// A shard's count of changes, on a cache line of its own.
@@ -289,6 +292,7 @@ impl Tier {
             shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
             changes: (0..SHARDS).map(|_| Changes::default()).collect(),
             shard_budget: (bytes / SHARDS as u64).max(1),
+            kept_any: AtomicBool::new(false),
         })
     }
 
@@ -309,6 +313,9 @@ impl Tier {
     /// Looks `key` up: a copy of its slot (a small payload is copied, a larger one shared), to
     /// be checked and decoded once the shard's lock is let go.
     pub(crate) fn get(&self, key: &TierKey, touch_after: Duration) -> Option<Kept> {
+        if !self.kept_any.load(Ordering::Acquire) {
+            return None;
+        }
         let (mut shard, _) = self.shard(key);
         let slot = shard.slots.get_mut(key)?;
         slot.hits = slot.hits.wrapping_add(1);
@@ -418,6 +425,7 @@ impl Tier {
             touched: seconds(),
             hits: 0,
         };
+        self.kept_any.store(true, Ordering::Release);
         if let Some(old) = shard.slots.insert(key, slot) {
             shard.bytes -= cost(&old.payload);
         }
