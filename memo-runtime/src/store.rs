@@ -22,6 +22,7 @@ use std::collections::{HashMap, HashSet};
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, SystemTime};
 
@@ -182,6 +183,32 @@ pub(crate) struct DirStore {
     /// The packs of the versions used, by short version name, then function folder name.
     #[cfg(unix)]
     packs: RwLock<PackMap>,
+    /// Counts the removals from `packs` (a version removed, or all let go), so that a thread's
+    /// [`LastPacks`] taken before one is not used after it.
+    #[cfg(unix)]
+    packs_epoch: AtomicU64,
+    /// This store among the stores of the process, for [`LastPacks`].
+    #[cfg(unix)]
+    id: u64,
+}
+
+/// The packs a thread used last, so that its next look-up of the same version takes neither
+/// the shared map's lock nor its hash (a thread mostly calls one function at a time, and the
+/// map's lock is one cache line for all threads).
+#[cfg(unix)]
+#[derive(Default)]
+struct LastPacks {
+    /// The [`DirStore::id`] and [`DirStore::packs_epoch`] it was taken under.
+    store: u64,
+    epoch: u64,
+    function: String,
+    short: String,
+    packs: Option<Arc<Packs>>,
+}
+
+#[cfg(unix)]
+thread_local! {
+    static LAST_PACKS: std::cell::RefCell<LastPacks> = std::cell::RefCell::default();
 }
 
 /// The packs of the versions a store used: short version name -> (function folder, packs).
@@ -232,6 +259,13 @@ impl DirStore {
             strict: std::sync::atomic::AtomicBool::new(false),
             #[cfg(unix)]
             packs: RwLock::default(),
+            #[cfg(unix)]
+            packs_epoch: AtomicU64::new(0),
+            #[cfg(unix)]
+            id: {
+                static STORES: AtomicU64 = AtomicU64::new(1);
+                STORES.fetch_add(1, Ordering::Relaxed)
+            },
         }
     }
 
@@ -244,6 +278,38 @@ impl DirStore {
     /// The packs of a version folder (`short`: its name), created on first use.
     #[cfg(unix)]
     fn packs_of(&self, function: &str, short: &str) -> Result<Arc<Packs>, Error> {
+        // Read before the map: a removal after this makes the next look-up miss the
+        // thread's copy.
+        let epoch = self.packs_epoch.load(Ordering::Acquire);
+        let last = LAST_PACKS.try_with(|last| {
+            let last = last.try_borrow().ok()?;
+            let same = last.store == self.id
+                && last.epoch == epoch
+                && last.short == short
+                && last.function == function;
+            last.packs.as_ref().filter(|_| same).map(Arc::clone)
+        });
+        if let Ok(Some(packs)) = last {
+            return Ok(packs);
+        }
+        let packs = self.packs_in_map(function, short)?;
+        let _ = LAST_PACKS.try_with(|last| {
+            if let Ok(mut last) = last.try_borrow_mut() {
+                let last = &mut *last;
+                (last.store, last.epoch) = (self.id, epoch);
+                last.function.clear();
+                last.function.push_str(function);
+                last.short.clear();
+                last.short.push_str(short);
+                last.packs = Some(Arc::clone(&packs));
+            }
+        });
+        Ok(packs)
+    }
+
+    /// [`DirStore::packs_of`] from the shared map.
+    #[cfg(unix)]
+    fn packs_in_map(&self, function: &str, short: &str) -> Result<Arc<Packs>, Error> {
         {
             let map = self.packs.read().unwrap_or_else(PoisonError::into_inner);
             if let Some(found) = map
@@ -259,6 +325,7 @@ impl DirStore {
         if map.len() >= KEEP_OPEN * 2 {
             // Many versions in one process: their indexes are rebuilt when used again.
             map.clear();
+            self.packs_epoch.fetch_add(1, Ordering::Release);
         }
         let list = map.entry(short.to_owned()).or_default();
         if let Some(found) = list.iter().find(|(name, _)| name == function) {
@@ -311,7 +378,7 @@ impl DirStore {
     /// entry file's time): a "used" record, which may wait in memory. Best effort.
     #[cfg(unix)]
     fn note_use(&self, at: &EntryAddress<'_>, used: u64) {
-        let stale = pack::now_nanos().saturating_sub(TOUCH_AFTER.as_nanos() as u64);
+        let stale = pack::now_nanos_coarse().saturating_sub(TOUCH_AFTER.as_nanos() as u64);
         if used < stale {
             let _ = self.append(at, pack::Kind::Used, &[], None, true);
         }
@@ -392,6 +459,7 @@ impl DirStore {
                 });
             }
             map.retain(|_, list| !list.is_empty());
+            self.packs_epoch.fetch_add(1, Ordering::Release);
         }
         #[cfg(not(unix))]
         let _ = dirs;
@@ -1643,6 +1711,26 @@ mod tests {
         drop(store);
         pack::compact(&folder, 1).unwrap();
         assert_eq!(last_used(), noted);
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_thread_does_not_keep_using_the_packs_of_a_removed_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = DirStore::new(dir.path().to_path_buf());
+        let other = DirStore::new(dir.path().to_path_buf());
+        let short = "0123456789abcdef";
+        let first = store.packs_of("k.f", short).unwrap();
+        // The thread's copy answers again, for this store only.
+        assert!(Arc::ptr_eq(&first, &store.packs_of("k.f", short).unwrap()));
+        assert!(!Arc::ptr_eq(&first, &other.packs_of("k.f", short).unwrap()));
+        assert!(Arc::ptr_eq(&first, &store.packs_of("k.f", short).unwrap()));
+        assert!(!Arc::ptr_eq(&first, &store.packs_of("k.g", short).unwrap()));
+        assert!(Arc::ptr_eq(&first, &store.packs_of("k.f", short).unwrap()));
+        store.retire(&[store.version_dir("k.f", short)]);
+        let after = store.packs_of("k.f", short).unwrap();
+        assert!(!Arc::ptr_eq(&first, &after));
+        assert!(Arc::ptr_eq(&after, &store.packs_of("k.f", short).unwrap()));
     }
 
     #[test]
