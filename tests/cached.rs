@@ -8,7 +8,8 @@
 mod common;
 
 use std::collections::HashMap;
-use std::sync::{Barrier, LazyLock};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Barrier, LazyLock};
 use std::thread;
 use std::time::Duration;
 
@@ -247,6 +248,56 @@ fn reenters(x: u64) -> u64 {
 fn a_call_with_its_own_key_inside_itself_does_not_deadlock() {
     assert_eq!(reenters(10), 11);
     assert_eq!(SELF_CALLS.get(), 2);
+}
+
+static LEFT_ASKS: AtomicBool = AtomicBool::new(true);
+static RIGHT_ASKS: AtomicBool = AtomicBool::new(true);
+static BOTH_INSIDE: Barrier = Barrier::new(2);
+
+/// On its first run, once `right` runs too, asks `right` for the same argument.
+#[cached(memory = MEMORY)]
+fn left(x: u64) -> u64 {
+    if LEFT_ASKS.swap(false, Ordering::SeqCst) {
+        BOTH_INSIDE.wait();
+        right(x) + 1
+    } else {
+        x
+    }
+}
+
+/// `left` the other way round.
+#[cached(memory = MEMORY)]
+fn right(x: u64) -> u64 {
+    if RIGHT_ASKS.swap(false, Ordering::SeqCst) {
+        BOTH_INSIDE.wait();
+        left(x) + 10
+    } else {
+        x
+    }
+}
+
+/// As when a work-stealing pool runs, inside one computation, another item's call: two
+/// threads each computing a key and asking for the other's. The second to ask computes the
+/// key itself instead of waiting (for ever).
+#[test]
+fn two_threads_asking_for_each_others_keys_do_not_deadlock() {
+    let (ended, end) = mpsc::channel();
+    for ask in [left as fn(u64) -> u64, right] {
+        let ended = ended.clone();
+        thread::spawn(move || ended.send(ask(7)).unwrap());
+    }
+    let mut both: Vec<u64> = (0..2)
+        .map(|_| {
+            end.recv_timeout(Duration::from_secs(30))
+                .expect("two threads asking for each other's keys deadlocked")
+        })
+        .collect();
+    both.sort_unstable();
+    // One of them computed the other's key directly (7) and added to it; the other took that.
+    assert!(
+        both == [7 + 10, 7 + 10 + 1] || both == [7 + 1, 7 + 1 + 10],
+        "{both:?}"
+    );
 }
 
 static DAMAGED: Counter = Counter::new();

@@ -36,7 +36,35 @@ struct Flight {
 /// The keys being computed in this process right now.
 #[derive(Default)]
 pub(crate) struct InFlight {
-    flights: Mutex<HashMap<CacheKey, Arc<Flight>, rustc_hash::FxBuildHasher>>,
+    flights: Mutex<Flights>,
+}
+
+#[derive(Default)]
+struct Flights {
+    running: HashMap<CacheKey, Arc<Flight>, rustc_hash::FxBuildHasher>,
+    /// The threads waiting for a flight, each with the thread that owns it.
+    waiting: HashMap<ThreadId, ThreadId, rustc_hash::FxBuildHasher>,
+}
+
+impl Flights {
+    /// Whether `thread` is `me`, or waits (through others) for a flight that `me` owns: then
+    /// `me` waiting for a flight of `thread` would close a circle in which no one ever wakes.
+    /// (Work-stealing pools make one: a thread computing a key runs, while it waits for its
+    /// parallel parts, another item's call that waits for a key of a second thread, which did
+    /// the same the other way round.)
+    fn leads_to(&self, mut thread: ThreadId, me: ThreadId) -> bool {
+        // Bounded: the waits recorded form no circle (none is let in), but be sure.
+        for _ in 0..=self.waiting.len() {
+            if thread == me {
+                return true;
+            }
+            match self.waiting.get(&thread) {
+                Some(&owner) => thread = owner,
+                None => return false,
+            }
+        }
+        false
+    }
 }
 
 /// The outcome of [`InFlight::claim`].
@@ -47,7 +75,8 @@ pub(crate) enum Claim<'a> {
     /// that thread panicked: look again, then compute.
     Waited(Option<Payload>),
     /// This thread is already computing this key further up its stack (a function that calls
-    /// itself with the same arguments): waiting would deadlock, so compute directly.
+    /// itself with the same arguments), or the key's owner waits, directly or through other
+    /// threads, for a key this thread computes: waiting would deadlock, so compute directly.
     Reentrant,
 }
 
@@ -61,9 +90,13 @@ impl InFlight {
         let me = thread::current().id();
         let flight = {
             let mut flights = lock(&self.flights);
-            match flights.get(&key) {
-                Some(flight) if flight.owner == me => return Claim::Reentrant,
-                Some(flight) => Arc::clone(flight),
+            match flights.running.get(&key) {
+                Some(flight) if flights.leads_to(flight.owner, me) => return Claim::Reentrant,
+                Some(flight) => {
+                    let flight = Arc::clone(flight);
+                    flights.waiting.insert(me, flight.owner);
+                    flight
+                }
                 None => {
                     let flight = Arc::new(Flight {
                         owner: me,
@@ -72,7 +105,7 @@ impl InFlight {
                         sleepers: AtomicUsize::new(0),
                         wakers: Mutex::new(Vec::new()),
                     });
-                    flights.insert(key, Arc::clone(&flight));
+                    flights.running.insert(key, Arc::clone(&flight));
                     return Claim::Owner(FlightGuard {
                         set: self,
                         key,
@@ -82,19 +115,28 @@ impl InFlight {
                 }
             }
         };
-        let mut state = lock(&flight.state);
+        let payload = flight.wait();
+        lock(&self.flights).waiting.remove(&me);
+        Claim::Waited(payload)
+    }
+}
+
+impl Flight {
+    /// Waits for the flight to end: its payload, or `None` (not encoded, or the owner panicked).
+    fn wait(&self) -> Option<Payload> {
+        let mut state = lock(&self.state);
         loop {
             match &*state {
                 State::Running => {
-                    flight.sleepers.fetch_add(1, Ordering::SeqCst);
-                    state = flight
+                    self.sleepers.fetch_add(1, Ordering::SeqCst);
+                    state = self
                         .finished
                         .wait(state)
                         .unwrap_or_else(PoisonError::into_inner);
-                    flight.sleepers.fetch_sub(1, Ordering::SeqCst);
+                    self.sleepers.fetch_sub(1, Ordering::SeqCst);
                 }
-                State::Done(payload) => return Claim::Waited(payload.clone()),
-                State::Abandoned => return Claim::Waited(None),
+                State::Done(payload) => return payload.clone(),
+                State::Abandoned => return None,
             }
         }
     }
@@ -113,7 +155,7 @@ impl InFlight {
     /// task has no thread of its own, so there is no re-entrance check.
     pub(crate) fn claim_async(&self, key: CacheKey) -> AsyncClaim<'_> {
         let mut flights = lock(&self.flights);
-        if let Some(flight) = flights.get(&key) {
+        if let Some(flight) = flights.running.get(&key) {
             return AsyncClaim::Wait(FlightWait {
                 flight: Arc::clone(flight),
             });
@@ -125,7 +167,7 @@ impl InFlight {
             sleepers: AtomicUsize::new(0),
             wakers: Mutex::new(Vec::new()),
         });
-        flights.insert(key, Arc::clone(&flight));
+        flights.running.insert(key, Arc::clone(&flight));
         AsyncClaim::Owner(FlightGuard {
             set: self,
             key,
@@ -173,7 +215,7 @@ impl FlightGuard<'_> {
     }
 
     fn settle(&self, outcome: State) {
-        lock(&self.set.flights).remove(&self.key);
+        lock(&self.set.flights).running.remove(&self.key);
         *lock(&self.flight.state) = outcome;
         // A sleeper counted itself while holding `state`, before this thread set it: seen here.
         if self.flight.sleepers.load(Ordering::SeqCst) > 0 {
@@ -243,6 +285,54 @@ mod tests {
             assert!(waiter.join().unwrap());
         });
         assert!(matches!(set.claim(key), Claim::Owner(_)));
+    }
+
+    #[test]
+    fn threads_waiting_for_each_others_keys_do_not_deadlock() {
+        // On threads of their own: a deadlock fails the test instead of hanging it.
+        let (ended, end) = std::sync::mpsc::channel();
+        thread::spawn(move || {
+            circle_of_two_waits();
+            ended.send(()).unwrap();
+        });
+        end.recv_timeout(Duration::from_secs(30))
+            .expect("two threads waiting for each other's keys deadlocked");
+    }
+
+    fn circle_of_two_waits() {
+        let set = InFlight::default();
+        let (first, second) = (CacheKey::from_bytes([4; 32]), CacheKey::from_bytes([5; 32]));
+        let owner = |key| match set.claim(key) {
+            Claim::Owner(guard) => guard,
+            _ => panic!("first claim must own"),
+        };
+        let mine = owner(first);
+        let me = thread::current().id();
+        let (owns, owned) = std::sync::mpsc::channel();
+        let (set, owner) = (&set, &owner);
+        thread::scope(|scope| {
+            let other = scope.spawn(move || {
+                let theirs = owner(second);
+                owns.send(()).unwrap();
+                // Once the main thread waits for `second`, waiting for `first` would close a
+                // circle: this thread is told to compute instead.
+                while !lock(&set.flights).waiting.contains_key(&me) {
+                    thread::sleep(Duration::from_millis(1));
+                }
+                let told = matches!(set.claim(first), Claim::Reentrant);
+                theirs.finish(Some(Arc::new(b"second".to_vec())));
+                told
+            });
+            owned.recv().unwrap();
+            match set.claim(second) {
+                Claim::Waited(Some(payload)) => assert_eq!(&*payload, b"second"),
+                _ => panic!("the other thread owned it"),
+            }
+            assert!(other.join().unwrap());
+        });
+        mine.finish(None);
+        assert!(lock(&set.flights).waiting.is_empty());
+        assert!(lock(&set.flights).running.is_empty());
     }
 
     #[test]
