@@ -213,6 +213,17 @@ pub(crate) fn validate(item: &ItemFn, args: &Args) -> Result<Checked, syn::Error
     let mut params = Vec::new();
     let mut receiver_use = None;
     for (index, input) in sig.inputs.iter().enumerate() {
+        let attrs = match input {
+            FnArg::Receiver(receiver) => &receiver.attrs,
+            FnArg::Typed(typed) => &typed.attrs,
+        };
+        for attr in attrs {
+            errors.push_spanned(
+                attr,
+                "#[cached] does not take attributes on arguments (a `#[cfg]` there would change \
+                 which arguments are keyed): put them on the whole function",
+            );
+        }
         match input {
             FnArg::Receiver(receiver)
                 if receiver.mutability.is_some() && receiver.reference.is_some() =>
