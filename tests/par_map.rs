@@ -240,6 +240,33 @@ fn a_closure_that_calls_no_cached_function_still_maps_correctly() {
     assert_eq!(doubled, (0..50).map(|x| 2 * x).collect::<Vec<_>>());
 }
 
+static LATE_RUNS: Counter = Counter::new();
+
+#[cached(memory = MEMORY)]
+fn late(x: u64) -> u64 {
+    x + 1
+}
+
+#[test]
+fn once_the_first_items_call_no_cached_function_the_others_are_not_looked_up() {
+    // Items 0..20 call nothing cached; later ones do. After 8 of the first, the map stops
+    // looking items up, so a later item runs once (a looked-up miss would run its start twice:
+    // once in the look-up, once computed).
+    let f = |x: u64| {
+        if x == 30 {
+            LATE_RUNS.bump();
+        }
+        if x >= 20 {
+            late(x)
+        } else {
+            x
+        }
+    };
+    let out: Vec<u64> = (0..40u64).par_cached_map(f).jobs(1).collect();
+    assert_eq!(out, (0..40).map(f).collect::<Vec<_>>());
+    assert_eq!(LATE_RUNS.get(), 2, "once in the map, once just above");
+}
+
 #[cached(memory = MEMORY)]
 fn word_length(word: String) -> usize {
     word.chars().count()

@@ -760,16 +760,17 @@ where
                 Probe::Returned(value, tally) => {
                     // Judged on several items: `f` may call a cached function for some inputs
                     // only, or on other threads (rayon inside `f`), which this one does not see.
-                    let counter = if tally.calls == 0 {
-                        &without_calls
-                    } else {
-                        &with_calls
-                    };
-                    counter.fetch_add(1, Ordering::Relaxed);
-                    if without_calls.load(Ordering::Relaxed) >= UNCACHED_AFTER
-                        && with_calls.load(Ordering::Relaxed) == 0
-                    {
-                        uncached.store(true, Ordering::Relaxed);
+                    // Once an item made a cached call the question is settled: the counts are
+                    // not written again (threads would pass their line back and forth per item).
+                    if with_calls.load(Ordering::Relaxed) == 0 {
+                        if tally.calls > 0 {
+                            with_calls.fetch_add(1, Ordering::Relaxed);
+                        } else if without_calls.fetch_add(1, Ordering::Relaxed) + 1
+                            >= UNCACHED_AFTER
+                            && with_calls.load(Ordering::Relaxed) == 0
+                        {
+                            uncached.store(true, Ordering::Relaxed);
+                        }
                     }
                     Step::Done(value, tally)
                 }
