@@ -194,7 +194,9 @@ pub(crate) struct DirStore {
 
 /// The packs a thread used last, so that its next look-up of the same version takes neither
 /// the shared map's lock nor its hash (a thread mostly calls one function at a time, and the
-/// map's lock is one cache line for all threads).
+/// map's lock is one cache line for all threads). It keeps those packs open (a file and its
+/// mapping) until the thread uses another version, even after their store is dropped: one
+/// version per thread.
 #[cfg(unix)]
 #[derive(Default)]
 struct LastPacks {
