@@ -783,10 +783,9 @@ impl Packs {
                 if let Some(mapped) = pack.map.as_ref().and_then(|map| map.get(from..from + len)) {
                     return Ok(Found::Entry(mapped.to_vec()));
                 }
-                // A record this process appended itself: not mapped.
-                let mut body = vec![0; len];
-                pack.file.read_exact_at(&mut body, slot.body_at)?;
-                Ok(Found::Entry(body))
+                // A record this process appended itself (or a pack on a network file system):
+                // not mapped.
+                read_at(&pack.file, slot.body_at, u64::from(slot.body_len)).map(Found::Entry)
             }
         }
     }
