@@ -582,13 +582,17 @@ impl Memory {
     /// memory.clear().unwrap();
     /// ```
     pub fn clear(&self) -> Result<(), Error> {
+        self.removing(|store| store.clear())
+    }
+
+    /// Runs a removal on the store (if any), in the order removals need: the sources recorded
+    /// are forgotten first (the next store records them again), the memory tier emptied after
+    /// the disk (a value read from it meanwhile is not kept).
+    fn removing(&self, remove: impl FnOnce(&dyn Store) -> Result<(), Error>) -> Result<(), Error> {
         self.forget_saved_sources();
-        let cleared = match &self.store {
-            Some(store) => store.clear(),
-            None => Ok(()),
-        };
+        let removed = self.store.as_deref().map_or(Ok(()), remove);
         self.forget_in_memory();
-        cleared
+        removed
     }
 
     /// Removes the broken entries a [`Memory::verify`] report lists (each would be a miss anyway)
@@ -648,13 +652,7 @@ impl Memory {
     /// Removes every entry of one function (a name as [`Memory::functions`] gives it), all
     /// versions.
     pub fn clear_function(&self, function: &str) -> Result<(), Error> {
-        self.forget_saved_sources();
-        let cleared = match &self.store {
-            Some(store) => store.clear_function(function),
-            None => Ok(()),
-        };
-        self.forget_in_memory();
-        cleared
+        self.removing(|store| store.clear_function(function))
     }
 
     /// Removes the temporary files and lock files that processes which died left behind, when
