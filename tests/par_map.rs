@@ -267,6 +267,48 @@ fn once_the_first_items_call_no_cached_function_the_others_are_not_looked_up() {
     assert_eq!(LATE_RUNS.get(), 2, "once in the map, once just above");
 }
 
+static NEW_RUN_STARTS: Counter = Counter::new();
+
+#[cached(memory = MEMORY)]
+fn new_run_item(x: u64) -> u64 {
+    x * 7
+}
+
+#[test]
+fn once_the_first_64_items_all_miss_the_others_are_not_looked_up() {
+    // Every item is new: after 64 looked-up misses the map computes the rest directly, so the
+    // code before the cached call runs twice for the first 64 items only (look-up, then
+    // computation) and once for the other 136.
+    let f = |x: u64| {
+        NEW_RUN_STARTS.bump();
+        new_run_item(x)
+    };
+    let out: Vec<u64> = (0..200u64).par_cached_map(f).jobs(1).collect();
+    assert_eq!(out, (0..200).map(|x| x * 7).collect::<Vec<_>>());
+    assert_eq!(NEW_RUN_STARTS.get(), 64 * 2 + 136);
+}
+
+static MIXED_RUN_STARTS: Counter = Counter::new();
+
+#[cached(memory = MEMORY)]
+fn mixed_run_item(x: u64) -> u64 {
+    x * 11
+}
+
+#[test]
+fn a_hit_among_the_first_items_keeps_every_item_looked_up() {
+    // Item 0 is stored beforehand: with a hit among them, the misses are all looked up first
+    // (hits served before computations), so each of the 199 misses starts twice.
+    assert_eq!(mixed_run_item(0), 0);
+    let f = |x: u64| {
+        MIXED_RUN_STARTS.bump();
+        mixed_run_item(x)
+    };
+    let out: Vec<u64> = (0..200u64).par_cached_map(f).jobs(1).collect();
+    assert_eq!(out, (0..200).map(|x| x * 11).collect::<Vec<_>>());
+    assert_eq!(MIXED_RUN_STARTS.get(), 1 + 199 * 2);
+}
+
 #[cached(memory = MEMORY)]
 fn word_length(word: String) -> usize {
     word.chars().count()

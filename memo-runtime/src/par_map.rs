@@ -9,15 +9,18 @@
 //! How a map runs:
 //! 1. **Look-up.** Every item is looked up first, in parallel: `f(item)` runs with a thread-local
 //!    probe on, under which a cached call that misses does not compute but records its key and
-//!    returns early. Hits are served right away and never wait behind computations.
+//!    returns early. Hits are served right away and never wait behind computations. When the
+//!    first 64 items looked up all missed (a new run), the rest are not looked up but computed
+//!    directly (those stored meanwhile are still hits, served in the computing step).
 //! 2. **Compute.** Only the misses are computed, in parallel, once per distinct key: items whose
-//!    key is already being computed run afterwards, when they are hits.
+//!    key is already being computed run afterwards, when they are hits (or, when not looked up,
+//!    wait for the computation of their key).
 //! 3. **Failures.** A panic in one item does not stop the others: they all finish (and are
 //!    stored), then [`CachedMap::try_collect`] returns a [`MapError`] naming the failed items with
 //!    their inputs, and [`CachedMap::collect`] panics with that report.
 //!
-//! Code of `f` that runs before its cached call runs once more for a missed item (once in the
-//! look-up, once in the computation); keep such code cheap and free of side effects. `f` must not
+//! Code of `f` that runs before its cached call runs once more for a missed item that was looked
+//! up (once in the look-up, once in the computation); keep such code cheap and free of side effects. `f` must not
 //! be an `extern "C"` function (the look-up returns early by unwinding). Because of that
 //! unwinding: a `std::sync::Mutex` guard that `f` holds across a cached call that misses is
 //! dropped while unwinding, which poisons the mutex (take the guard after the call, or use a lock
@@ -503,6 +506,13 @@ impl Pool {
 /// computed at once.
 const UNCACHED_AFTER: usize = 8;
 
+/// How many items a map looks up, all of them misses, before it computes the others without
+/// looking them up first (not under a shard or inside another map's look-up): the look-up pass
+/// serves hits before computations, which there are none of to serve, and a missed look-up costs
+/// an unwinding (several microseconds) and a second run of the code of `f` before its cached
+/// call. The items computed directly are still hits if they were stored.
+const ALL_MISSING_AFTER: usize = 64;
+
 fn panic_message(payload: &(dyn Any + Send)) -> String {
     if let Some(text) = payload.downcast_ref::<&str>() {
         (*text).to_owned()
@@ -746,14 +756,20 @@ where
             ));
         };
 
-        // 1. Look every item up; stop probing once `f` turns out to call no cached function
-        //    (not under a shard, where each item's key decides whose it is, so every item is
-        //    looked up).
+        // 1. Look every item up; stop looking up once `f` turns out to call no cached function,
+        //    or once the first items all missed (not under a shard, where each item's key
+        //    decides whose it is, so every item is looked up; nor inside another map's look-up,
+        //    which needs the key of an item's first miss).
         let uncached = AtomicBool::new(false);
         let (without_calls, with_calls) = (AtomicUsize::new(0), AtomicUsize::new(0));
+        let may_stop = shard.is_none() && !probe::probing();
+        let (missed, any_hit) = (AtomicUsize::new(0), AtomicBool::new(!may_stop));
+        let all_missing = AtomicBool::new(false);
         let all: Vec<usize> = (0..items.len()).collect();
         let mut steps: Vec<Step<R>> = pool.map(&all, false, |i| {
-            if shard.is_none() && uncached.load(Ordering::Relaxed) {
+            if shard.is_none() && uncached.load(Ordering::Relaxed)
+                || all_missing.load(Ordering::Relaxed)
+            {
                 return Step::Pending(None);
             }
             let step = match probe::probe(|| f(items[i].clone())) {
@@ -774,10 +790,22 @@ where
                     }
                     Step::Done(value, tally)
                 }
-                Probe::Missed(key) => return Step::Pending(key),
+                Probe::Missed(key) => {
+                    // Counted until a hit is seen (then the counter is not written again).
+                    if !any_hit.load(Ordering::Relaxed)
+                        && missed.fetch_add(1, Ordering::Relaxed) + 1 >= ALL_MISSING_AFTER
+                        && !any_hit.load(Ordering::Relaxed)
+                    {
+                        all_missing.store(true, Ordering::Relaxed);
+                    }
+                    return Step::Pending(key);
+                }
                 Probe::Panicked(payload) => Step::Failed(panic_message(&*payload)),
             };
             if let Step::Done(_, tally) = &step {
+                if tally.hits > 0 && !any_hit.load(Ordering::Relaxed) {
+                    any_hit.store(true, Ordering::Relaxed);
+                }
                 update(tally);
             }
             step
