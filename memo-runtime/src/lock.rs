@@ -6,7 +6,11 @@
 //! with negligible probability (and then only wait for each other). Like `flock`, such a lock
 //! belongs to the open file, and the kernel releases it when its process dies. After locking,
 //! the holder checks that the path still names the file it locked (the version folder may have
-//! been removed and made again), and starts again otherwise.
+//! been removed and made again), and starts again otherwise; that check is made at most every
+//! [`range::CHECK_EVERY`] per open lock file (a `stat` per lock costs more than a 1 ms
+//! computation can spare), so a process may go on locking a removed file for that long after
+//! the folder was made again: two processes may then compute one key at once (extra work, never
+//! a wrong value: entries are still written atomically).
 //!
 //! Elsewhere, one lock file per key:
 //! A process that misses takes an exclusive lock (`flock` on Unix, `LockFileEx` on Windows) on
@@ -39,7 +43,7 @@ pub(crate) enum KeyLock {
     /// One byte of a shared lock file.
     #[cfg(target_os = "linux")]
     Range {
-        file: std::sync::Arc<File>,
+        file: std::sync::Arc<range::LockFile>,
         offset: i64,
     },
     /// The local lock plus a lease on the key in a remote store (released after the local
@@ -63,7 +67,7 @@ impl Drop for KeyLock {
             }
             #[cfg(target_os = "linux")]
             KeyLock::Range { file, offset } => {
-                let _ = range::set(file, *offset, libc::F_UNLCK);
+                let _ = range::set(&file.file, *offset, libc::F_UNLCK);
             }
             // Both parts release themselves when dropped.
             #[cfg(feature = "remote")]
@@ -75,15 +79,65 @@ impl Drop for KeyLock {
 /// Open-file-description byte-range locks (Linux).
 #[cfg(target_os = "linux")]
 pub(crate) mod range {
-    use std::fs::File;
+    use std::fs::{self, File};
     use std::io;
     use std::os::fd::AsRawFd;
+    use std::os::unix::fs::MetadataExt;
     use std::path::Path;
+    use std::sync::atomic::{AtomicU64, Ordering};
     use std::sync::Arc;
     use std::thread;
     use std::time::{Duration, Instant};
 
-    use super::{still_current, Acquired, KeyLock};
+    use super::{Acquired, KeyLock};
+
+    /// How long a lock file found where it was opened is trusted to be there still.
+    pub(crate) const CHECK_EVERY: Duration = Duration::from_millis(100);
+
+    /// A lock file kept open, with what tells whether its path still names it.
+    #[derive(Debug)]
+    pub(crate) struct LockFile {
+        pub(crate) file: File,
+        /// Device and inode of the open file.
+        identity: (u64, u64),
+        opened: Instant,
+        /// When the path was last found to name this file, in nanoseconds after `opened`
+        /// (`u64::MAX`: never).
+        checked: AtomicU64,
+    }
+
+    impl LockFile {
+        /// Opens (creating it if needed) the lock file at `path`.
+        pub(crate) fn open(path: &Path) -> io::Result<LockFile> {
+            let file = super::open(path)?;
+            let meta = file.metadata()?;
+            Ok(LockFile {
+                file,
+                identity: (meta.dev(), meta.ino()),
+                opened: Instant::now(),
+                checked: AtomicU64::new(u64::MAX),
+            })
+        }
+
+        /// Whether `path` still names this file: looked at on the disk at most every
+        /// [`CHECK_EVERY`].
+        fn still_current(&self, path: &Path) -> io::Result<bool> {
+            let now = u64::try_from(self.opened.elapsed().as_nanos()).unwrap_or(u64::MAX - 1);
+            let checked = self.checked.load(Ordering::Relaxed);
+            if checked != u64::MAX && now.saturating_sub(checked) < CHECK_EVERY.as_nanos() as u64 {
+                return Ok(true);
+            }
+            match fs::symlink_metadata(path) {
+                Ok(named) if (named.dev(), named.ino()) == self.identity => {
+                    self.checked.store(now, Ordering::Relaxed);
+                    Ok(true)
+                }
+                Ok(_) => Ok(false),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+                Err(e) => Err(e),
+            }
+        }
+    }
 
     /// The byte of the lock file that stands for a key: 62 bits of it.
     pub(crate) fn offset(key: &[u8; 32]) -> i64 {
@@ -117,7 +171,7 @@ pub(crate) mod range {
     /// open it again when the path no longer names it.
     pub(crate) fn acquire(
         path: &Path,
-        open: impl Fn(bool) -> io::Result<Arc<File>>,
+        open: impl Fn(bool) -> io::Result<Arc<LockFile>>,
         offset: i64,
         timeout: Option<Duration>,
     ) -> io::Result<Acquired> {
@@ -127,15 +181,15 @@ pub(crate) mod range {
         let mut reopen = false;
         loop {
             let file = open(reopen)?;
-            if set(&file, offset, libc::F_WRLCK)? {
-                if still_current(path, &file)? {
+            if set(&file.file, offset, libc::F_WRLCK)? {
+                if file.still_current(path)? {
                     return Ok(Acquired::Lock {
                         lock: KeyLock::Range { file, offset },
                         waited,
                     });
                 }
                 // The folder was removed (and perhaps made again): lock the file there now.
-                let _ = set(&file, offset, libc::F_UNLCK);
+                let _ = set(&file.file, offset, libc::F_UNLCK);
                 reopen = true;
                 continue;
             }
@@ -287,7 +341,8 @@ mod tests {
         use std::sync::Arc;
         let dir = folder();
         let path = dir.path().join(".locks");
-        let mine = || -> io::Result<Arc<File>> { open(&path).map(Arc::new) };
+        let mine =
+            || -> io::Result<Arc<range::LockFile>> { range::LockFile::open(&path).map(Arc::new) };
         let (first, second) = (mine().unwrap(), mine().unwrap());
         let Acquired::Lock { lock, waited } =
             range::acquire(&path, |_| Ok(Arc::clone(&first)), 5, None).unwrap()
@@ -329,6 +384,39 @@ mod tests {
         .unwrap();
         assert!(matches!(outcome, Acquired::Lock { .. }));
         assert!(reopened.get() && path.exists());
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_lock_file_found_in_place_is_looked_at_again_after_a_while() {
+        use std::sync::Arc;
+        let dir = folder();
+        let path = dir.path().join(".locks");
+        let kept = Arc::new(range::LockFile::open(&path).unwrap());
+        let reopened = std::cell::Cell::new(0);
+        let take = |offset| {
+            let open = |again: bool| {
+                if again {
+                    reopened.set(reopened.get() + 1);
+                    range::LockFile::open(&path).map(Arc::new)
+                } else {
+                    Ok(Arc::clone(&kept))
+                }
+            };
+            match range::acquire(&path, open, offset, None).unwrap() {
+                Acquired::Lock { lock, .. } => drop(lock),
+                Acquired::TimedOut => panic!("no timeout was set"),
+            }
+        };
+        // Found in place (and so trusted for a while).
+        take(1);
+        assert_eq!(reopened.get(), 0);
+        // The folder made again: once the while is over, the next lock sees it and reopens.
+        std::fs::remove_file(&path).unwrap();
+        std::fs::write(&path, b"").unwrap();
+        thread::sleep(range::CHECK_EVERY + Duration::from_millis(20));
+        take(2);
+        assert_eq!(reopened.get(), 1);
     }
 
     #[test]

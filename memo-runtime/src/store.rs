@@ -175,7 +175,7 @@ pub(crate) struct DirStore {
     preview_files: Mutex<HashMap<PathBuf, Arc<File>>>,
     /// The version folders' lock files, kept open (Linux).
     #[cfg(target_os = "linux")]
-    lock_files: Mutex<HashMap<PathBuf, Arc<File>>>,
+    lock_files: Mutex<HashMap<PathBuf, Arc<lock::range::LockFile>>>,
     /// Entries up to this many bytes (header and payload) are appended to packs.
     pack_limit: u64,
     /// Strict mode: no entry waits in memory, so that a failed write is the caller's error.
@@ -581,18 +581,21 @@ impl DirStore {
 
     /// Closes the files kept open, before this store removes folders.
     fn forget_open_files(&self) {
-        let lock = |m: &Mutex<HashMap<PathBuf, Arc<File>>>| {
-            m.lock().unwrap_or_else(PoisonError::into_inner).clear();
-        };
-        lock(&self.preview_files);
+        self.preview_files
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
         #[cfg(target_os = "linux")]
-        lock(&self.lock_files);
+        self.lock_files
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
     }
 
     /// The open lock file of a version folder: the one kept, unless `again`; else opened (and
     /// the folder created) now.
     #[cfg(target_os = "linux")]
-    fn lock_file(&self, dir: &Path, again: bool) -> Result<Arc<File>, Error> {
+    fn lock_file(&self, dir: &Path, again: bool) -> Result<Arc<lock::range::LockFile>, Error> {
         let mut files = self
             .lock_files
             .lock()
@@ -603,11 +606,11 @@ impl DirStore {
             }
         }
         let path = dir.join(LOCKS_FILE);
-        let file = match lock::open(&path) {
+        let file = match lock::range::LockFile::open(&path) {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 self.create_dir(dir)?;
                 self.check_no_links(dir)?;
-                lock::open(&path)
+                lock::range::LockFile::open(&path)
             }
             other => other,
         }
@@ -938,7 +941,7 @@ fn is_absent(error: &io::Error) -> bool {
 const KEEP_OPEN: usize = 32;
 
 /// Keeps `file` open under `path`, closing the others first when [`KEEP_OPEN`] are open.
-fn keep_open(files: &mut HashMap<PathBuf, Arc<File>>, path: PathBuf, file: &Arc<File>) {
+fn keep_open<T>(files: &mut HashMap<PathBuf, Arc<T>>, path: PathBuf, file: &Arc<T>) {
     if files.len() >= KEEP_OPEN {
         files.clear();
     }
@@ -1761,10 +1764,9 @@ mod tests {
                 }
             }
         }
-        let open = |m: &Mutex<HashMap<PathBuf, Arc<File>>>| m.lock().unwrap().len();
-        assert!(open(&store.preview_files) <= KEEP_OPEN);
+        assert!(store.preview_files.lock().unwrap().len() <= KEEP_OPEN);
         #[cfg(target_os = "linux")]
-        assert!(open(&store.lock_files) <= KEEP_OPEN);
+        assert!(store.lock_files.lock().unwrap().len() <= KEEP_OPEN);
         #[cfg(unix)]
         assert!(store.packs.read().unwrap().len() <= 2 * KEEP_OPEN);
         for version in &versions {
