@@ -422,15 +422,16 @@ fn preview(names: &Names<'_>) -> TokenStream {
             let separator = (i > 0).then(|| quote!(__memo_text.push_str(", ");));
             quote! {
                 #separator
-                (&#private::Preview(&#binding)).memo_preview(&mut __memo_text);
+                (&&&#private::Preview(&#binding)).memo_preview(&mut __memo_text);
             }
         });
     quote! {
-        // The `&` before `Preview` is what lets method resolution pick `PreviewDebug`.
+        // The `&`s before `Preview` are what let method resolution pick `PreviewSeq`, else
+        // `PreviewDebug`, else `PreviewNone`.
         #[allow(clippy::needless_borrow)]
         __memo_preview_slot.get_or_init(|| {
             #[allow(unused_imports)]
-            use #private::{PreviewDebug as _, PreviewNone as _};
+            use #private::{PreviewDebug as _, PreviewNone as _, PreviewSeq as _};
             #[allow(unused_mut)]
             let mut __memo_text = ::std::string::String::new();
             #(#parts)*

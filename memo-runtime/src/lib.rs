@@ -78,5 +78,5 @@ pub mod __private {
     };
     pub use crate::key::{ArgsHasher, CacheKey, CallKey, FunctionKey};
     pub use crate::memory::{AsMemory, Memory};
-    pub use crate::preview::{Preview, PreviewDebug, PreviewNone};
+    pub use crate::preview::{Preview, PreviewDebug, PreviewNone, PreviewSeq};
 }
