@@ -20,12 +20,13 @@
 //!    their inputs, and [`CachedMap::collect`] panics with that report.
 //!
 //! Code of `f` that runs before its cached call runs once more for a missed item that was looked
-//! up (once in the look-up, once in the computation); keep such code cheap and free of side effects. `f` must not
-//! be an `extern "C"` function (the look-up returns early by unwinding). Because of that
-//! unwinding: a `std::sync::Mutex` guard that `f` holds across a cached call that misses is
-//! dropped while unwinding, which poisons the mutex (take the guard after the call, or use a lock
-//! that does not poison); `f` catching panics is fine (the miss is still seen); a map inside `f`
-//! is looked up with it (an item whose inner map misses is computed later, inner map and all).
+//! up (once in the look-up, once in the computation); keep such code cheap and free of side
+//! effects. `f` must not be an `extern "C"` function (the look-up returns early by unwinding).
+//! Because of that unwinding: a `std::sync::Mutex` guard that `f` holds across a cached call that
+//! misses is dropped while unwinding, which poisons the mutex (take the guard after the call, or
+//! use a lock that does not poison); `f` catching panics is fine (the miss is still seen); a map
+//! inside `f` is looked up with it (an item whose inner map misses is computed later, inner map
+//! and all).
 //! While an item is looked up, rayon may run other work on the same thread (when `f` itself uses
 //! rayon and waits): a map's computations are protected from the look-up, but plain rayon code
 //! of the program that calls a `#[cached]` function and runs at the same time on the same pool
@@ -767,7 +768,7 @@ where
         let all_missing = AtomicBool::new(false);
         let all: Vec<usize> = (0..items.len()).collect();
         let mut steps: Vec<Step<R>> = pool.map(&all, false, |i| {
-            if shard.is_none() && uncached.load(Ordering::Relaxed)
+            if (shard.is_none() && uncached.load(Ordering::Relaxed))
                 || all_missing.load(Ordering::Relaxed)
             {
                 return Step::Pending(None);

@@ -60,7 +60,8 @@ pub trait PreviewSeq {
     fn memo_preview(&self, out: &mut String);
 }
 
-/// Implements [`PreviewSeq`] for sequence types, given how to get their items as a slice.
+/// Implements [`PreviewSeq`] for sequence types (each with its generic parameters), whose items
+/// are all taken as a slice with `[..]`.
 macro_rules! preview_seq {
     ($([$($generics:tt)*] $seq:ty;)*) => {$(
         impl<$($generics)*> PreviewSeq for &&Preview<'_, $seq> {
