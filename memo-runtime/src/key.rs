@@ -437,9 +437,7 @@ impl ArgsHasher {
                 let sink = &mut self.sink;
                 let (needs, ()) = rayon::join(
                     || needs_canonical_in_parallel(values),
-                    || {
-                        sink.hasher().update_rayon(raw);
-                    },
+                    || sink.write_large(raw),
                 );
                 if !needs {
                     return;

@@ -79,7 +79,7 @@ impl Drop for KeyLock {
 /// Open-file-description byte-range locks (Linux).
 #[cfg(target_os = "linux")]
 pub(crate) mod range {
-    use std::fs::{self, File};
+    use std::fs::File;
     use std::io;
     use std::os::fd::AsRawFd;
     use std::os::unix::fs::MetadataExt;
@@ -127,15 +127,11 @@ pub(crate) mod range {
             if checked != u64::MAX && now.saturating_sub(checked) < CHECK_EVERY.as_nanos() as u64 {
                 return Ok(true);
             }
-            match fs::symlink_metadata(path) {
-                Ok(named) if (named.dev(), named.ino()) == self.identity => {
-                    self.checked.store(now, Ordering::Relaxed);
-                    Ok(true)
-                }
-                Ok(_) => Ok(false),
-                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
-                Err(e) => Err(e),
+            let current = super::names(path, self.identity)?;
+            if current {
+                self.checked.store(now, Ordering::Relaxed);
             }
+            Ok(current)
         }
     }
 
@@ -225,17 +221,24 @@ pub(crate) fn open(path: &Path) -> io::Result<File> {
     options.open(path)
 }
 
+/// Whether `path` names the file of this device and inode (not through a link).
+#[cfg(unix)]
+fn names(path: &Path, identity: (u64, u64)) -> io::Result<bool> {
+    use std::os::unix::fs::MetadataExt;
+    match fs::symlink_metadata(path) {
+        Ok(named) => Ok((named.dev(), named.ino()) == identity),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
 /// Whether `path` still names the file `file` is open on.
 fn still_current(path: &Path, file: &File) -> io::Result<bool> {
     #[cfg(unix)]
     {
         use std::os::unix::fs::MetadataExt;
         let open = file.metadata()?;
-        match fs::symlink_metadata(path) {
-            Ok(named) => Ok(named.ino() == open.ino() && named.dev() == open.dev()),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
-            Err(e) => Err(e),
-        }
+        names(path, (open.dev(), open.ino()))
     }
     #[cfg(not(unix))]
     {
