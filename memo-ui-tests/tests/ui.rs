@@ -1,7 +1,7 @@
 //! Compile-time behaviour of `#[cached]`: misuse is a clear error at the user's code
 //! (`tests/ui/fail`), and every supported form compiles without warnings (`tests/ui/pass`).
 //! The expected messages are pinned to the toolchain in `rust-toolchain.toml`; regenerate them
-//! with `TRYBUILD=overwrite cargo test --test ui` after reviewing a change.
+//! with `TRYBUILD=overwrite cargo test -p memo-ui-tests` after reviewing a change.
 
 #[test]
 fn ui() {
