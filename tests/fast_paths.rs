@@ -315,6 +315,39 @@ fn a_numbers_entry_whose_payload_is_not_whole_elements_is_a_miss() {
     assert_eq!(CUT.get(), 2);
 }
 
+static LARGE_MADE: Counter = Counter::new();
+
+#[cached(memory = ARRAYS)]
+fn make_large(n: u64) -> Vec<f64> {
+    LARGE_MADE.bump();
+    (0..n).map(|i| i as f64 - 0.5).collect()
+}
+
+#[test]
+fn a_large_vec_of_numbers_is_verified_as_it_is_read_and_a_damaged_one_is_a_miss() {
+    // 1.6 MB of elements: read, copied on two threads and verified in one pass.
+    let n = 200_000u64;
+    let expected: Vec<u64> = (0..n).map(|i| (i as f64 - 0.5).to_bits()).collect();
+    let bits = |v: Vec<f64>| v.into_iter().map(f64::to_bits).collect::<Vec<_>>();
+    assert_eq!(bits(make_large(n)), expected);
+    assert_eq!(bits(make_large(n)), expected);
+    assert_eq!(LARGE_MADE.get(), 1);
+
+    let entry = entry_files(&make_large::location().unwrap())[0].clone();
+    let intact = std::fs::read(&entry).unwrap();
+    // One bit changed near the start (the part the calling thread copies), then near the end
+    // (the part another thread copies): each time a miss, computed and stored again.
+    for (at, made) in [(72 + 8 + 100, 2), (intact.len() - 100, 3)] {
+        let mut damaged = intact.clone();
+        damaged[at] ^= 0x01;
+        std::fs::write(&entry, &damaged).unwrap();
+        assert_eq!(bits(make_large(n)), expected, "byte {at}");
+        assert_eq!(LARGE_MADE.get(), made, "byte {at}");
+        let stored = std::fs::read(&entry).unwrap();
+        assert!(stored[72..] == intact[72..], "stored again, byte {at}");
+    }
+}
+
 static DURABLE: LazyLock<Memory> = LazyLock::new(|| {
     Memory::new(fresh_dir("durable"))
         .durable(true)

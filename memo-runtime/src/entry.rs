@@ -101,9 +101,15 @@ fn unix_nanos(time: SystemTime) -> u64 {
         .unwrap_or(0)
 }
 
-fn checksum(header: &[u8], payload: &[u8]) -> u64 {
+/// The checksum's hasher after the header's bytes it covers (all before the checksum itself).
+fn checksum_of_header(header: &[u8]) -> Xxh3Default {
     let mut hasher = Xxh3Default::new();
     hasher.update(&header[..CHECKSUM_AT]);
+    hasher
+}
+
+fn checksum(header: &[u8], payload: &[u8]) -> u64 {
+    let mut hasher = checksum_of_header(header);
     hasher.update(payload);
     hasher.digest()
 }
@@ -216,6 +222,46 @@ pub fn decode<'a>(
     bytes: &'a [u8],
     expected: &CacheKey,
 ) -> Result<(EntryHeader, &'a [u8]), CorruptEntry> {
+    let (header, payload, mut checksum) = decode_deferred(bytes, expected)?;
+    checksum.update(payload);
+    checksum.verify()?;
+    Ok((header, payload))
+}
+
+/// The checksum of an entry still to be verified: the payload is fed to it in order, in pieces
+/// of any size, while it is read for decoding, then [`PendingChecksum::verify`] says whether the
+/// entry is intact. A value decoded from the payload must not be used before that.
+pub struct PendingChecksum {
+    hasher: Xxh3Default,
+    expected: u64,
+    fed: u64,
+    payload_len: u64,
+}
+
+impl PendingChecksum {
+    /// Feeds the next bytes of the payload.
+    pub fn update(&mut self, bytes: &[u8]) {
+        self.hasher.update(bytes);
+        self.fed += bytes.len() as u64;
+    }
+
+    /// Whether the bytes fed were the whole payload the entry was written with.
+    pub fn verify(self) -> Result<(), CorruptEntry> {
+        if self.fed == self.payload_len && self.hasher.digest() == self.expected {
+            Ok(())
+        } else {
+            Err(CorruptEntry::ChecksumMismatch)
+        }
+    }
+}
+
+/// Checks a whole entry read from storage except its checksum, and returns its header, its
+/// payload and the checksum to verify by feeding it the payload (see [`PendingChecksum`]): one
+/// pass over a large payload can then both decode and verify it.
+pub fn decode_deferred<'a>(
+    bytes: &'a [u8],
+    expected: &CacheKey,
+) -> Result<(EntryHeader, &'a [u8], PendingChecksum), CorruptEntry> {
     let header = decode_header(bytes)?;
     if header.key != *expected {
         return Err(CorruptEntry::KeyMismatch);
@@ -227,10 +273,13 @@ pub fn decode<'a>(
             present: payload.len() as u64,
         });
     }
-    if checksum(bytes, payload) != u64_at(bytes, CHECKSUM_AT) {
-        return Err(CorruptEntry::ChecksumMismatch);
-    }
-    Ok((header, payload))
+    let checksum = PendingChecksum {
+        hasher: checksum_of_header(bytes),
+        expected: u64_at(bytes, CHECKSUM_AT),
+        fed: 0,
+        payload_len: header.payload_len,
+    };
+    Ok((header, payload, checksum))
 }
 
 #[cfg(test)]

@@ -330,6 +330,10 @@ struct Computed<'v, S> {
 /// Payloads smaller than this are stored as they are: compressing them saves nothing.
 const COMPRESS_FROM: usize = 128;
 
+/// Payloads from this size that decode by copying (a `Vec` of numbers) are verified in the pass
+/// that decodes them: beyond the core's caches, a second pass would read them from memory again.
+const DECODE_CHECKED_FROM: usize = 1 << 20;
+
 /// Writes a version's source file (when given) and an entry, compressed when asked and worth it;
 /// returns the bytes the entry takes.
 fn write_entry(
@@ -390,15 +394,33 @@ fn read_stored<R>(
         Ok(None) => return Stored::Absent,
         Err(error) => return Stored::Broken(error),
     };
-    let header = match entry::decode(&bytes, at.key) {
-        Ok((header, _)) if !freshness.accepts(&header, bytes.len()) => return Stored::Stale,
-        Ok((header, _)) => header,
-        Err(CorruptEntry::OtherVersion { found }) => return Stored::OtherVersion(found),
-        Err(reason) => {
-            let path = store.describe(at);
-            return Stored::Broken(Error::Corrupt { path, reason });
-        }
+    let corrupt = |reason| {
+        let path = store.describe(at);
+        Stored::Broken(Error::Corrupt { path, reason })
     };
+    let (header, payload, mut checksum) = match entry::decode_deferred(&bytes, at.key) {
+        Ok(deferred) => deferred,
+        Err(CorruptEntry::OtherVersion { found }) => return Stored::OtherVersion(found),
+        Err(reason) => return corrupt(reason),
+    };
+    // A large payload that decodes by copying is verified in the same pass (`decode_checked`);
+    // any other is verified first.
+    let in_one_pass = codec.decodes_checked()
+        && !header.compressed
+        && header.numbers
+        && payload.len() >= DECODE_CHECKED_FROM.max(keep_plain.saturating_add(1));
+    let decoded = if in_one_pass {
+        codec.decode_checked(payload, &mut checksum)
+    } else {
+        checksum.update(payload);
+        None
+    };
+    if let Err(reason) = checksum.verify() {
+        return corrupt(reason);
+    }
+    if !freshness.accepts(&header, bytes.len()) {
+        return Stored::Stale;
+    }
     let size = bytes.len();
     let first_read = matches!(bytes, EntryBytes::FirstRead(_));
     let broken = |message: String| {
@@ -420,6 +442,11 @@ fn read_stored<R>(
             plain,
         })
     };
+    match decoded {
+        Some(Ok(value)) => return hit(value, None),
+        Some(Err(message)) => return broken(message),
+        None => {}
+    }
     // A mapped, uncompressed entry: read in place by the types that can (checksum verified).
     let bytes = match bytes {
         EntryBytes::Mapped(map) if !header.compressed => {

@@ -299,7 +299,7 @@ impl fmt::Debug for FunctionKey {
 /// A primitive integer (8 to 64 bits) or float: its slices are keyed as raw bytes
 /// ([`ArgsHasher::numbers`]), and a `Vec` or [`Array`](crate::Array) of them is stored as raw
 /// bytes. Sealed.
-pub trait Number: bytemuck::Pod + Sync + sealed::Sealed {
+pub trait Number: bytemuck::Pod + Send + Sync + sealed::Sealed {
     /// The tag of the element type in the key encoding.
     #[doc(hidden)]
     const TAG: u8;
