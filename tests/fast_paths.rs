@@ -325,26 +325,35 @@ fn make_large(n: u64) -> Vec<f64> {
 
 #[test]
 fn a_large_vec_of_numbers_is_verified_as_it_is_read_and_a_damaged_one_is_a_miss() {
-    // 1.6 MB of elements: read, copied on two threads and verified in one pass.
-    let n = 200_000u64;
-    let expected: Vec<u64> = (0..n).map(|i| (i as f64 - 0.5).to_bits()).collect();
+    // 1.6 MB of elements: copied on two threads while one verifies the checksum. 2.4 MB: with
+    // a checksum by blocks (flags bit 2), copied and verified block by block on every thread.
     let bits = |v: Vec<f64>| v.into_iter().map(f64::to_bits).collect::<Vec<_>>();
-    assert_eq!(bits(make_large(n)), expected);
-    assert_eq!(bits(make_large(n)), expected);
-    assert_eq!(LARGE_MADE.get(), 1);
+    for (n, blocks) in [(200_000u64, false), (300_000, true)] {
+        let expected: Vec<u64> = (0..n).map(|i| (i as f64 - 0.5).to_bits()).collect();
+        let made = LARGE_MADE.get();
+        assert_eq!(bits(make_large(n)), expected);
+        assert_eq!(bits(make_large(n)), expected);
+        assert_eq!(LARGE_MADE.get(), made + 1);
 
-    let entry = entry_files(&make_large::location().unwrap())[0].clone();
-    let intact = std::fs::read(&entry).unwrap();
-    // One bit changed near the start (the part the calling thread copies), then near the end
-    // (the part another thread copies): each time a miss, computed and stored again.
-    for (at, made) in [(72 + 8 + 100, 2), (intact.len() - 100, 3)] {
-        let mut damaged = intact.clone();
-        damaged[at] ^= 0x01;
-        std::fs::write(&entry, &damaged).unwrap();
-        assert_eq!(bits(make_large(n)), expected, "byte {at}");
-        assert_eq!(LARGE_MADE.get(), made, "byte {at}");
-        let stored = std::fs::read(&entry).unwrap();
-        assert!(stored[72..] == intact[72..], "stored again, byte {at}");
+        let size = 72 + 8 + 8 * n;
+        let entry = entry_files(&make_large::location().unwrap())
+            .into_iter()
+            .find(|path| std::fs::metadata(path).unwrap().len() == size)
+            .unwrap();
+        let intact = std::fs::read(&entry).unwrap();
+        let flags = u16::from_le_bytes([intact[6], intact[7]]);
+        assert_eq!(flags, if blocks { 2 | 4 } else { 2 });
+        // One bit changed near the start, then near the end: each time a miss, computed and
+        // stored again.
+        for (at, made) in [(72 + 8 + 100, made + 2), (intact.len() - 100, made + 3)] {
+            let mut damaged = intact.clone();
+            damaged[at] ^= 0x01;
+            std::fs::write(&entry, &damaged).unwrap();
+            assert_eq!(bits(make_large(n)), expected, "byte {at}");
+            assert_eq!(LARGE_MADE.get(), made, "byte {at}");
+            let stored = std::fs::read(&entry).unwrap();
+            assert!(stored[72..] == intact[72..], "stored again, byte {at}");
+        }
     }
 }
 

@@ -11,7 +11,7 @@ use std::ops::Range;
 use std::sync::Arc;
 
 use crate::array::Array;
-use crate::entry::{PendingChecksum, FLAG_NUMBERS};
+use crate::entry::{PendingChecksum, CHECKSUM_BLOCK, FLAG_NUMBERS};
 use crate::function::CacheValue;
 use crate::key::Number;
 
@@ -210,19 +210,19 @@ fn decode_numbers<N: Number>(payload: &[u8]) -> Result<Vec<N>, String> {
     Ok(values)
 }
 
-/// Bytes copied at a time by [`decode_numbers_checked`] before the checksum reads them again,
+/// Bytes copied at a time by [`write_numbers_checked`] before the checksum reads them again,
 /// still in the core's cache.
 const CHECKED_BLOCK: usize = 256 << 10;
 
-/// The share of the elements, in tenths, that [`decode_numbers_checked`] copies on the calling
+/// The share of the elements, in tenths, that [`write_numbers_checked`] copies on the calling
 /// thread (which also computes the checksum); another thread of the rayon pool copies the rest.
 const CHECKED_FRONT_TENTHS: usize = 3;
 
-/// [`decode_numbers`] in the pass that feeds the payload to the checksum. The checksum (XXH3,
-/// sequential) reads the front part block by block just after it was copied, from the core's
-/// cache, then the back part, which another thread of the rayon pool copies meanwhile: the
-/// copying, and the kernel's zeroing of the fresh pages it writes to (a third of the time of a
-/// hit), run on two cores.
+/// [`decode_numbers`] in the pass that feeds the payload to the checksum, on the rayon pool:
+/// the copying, the kernel's zeroing of the fresh pages it writes to (a third of the time of a
+/// hit) and, for an entry with [`crate::entry::FLAG_BLOCKS`], the checksum run on every core
+/// ([`write_numbers_in_blocks`]); for an entry without, the sequential checksum runs on the
+/// calling thread beside a copy on another ([`write_numbers_checked`]).
 fn decode_numbers_checked<N: Number>(
     payload: &[u8],
     checksum: &mut PendingChecksum,
@@ -238,12 +238,42 @@ fn decode_numbers_checked<N: Number>(
             return Err(message);
         }
     };
-    checksum.update(&payload[..PREFIX]);
     let size = std::mem::size_of::<N>();
     let count = elements.len() / size;
+    let written = if checksum.block_sums_from_here() {
+        write_numbers_in_blocks(payload, &mut values.spare_capacity_mut()[..count], checksum)
+    } else {
+        write_numbers_checked(payload, &mut values.spare_capacity_mut()[..count], checksum)
+    };
+    if written != count {
+        return Err("the elements were not all copied".to_owned());
+    }
+    // SAFETY: the first `count` elements of the capacity (reserved by `numbers_for`) were all
+    // written just above.
+    unsafe { values.set_len(count) };
+    if cfg!(target_endian = "big") {
+        N::from_le_in_place(&mut values);
+    }
+    Ok(values)
+}
+
+/// Writes the elements of a numbers `payload` to `values` and feeds the payload to `checksum`
+/// (of an entry without [`crate::entry::FLAG_BLOCKS`]); returns how many it wrote, from the
+/// start. The checksum (XXH3, sequential) reads the front part block by block just after the
+/// calling thread copied it, from the core's cache, then the back part, which another thread
+/// of the rayon pool copies meanwhile.
+fn write_numbers_checked<N: Number>(
+    payload: &[u8],
+    values: &mut [std::mem::MaybeUninit<N>],
+    checksum: &mut PendingChecksum,
+) -> usize {
+    checksum.update(&payload[..PREFIX]);
+    let elements = &payload[PREFIX..];
+    let size = std::mem::size_of::<N>();
+    let count = values.len();
     let front = count / 10 * CHECKED_FRONT_TENTHS;
-    let (front_bytes, back_bytes) = elements.split_at(front * size);
-    let (front_values, back_values) = values.spare_capacity_mut()[..count].split_at_mut(front);
+    let (front_bytes, back_bytes) = elements.split_at((front * size).min(elements.len()));
+    let (front_values, back_values) = values.split_at_mut(front);
     let (front_written, back_written) = rayon::join(
         || {
             let mut written = 0;
@@ -259,16 +289,52 @@ fn decode_numbers_checked<N: Number>(
         },
         || write_numbers(back_values, back_bytes),
     );
-    if front_written + back_written != count {
-        return Err("the elements were not all copied".to_owned());
+    // The back part was written only if the front part was whole.
+    if front_written == front {
+        front_written + back_written
+    } else {
+        front_written
     }
-    // SAFETY: the first `count` elements of the capacity (reserved by `numbers_for`) were all
-    // written just above: `front_written` from the start, `back_written` after them.
-    unsafe { values.set_len(count) };
-    if cfg!(target_endian = "big") {
-        N::from_le_in_place(&mut values);
+}
+
+/// Writes the elements of a numbers `payload` to `values` and feeds `checksum` (of an entry
+/// with [`crate::entry::FLAG_BLOCKS`], from the payload's start) the checksum of each block:
+/// the blocks are copied and checksummed on the rayon pool, each block read again from the
+/// core's cache. Returns how many elements it wrote, from the start.
+fn write_numbers_in_blocks<N: Number>(
+    payload: &[u8],
+    values: &mut [std::mem::MaybeUninit<N>],
+    checksum: &mut PendingChecksum,
+) -> usize {
+    use rayon::prelude::*;
+    let size = std::mem::size_of::<N>();
+    // The first block holds the prefix, then its elements; the others, elements only.
+    let first = ((CHECKSUM_BLOCK - PREFIX) / size).min(values.len());
+    let (head, tail) = values.split_at_mut(first);
+    let mut targets = vec![head];
+    targets.extend(tail.chunks_mut(CHECKSUM_BLOCK / size));
+    let blocks: Vec<(usize, usize, u64)> = payload
+        .par_chunks(CHECKSUM_BLOCK)
+        .zip(targets)
+        .enumerate()
+        .map(|(i, (block, target))| {
+            let elements = if i == 0 { &block[PREFIX..] } else { block };
+            let written = write_numbers(target, elements);
+            (written, block.len(), xxhash_rust::xxh3::xxh3_64(block))
+        })
+        .collect();
+    let fed = blocks.iter().map(|block| block.1).sum();
+    checksum.add_block_sums(blocks.iter().map(|block| block.2), fed);
+    // Whole blocks from the start: a short one would leave a gap after it.
+    let mut written = 0;
+    for (i, block) in blocks.iter().enumerate() {
+        written += block.0;
+        let whole = if i == 0 { first } else { CHECKSUM_BLOCK / size };
+        if block.0 != whole {
+            break;
+        }
     }
-    Ok(values)
+    written
 }
 
 /// Writes the little-endian numbers in `elements` as they are (no swapping) to the start of
@@ -405,19 +471,24 @@ mod tests {
         );
     }
 
-    /// A whole entry of `values` as the numbers codec stores it, and its key.
-    fn numbers_entry(values: &[f64]) -> (crate::key::CacheKey, Vec<u8>) {
+    /// A whole entry of `values` as the numbers codec stores it, and its key; `blocks`: as
+    /// memo writes it now (large ones with `FLAG_BLOCKS`), or as before that flag.
+    fn numbers_entry(values: &[f64], blocks: bool) -> (crate::key::CacheKey, Vec<u8>) {
         let key = crate::key::CacheKey::from_bytes([3; 32]);
         let payload = Codec::<Vec<f64>>::numbers()
             .encode(&values.to_vec())
             .unwrap();
-        let header = crate::entry::encode_header_with_flags(
-            &key,
-            std::time::SystemTime::now(),
-            std::time::Duration::ZERO,
-            FLAG_NUMBERS,
-            &payload,
-        );
+        let header = if blocks {
+            crate::entry::encode_header_with_flags(
+                &key,
+                std::time::SystemTime::now(),
+                std::time::Duration::ZERO,
+                FLAG_NUMBERS,
+                &payload,
+            )
+        } else {
+            crate::entry::header_without_blocks(&key, FLAG_NUMBERS, &payload)
+        };
         let mut entry = header.to_vec();
         entry.extend_from_slice(&payload);
         (key, entry)
@@ -439,42 +510,50 @@ mod tests {
     #[test]
     fn numbers_decode_in_the_pass_that_verifies_them() {
         let codec = Codec::<Vec<f64>>::numbers();
-        // Several blocks on the calling thread, a count that does not split evenly, and counts
-        // too small to split at all.
-        for count in [300_007usize, 9, 1, 0] {
-            let values: Vec<f64> = (0..count).map(|i| i as f64 * 0.5 - 7.0).collect();
-            let (key, entry) = numbers_entry(&values);
-            let back = decode_in_one_pass(codec, &key, &entry).unwrap();
-            assert_eq!(back.len(), count);
-            assert!(back
-                .iter()
-                .zip(&values)
-                .all(|(a, b)| a.to_bits() == b.to_bits()));
-        }
+        for blocks in [true, false] {
+            // Several blocks (of the checksum, or copied on the calling thread), a count that
+            // does not split evenly, and counts too small to split at all.
+            for count in [300_007usize, 9, 1, 0] {
+                let values: Vec<f64> = (0..count).map(|i| i as f64 * 0.5 - 7.0).collect();
+                let (key, entry) = numbers_entry(&values, blocks);
+                let flags = u16::from_le_bytes([entry[6], entry[7]]);
+                assert_eq!(
+                    flags & crate::entry::FLAG_BLOCKS != 0,
+                    blocks && count > 1000
+                );
+                let back = decode_in_one_pass(codec, &key, &entry).unwrap();
+                assert_eq!(back.len(), count);
+                assert!(back
+                    .iter()
+                    .zip(&values)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()));
+            }
 
-        let values: Vec<f64> = (0..300_007).map(|i| i as f64).collect();
-        let (key, entry) = numbers_entry(&values);
-        let payload_at = crate::entry::HEADER_LEN;
-        // A byte changed in the prefix, in the part the calling thread copies (the first 30 %),
-        // in the part the other thread copies, and last: never a value.
-        for at in [
-            payload_at + 1,
-            payload_at + 8 + 1000,
-            payload_at + 8 + 8 * 250_000,
-            entry.len() - 1,
-        ] {
-            let mut damaged = entry.clone();
-            damaged[at] ^= 0x10;
-            let outcome = decode_in_one_pass(codec, &key, &damaged);
-            assert_eq!(
-                outcome.unwrap_err(),
-                "checksum mismatch (damaged entry)",
-                "byte {at}"
-            );
+            let values: Vec<f64> = (0..300_007).map(|i| i as f64).collect();
+            let (key, entry) = numbers_entry(&values, blocks);
+            let payload_at = crate::entry::HEADER_LEN;
+            // A byte changed in the prefix, in the first block (or the part the calling thread
+            // copies, the first 30 %), in the second block (or the part another thread copies),
+            // and last: never a value.
+            for at in [
+                payload_at + 1,
+                payload_at + 8 + 1000,
+                payload_at + 8 + 8 * 250_000,
+                entry.len() - 1,
+            ] {
+                let mut damaged = entry.clone();
+                damaged[at] ^= 0x10;
+                let message = decode_in_one_pass(codec, &key, &damaged).unwrap_err();
+                assert_eq!(
+                    message, "checksum mismatch (damaged entry)",
+                    "byte {at}, {blocks}"
+                );
+            }
+            // Intact, but of another element type: the decoding error, after a verified
+            // checksum.
+            let outcome = decode_in_one_pass(Codec::<Vec<u64>>::numbers(), &key, &entry);
+            assert!(outcome.unwrap_err().contains("another element type"));
         }
-        // Intact, but of another element type: the decoding error, after a verified checksum.
-        let outcome = decode_in_one_pass(Codec::<Vec<u64>>::numbers(), &key, &entry);
-        assert!(outcome.unwrap_err().contains("another element type"));
     }
 
     #[test]

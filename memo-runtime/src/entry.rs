@@ -7,17 +7,17 @@
 //! |---|---|---|
 //! | 0 | 4 | magic `MEMO` |
 //! | 4 | 2 | format version, u16 little-endian ([`FORMAT_VERSION`]) |
-//! | 6 | 2 | flags, u16 little-endian: bit 0 ([`FLAG_ZSTD`]) the payload is zstd-compressed; bit 1 ([`FLAG_NUMBERS`]) the (plain) payload is raw numbers instead of MessagePack; other bits reserved (an entry with one set is not read) |
+//! | 6 | 2 | flags, u16 little-endian: bit 0 ([`FLAG_ZSTD`]) the payload is zstd-compressed; bit 1 ([`FLAG_NUMBERS`]) the (plain) payload is raw numbers instead of MessagePack; bit 2 ([`FLAG_BLOCKS`]) the checksum covers the payload's blocks' checksums; other bits reserved (an entry with one set is not read) |
 //! | 8 | 32 | the entry's [`CacheKey`] |
 //! | 40 | 8 | created, nanoseconds since the Unix epoch, u64 little-endian |
 //! | 48 | 8 | compute duration in nanoseconds, u64 little-endian |
 //! | 56 | 8 | payload length in bytes, u64 little-endian |
-//! | 64 | 8 | checksum: XXH3-64 of bytes 0..64 followed by the payload, u64 little-endian |
+//! | 64 | 8 | checksum: XXH3-64 of bytes 0..64 followed by the payload, u64 little-endian; with [`FLAG_BLOCKS`], followed instead by the XXH3-64 (u64 little-endian) of each [`CHECKSUM_BLOCK`] bytes of the payload in turn, the last block possibly shorter |
 //! | 72 | n | payload: the value in MessagePack, structs as maps with field names; or, with [`FLAG_NUMBERS`], a `Vec` of primitive numbers as the element's key tag, 7 zero bytes, then the elements in little-endian |
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use xxhash_rust::xxh3::Xxh3Default;
+use xxhash_rust::xxh3::{xxh3_64, Xxh3Default};
 
 use crate::key::CacheKey;
 
@@ -32,7 +32,15 @@ pub const FLAG_ZSTD: u16 = 1;
 /// Header flag: the plain payload is a `Vec` of primitive numbers as raw little-endian bytes
 /// (after an 8-byte prefix: the element's tag, then zeros), not MessagePack.
 pub const FLAG_NUMBERS: u16 = 2;
-const KNOWN_FLAGS: u16 = FLAG_ZSTD | FLAG_NUMBERS;
+/// Header flag: the checksum covers the checksums of the payload's blocks of [`CHECKSUM_BLOCK`]
+/// bytes instead of the payload itself, so that several cores compute and verify it. Set on
+/// payloads from [`BLOCKS_FROM`] bytes.
+pub const FLAG_BLOCKS: u16 = 4;
+/// The size of a payload's blocks under [`FLAG_BLOCKS`] (the last one may be shorter).
+pub const CHECKSUM_BLOCK: usize = 1 << 20;
+/// Payloads from this size are written with [`FLAG_BLOCKS`].
+pub const BLOCKS_FROM: usize = 2 * CHECKSUM_BLOCK;
+const KNOWN_FLAGS: u16 = FLAG_ZSTD | FLAG_NUMBERS | FLAG_BLOCKS;
 const CHECKSUM_AT: usize = 64;
 
 /// What an entry's header says about it.
@@ -50,6 +58,8 @@ pub struct EntryHeader {
     pub compressed: bool,
     /// Whether the plain payload is raw numbers ([`FLAG_NUMBERS`]).
     pub numbers: bool,
+    /// Whether the checksum covers the payload's blocks' checksums ([`FLAG_BLOCKS`]).
+    pub blocks: bool,
 }
 
 /// Why stored bytes are not a valid entry. Any of these makes the entry a miss.
@@ -108,10 +118,23 @@ fn checksum_of_header(header: &[u8]) -> Xxh3Default {
     hasher
 }
 
-fn checksum(header: &[u8], payload: &[u8]) -> u64 {
+fn checksum(header: &[u8], payload: &[u8], blocks: bool) -> u64 {
     let mut hasher = checksum_of_header(header);
-    hasher.update(payload);
+    if blocks {
+        for sum in block_sums(payload) {
+            hasher.update(&sum.to_le_bytes());
+        }
+    } else {
+        hasher.update(payload);
+    }
     hasher.digest()
+}
+
+/// The XXH3-64 of each [`CHECKSUM_BLOCK`] bytes of `payload`, in order, computed on the rayon
+/// pool.
+fn block_sums(payload: &[u8]) -> Vec<u64> {
+    use rayon::prelude::*;
+    payload.par_chunks(CHECKSUM_BLOCK).map(xxh3_64).collect()
 }
 
 /// Builds the header for an uncompressed `payload`; the entry on disk is the header followed by
@@ -125,8 +148,25 @@ pub fn encode_header(
     encode_header_with_flags(key, created, duration, 0, payload)
 }
 
-/// Builds the header for `payload` stored with `flags` (e.g. [`FLAG_ZSTD`]).
+/// Builds the header for `payload` stored with `flags` (e.g. [`FLAG_ZSTD`]); [`FLAG_BLOCKS`] is
+/// added from [`BLOCKS_FROM`] bytes of payload.
 pub fn encode_header_with_flags(
+    key: &CacheKey,
+    created: SystemTime,
+    duration: Duration,
+    flags: u16,
+    payload: &[u8],
+) -> [u8; HEADER_LEN] {
+    let flags = if payload.len() >= BLOCKS_FROM {
+        flags | FLAG_BLOCKS
+    } else {
+        flags
+    };
+    header_as_flagged(key, created, duration, flags, payload)
+}
+
+/// The header with exactly `flags` (its checksum made the way they say).
+fn header_as_flagged(
     key: &CacheKey,
     created: SystemTime,
     duration: Duration,
@@ -142,7 +182,7 @@ pub fn encode_header_with_flags(
     let nanos = u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX);
     header[48..56].copy_from_slice(&nanos.to_le_bytes());
     header[56..64].copy_from_slice(&(payload.len() as u64).to_le_bytes());
-    let sum = checksum(&header, payload);
+    let sum = checksum(&header, payload, flags & FLAG_BLOCKS != 0);
     header[64..72].copy_from_slice(&sum.to_le_bytes());
     header
 }
@@ -178,6 +218,7 @@ pub fn decode_header(bytes: &[u8]) -> Result<EntryHeader, CorruptEntry> {
         payload_len: u64_at(bytes, 56),
         compressed: flags & FLAG_ZSTD != 0,
         numbers: flags & FLAG_NUMBERS != 0,
+        blocks: flags & FLAG_BLOCKS != 0,
     })
 }
 
@@ -223,7 +264,7 @@ pub fn decode<'a>(
     expected: &CacheKey,
 ) -> Result<(EntryHeader, &'a [u8]), CorruptEntry> {
     let (header, payload, mut checksum) = decode_deferred(bytes, expected)?;
-    checksum.update(payload);
+    checksum.update_rest(payload);
     checksum.verify()?;
     Ok((header, payload))
 }
@@ -233,6 +274,8 @@ pub fn decode<'a>(
 /// entry is intact. A value decoded from the payload must not be used before that.
 pub struct PendingChecksum {
     hasher: Xxh3Default,
+    /// With [`FLAG_BLOCKS`]: the checksum of the block being fed, and how many of its bytes were.
+    block: Option<(Xxh3Default, usize)>,
     expected: u64,
     fed: u64,
     payload_len: u64,
@@ -240,13 +283,57 @@ pub struct PendingChecksum {
 
 impl PendingChecksum {
     /// Feeds the next bytes of the payload.
-    pub fn update(&mut self, bytes: &[u8]) {
-        self.hasher.update(bytes);
+    pub fn update(&mut self, mut bytes: &[u8]) {
         self.fed += bytes.len() as u64;
+        let Some((block, in_block)) = &mut self.block else {
+            self.hasher.update(bytes);
+            return;
+        };
+        while !bytes.is_empty() {
+            let take = (CHECKSUM_BLOCK - *in_block).min(bytes.len());
+            block.update(&bytes[..take]);
+            *in_block += take;
+            bytes = &bytes[take..];
+            if *in_block == CHECKSUM_BLOCK {
+                self.hasher.update(&block.digest().to_le_bytes());
+                block.reset();
+                *in_block = 0;
+            }
+        }
+    }
+
+    /// Feeds the rest of the payload, all of it; with [`FLAG_BLOCKS`], from the start of a
+    /// block, the blocks' checksums are computed on the rayon pool.
+    pub fn update_rest(&mut self, rest: &[u8]) {
+        if self.block_sums_from_here() && rest.len() > CHECKSUM_BLOCK {
+            self.add_block_sums(block_sums(rest), rest.len());
+        } else {
+            self.update(rest);
+        }
+    }
+
+    /// Whether the payload's next bytes start a block of an entry with [`FLAG_BLOCKS`], so that
+    /// [`PendingChecksum::add_block_sums`] may be fed the checksums of the blocks from here.
+    pub(crate) fn block_sums_from_here(&self) -> bool {
+        matches!(self.block, Some((_, 0)))
+    }
+
+    /// Feeds the checksums of the blocks of the rest of the payload, `len` bytes, computed by
+    /// the caller (see [`PendingChecksum::block_sums_from_here`]). Nothing may be fed after.
+    pub(crate) fn add_block_sums(&mut self, sums: impl IntoIterator<Item = u64>, len: usize) {
+        for sum in sums {
+            self.hasher.update(&sum.to_le_bytes());
+        }
+        self.fed += len as u64;
     }
 
     /// Whether the bytes fed were the whole payload the entry was written with.
-    pub fn verify(self) -> Result<(), CorruptEntry> {
+    pub fn verify(mut self) -> Result<(), CorruptEntry> {
+        if let Some((block, in_block)) = &self.block {
+            if *in_block > 0 {
+                self.hasher.update(&block.digest().to_le_bytes());
+            }
+        }
         if self.fed == self.payload_len && self.hasher.digest() == self.expected {
             Ok(())
         } else {
@@ -275,11 +362,29 @@ pub fn decode_deferred<'a>(
     }
     let checksum = PendingChecksum {
         hasher: checksum_of_header(bytes),
+        block: header.blocks.then(|| (Xxh3Default::new(), 0)),
         expected: u64_at(bytes, CHECKSUM_AT),
         fed: 0,
         payload_len: header.payload_len,
     };
     Ok((header, payload, checksum))
+}
+
+/// The header an entry of `payload` had before [`FLAG_BLOCKS`]: its checksum over the payload
+/// whatever its size (such entries are still read).
+#[cfg(test)]
+pub(crate) fn header_without_blocks(
+    key: &CacheKey,
+    flags: u16,
+    payload: &[u8],
+) -> [u8; HEADER_LEN] {
+    header_as_flagged(
+        key,
+        SystemTime::now(),
+        Duration::ZERO,
+        flags & !FLAG_BLOCKS,
+        payload,
+    )
 }
 
 #[cfg(test)]
@@ -364,6 +469,88 @@ mod tests {
             decode(&bytes, &key),
             Err(CorruptEntry::OtherVersion { found: 2 })
         );
+    }
+
+    /// A payload of `len` bytes that differ from block to block.
+    fn large_payload(len: usize) -> Vec<u8> {
+        (0..len).map(|i| (i * 31 / 7 % 251) as u8).collect()
+    }
+
+    #[test]
+    fn large_payloads_are_checksummed_by_blocks_as_the_format_says() {
+        let key = CacheKey::from_bytes([5; 32]);
+        let payload = large_payload(2 * CHECKSUM_BLOCK + 12_345);
+        let header =
+            encode_header_with_flags(&key, UNIX_EPOCH, Duration::ZERO, FLAG_ZSTD, &payload);
+        assert_eq!(
+            u16::from_le_bytes([header[6], header[7]]),
+            FLAG_ZSTD | FLAG_BLOCKS
+        );
+        // The definition, spelled out: header bytes 0..64, then each block's XXH3-64.
+        let mut spelled = header[..64].to_vec();
+        for block in payload.chunks(CHECKSUM_BLOCK) {
+            spelled.extend_from_slice(&xxh3_64(block).to_le_bytes());
+        }
+        assert_eq!(u64_at(&header, CHECKSUM_AT), xxh3_64(&spelled));
+        // Below the size, no blocks.
+        let small = encode_header(
+            &key,
+            UNIX_EPOCH,
+            Duration::ZERO,
+            &payload[..BLOCKS_FROM - 1],
+        );
+        assert_eq!(u16::from_le_bytes([small[6], small[7]]), 0);
+
+        let mut bytes = header.to_vec();
+        bytes.extend_from_slice(&payload);
+        assert_eq!(decode(&bytes, &key).unwrap().1, &payload[..]);
+        // Fed in pieces that straddle the blocks, or the rest at once after some: the same.
+        for piece in [1usize, 777, CHECKSUM_BLOCK - 1, CHECKSUM_BLOCK + 3] {
+            let (_, payload, mut checksum) = decode_deferred(&bytes, &key).unwrap();
+            for part in payload.chunks(piece) {
+                checksum.update(part);
+            }
+            assert_eq!(checksum.verify(), Ok(()), "pieces of {piece}");
+        }
+        let (_, payload, mut checksum) = decode_deferred(&bytes, &key).unwrap();
+        checksum.update(&payload[..CHECKSUM_BLOCK]);
+        checksum.update_rest(&payload[CHECKSUM_BLOCK..]);
+        assert_eq!(checksum.verify(), Ok(()));
+        // Not all of it, or more: never verified.
+        let (_, payload, mut checksum) = decode_deferred(&bytes, &key).unwrap();
+        checksum.update_rest(&payload[..payload.len() - 1]);
+        assert_eq!(checksum.verify(), Err(CorruptEntry::ChecksumMismatch));
+
+        // A byte changed in any block, or in the header: a mismatch.
+        for at in [
+            HEADER_LEN + 5,
+            HEADER_LEN + CHECKSUM_BLOCK + 9,
+            bytes.len() - 1,
+            50,
+        ] {
+            let mut damaged = bytes.clone();
+            damaged[at] ^= 0x40;
+            assert_eq!(
+                decode(&damaged, &key),
+                Err(CorruptEntry::ChecksumMismatch),
+                "byte {at}"
+            );
+        }
+    }
+
+    #[test]
+    fn large_entries_written_before_blocks_are_still_read() {
+        let key = CacheKey::from_bytes([6; 32]);
+        let payload = large_payload(BLOCKS_FROM + 100);
+        let mut bytes = header_without_blocks(&key, FLAG_NUMBERS, &payload).to_vec();
+        assert_eq!(u16::from_le_bytes([bytes[6], bytes[7]]), FLAG_NUMBERS);
+        bytes.extend_from_slice(&payload);
+        let (header, read) = decode(&bytes, &key).unwrap();
+        assert!(!header.blocks && header.numbers);
+        assert_eq!(read, &payload[..]);
+        // The same bytes under the flag are another checksum: never read as intact.
+        bytes[6] |= FLAG_BLOCKS as u8;
+        assert_eq!(decode(&bytes, &key), Err(CorruptEntry::ChecksumMismatch));
     }
 
     mod properties {

@@ -412,7 +412,7 @@ fn read_stored<R>(
     let decoded = if in_one_pass {
         codec.decode_checked(payload, &mut checksum)
     } else {
-        checksum.update(payload);
+        checksum.update_rest(payload);
         None
     };
     if let Err(reason) = checksum.verify() {
