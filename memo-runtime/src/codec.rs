@@ -1,6 +1,6 @@
 //! How a stored value becomes an entry's payload and back: MessagePack (rmp-serde) for every
 //! type, or raw little-endian bytes for a `Vec` of primitive numbers, which decodes with one copy
-//! instead of one call per element (for a large one, on two threads and in the pass that verifies
+//! instead of one call per element (for a large one, on the rayon pool and in the pass that verifies
 //! the entry's checksum).
 //!
 //! Generated code picks the codec from the function's return type by method resolution

@@ -274,8 +274,9 @@ pub fn decode<'a>(
 /// entry is intact. A value decoded from the payload must not be used before that.
 pub struct PendingChecksum {
     hasher: Xxh3Default,
-    /// With [`FLAG_BLOCKS`]: the checksum of the block being fed, and how many of its bytes were.
-    block: Option<(Xxh3Default, usize)>,
+    /// With [`FLAG_BLOCKS`]: the checksum of the block being fed, and how many of its bytes were
+    /// (boxed: the small entries read most often do not carry a second hasher's state around).
+    block: Option<Box<(Xxh3Default, usize)>>,
     expected: u64,
     fed: u64,
     payload_len: u64,
@@ -285,10 +286,11 @@ impl PendingChecksum {
     /// Feeds the next bytes of the payload.
     pub fn update(&mut self, mut bytes: &[u8]) {
         self.fed += bytes.len() as u64;
-        let Some((block, in_block)) = &mut self.block else {
+        let Some(block) = &mut self.block else {
             self.hasher.update(bytes);
             return;
         };
+        let (block, in_block) = &mut **block;
         while !bytes.is_empty() {
             let take = (CHECKSUM_BLOCK - *in_block).min(bytes.len());
             block.update(&bytes[..take]);
@@ -315,7 +317,7 @@ impl PendingChecksum {
     /// Whether the payload's next bytes start a block of an entry with [`FLAG_BLOCKS`], so that
     /// [`PendingChecksum::add_block_sums`] may be fed the checksums of the blocks from here.
     pub(crate) fn block_sums_from_here(&self) -> bool {
-        matches!(self.block, Some((_, 0)))
+        self.block.as_ref().is_some_and(|block| block.1 == 0)
     }
 
     /// Feeds the checksums of the blocks of the rest of the payload, `len` bytes, computed by
@@ -329,9 +331,9 @@ impl PendingChecksum {
 
     /// Whether the bytes fed were the whole payload the entry was written with.
     pub fn verify(mut self) -> Result<(), CorruptEntry> {
-        if let Some((block, in_block)) = &self.block {
-            if *in_block > 0 {
-                self.hasher.update(&block.digest().to_le_bytes());
+        if let Some(block) = &self.block {
+            if block.1 > 0 {
+                self.hasher.update(&block.0.digest().to_le_bytes());
             }
         }
         if self.fed == self.payload_len && self.hasher.digest() == self.expected {
@@ -362,7 +364,7 @@ pub fn decode_deferred<'a>(
     }
     let checksum = PendingChecksum {
         hasher: checksum_of_header(bytes),
-        block: header.blocks.then(|| (Xxh3Default::new(), 0)),
+        block: header.blocks.then(|| Box::new((Xxh3Default::new(), 0))),
         expected: u64_at(bytes, CHECKSUM_AT),
         fed: 0,
         payload_len: header.payload_len,
