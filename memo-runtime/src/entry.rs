@@ -611,5 +611,43 @@ mod tests {
                 prop_assert!(decode(&original, &key).is_ok());
             }
         }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+
+            /// A payload checksummed by blocks verifies however it is fed (pieces of any sizes,
+            /// the rest at once), and not with one byte changed anywhere.
+            #[test]
+            fn blocks_verify_however_fed_and_never_when_damaged(
+                extra in 0usize..(CHECKSUM_BLOCK + 3),
+                cuts in proptest::collection::vec(any::<prop::sample::Index>(), 0..6),
+                rest_from in any::<prop::sample::Index>(),
+                at in any::<prop::sample::Index>(),
+                flip in 1u8..=255,
+            ) {
+                let key = CacheKey::from_bytes([9; 32]);
+                let payload = large_payload(BLOCKS_FROM + extra - 2);
+                let mut bytes =
+                    encode_header(&key, UNIX_EPOCH, Duration::ZERO, &payload).to_vec();
+                bytes.extend_from_slice(&payload);
+                let (header, payload, mut checksum) = decode_deferred(&bytes, &key).unwrap();
+                prop_assert!(header.blocks);
+                let mut cuts: Vec<usize> = cuts.iter().map(|c| c.index(payload.len())).collect();
+                cuts.sort_unstable();
+                let rest_from = rest_from.index(payload.len());
+                let mut fed = 0;
+                for cut in cuts.into_iter().filter(|&cut| cut <= rest_from) {
+                    checksum.update(&payload[fed..cut]);
+                    fed = cut;
+                }
+                checksum.update(&payload[fed..rest_from]);
+                checksum.update_rest(&payload[rest_from..]);
+                prop_assert_eq!(checksum.verify(), Ok(()));
+
+                let at = at.index(bytes.len());
+                bytes[at] ^= flip;
+                prop_assert!(decode(&bytes, &key).is_err(), "byte {} changed", at);
+            }
+        }
     }
 }
