@@ -539,3 +539,102 @@ fn an_entry_stored_again_after_a_verification_is_not_removed_as_broken() {
     assert_eq!(rewritten(1), 8);
     assert_eq!(REWRITES.get(), 2, "the entry stored again is still there");
 }
+
+/// Entries in files of their own, in a folder made immutable below.
+#[cfg(target_os = "linux")]
+static IMMUTABLE: LazyLock<Memory> = LazyLock::new(|| {
+    Memory::new(fresh_dir("immutable"))
+        .pack_limit(0)
+        .memory_tier(0)
+});
+#[cfg(target_os = "linux")]
+static IMMUTABLE_CALLS: Counter = Counter::new();
+
+#[cfg(target_os = "linux")]
+#[cached(memory = IMMUTABLE)]
+fn in_immutable(x: u64) -> u64 {
+    IMMUTABLE_CALLS.bump();
+    x * 11
+}
+
+/// A folder nobody can create or remove files in, not even root (`chattr +i`), until dropped.
+/// (A test killed meanwhile leaves it so: `chattr -i` it before removing `target`.)
+#[cfg(target_os = "linux")]
+struct Immutable(PathBuf);
+
+#[cfg(target_os = "linux")]
+impl Immutable {
+    /// `None` where the attribute cannot be set (not root, or a file system without it).
+    fn set(dir: &Path) -> Option<Immutable> {
+        let status = Command::new("chattr").arg("+i").arg(dir).status();
+        status
+            .is_ok_and(|status| status.success())
+            .then(|| Immutable(dir.to_owned()))
+    }
+}
+
+#[cfg(target_os = "linux")]
+impl Drop for Immutable {
+    fn drop(&mut self) {
+        let _ = Command::new("chattr").arg("-i").arg(&self.0).status();
+    }
+}
+
+/// Counts memo's warnings on the thread it is the default subscriber of.
+#[cfg(target_os = "linux")]
+struct CountWarnings(std::sync::Arc<std::sync::atomic::AtomicUsize>);
+
+#[cfg(target_os = "linux")]
+impl tracing::Subscriber for CountWarnings {
+    fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+        true
+    }
+    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+        tracing::span::Id::from_u64(1)
+    }
+    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+    fn event(&self, event: &tracing::Event<'_>) {
+        let meta = event.metadata();
+        if *meta.level() == tracing::Level::WARN && meta.target() == "memo" {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+    fn enter(&self, _: &tracing::span::Id) {}
+    fn exit(&self, _: &tracing::span::Id) {}
+}
+
+#[cfg(target_os = "linux")]
+#[test]
+fn a_broken_entry_that_cannot_be_replaced_is_not_warned_about_at_every_call() {
+    assert_eq!(in_immutable(2), 22);
+    let entry = only_entry(in_immutable::location());
+    let mut bytes = std::fs::read(&entry).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    std::fs::write(&entry, &bytes).unwrap();
+    let Some(_immutable) = Immutable::set(entry.parent().unwrap()) else {
+        eprintln!("skipped: `chattr +i` is not possible here (needs root and ext4, xfs, btrfs...)");
+        return;
+    };
+    let warnings = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = CountWarnings(std::sync::Arc::clone(&warnings));
+    tracing::subscriber::with_default(counter, || {
+        for _ in 0..3 {
+            assert_eq!(in_immutable(2), 22);
+        }
+    });
+    assert_eq!(
+        IMMUTABLE_CALLS.get(),
+        4,
+        "the broken entry is a miss every time"
+    );
+    assert_eq!(
+        std::fs::read(&entry).unwrap(),
+        bytes,
+        "it could not be replaced"
+    );
+    // The broken entry, then the failed write; the next calls' are logged at debug level.
+    assert_eq!(warnings.load(std::sync::atomic::Ordering::Relaxed), 2);
+    assert!(IMMUTABLE.stats().errors >= 6, "each is still counted");
+}

@@ -506,6 +506,7 @@ pub struct CachedFunction {
     names: OnceLock<Names>,
     version: OnceLock<String>,
     function_key: OnceLock<FunctionKey>,
+    /// Whether a failed write was warned about (the cache cannot be written, it seems).
     write_warned: AtomicBool,
     /// Whether an argument that cannot be serialized was warned about.
     unkeyed_warned: AtomicBool,
@@ -1082,7 +1083,15 @@ impl CachedFunction {
                 Lookup::Broken
             }
             Stored::Broken(error) => {
-                self.problem(memory, error, RECOMPUTING);
+                // A cache that cannot be written keeps its broken entries, and every call would
+                // find them again: once this function's writes were warned about failing, they
+                // are counted and logged at debug level.
+                if self.write_warned.load(Ordering::Relaxed) && !memory.is_strict() {
+                    Counters::bump(&memory.counters.errors);
+                    tracing::debug!(target: "memo", "{error}; {RECOMPUTING}");
+                } else {
+                    self.problem(memory, error, RECOMPUTING);
+                }
                 Lookup::Broken
             }
         }
@@ -1237,4 +1246,4 @@ impl CachedFunction {
 const RECOMPUTING: &str = "treated as a miss, the value is recomputed";
 const NOT_CACHED: &str = "the value is computed and returned, but not cached; further such \
                           failures of this function are logged at debug level";
-const NOT_STORED: &str = "the value is returned but not stored; further write failures of this function are logged at debug level";
+const NOT_STORED: &str = "the value is returned but not stored; further write failures of this function, and the broken entries it cannot replace, are logged at debug level";
