@@ -80,11 +80,6 @@ impl<T> Codec<T> {
         self.decode_mapped.map(|decode| decode(map, bytes))
     }
 
-    /// Whether [`Codec::decode_checked`] decodes in the pass that verifies the checksum.
-    pub(crate) fn decodes_checked(&self) -> bool {
-        self.decode_checked.is_some()
-    }
-
     /// The value a payload holds, reading each byte once for decoding and for `checksum`,
     /// which has then been fed the whole payload whatever the outcome; `None` when this codec
     /// does not do both in one pass. The value must not be used unless the checksum verifies.

@@ -111,23 +111,83 @@ fn unix_nanos(time: SystemTime) -> u64 {
         .unwrap_or(0)
 }
 
-/// The checksum's hasher after the header's bytes it covers (all before the checksum itself).
-fn checksum_of_header(header: &[u8]) -> Xxh3Default {
-    let mut hasher = Xxh3Default::new();
-    hasher.update(&header[..CHECKSUM_AT]);
-    hasher
+fn checksum(header: &[u8], payload: &[u8], blocks: bool) -> u64 {
+    let mut checksum = Running::new(header, blocks);
+    checksum.update_rest(payload);
+    checksum.digest()
 }
 
-fn checksum(header: &[u8], payload: &[u8], blocks: bool) -> u64 {
-    let mut hasher = checksum_of_header(header);
-    if blocks {
-        for sum in block_sums(payload) {
-            hasher.update(&sum.to_le_bytes());
+/// An entry's checksum being computed, the one definition that writers and readers share: XXH3-64
+/// of the header's bytes before the checksum, then the payload, or with [`FLAG_BLOCKS`] each
+/// block's XXH3-64.
+struct Running {
+    hasher: Xxh3Default,
+    /// With [`FLAG_BLOCKS`]: the checksum of the block being fed, and how many of its bytes were
+    /// (boxed: the small entries read most often do not carry a second hasher's state around).
+    block: Option<Box<(Xxh3Default, usize)>>,
+}
+
+impl Running {
+    fn new(header: &[u8], blocks: bool) -> Running {
+        let mut hasher = Xxh3Default::new();
+        hasher.update(&header[..CHECKSUM_AT]);
+        Running {
+            hasher,
+            block: blocks.then(|| Box::new((Xxh3Default::new(), 0))),
         }
-    } else {
-        hasher.update(payload);
     }
-    hasher.digest()
+
+    /// Feeds the next bytes of the payload.
+    fn update(&mut self, mut bytes: &[u8]) {
+        let Some(block) = &mut self.block else {
+            self.hasher.update(bytes);
+            return;
+        };
+        let (block, in_block) = &mut **block;
+        while !bytes.is_empty() {
+            let take = (CHECKSUM_BLOCK - *in_block).min(bytes.len());
+            block.update(&bytes[..take]);
+            *in_block += take;
+            bytes = &bytes[take..];
+            if *in_block == CHECKSUM_BLOCK {
+                self.hasher.update(&block.digest().to_le_bytes());
+                block.reset();
+                *in_block = 0;
+            }
+        }
+    }
+
+    /// Feeds the rest of the payload, all of it; by blocks from the start of one, their
+    /// checksums computed on the rayon pool.
+    fn update_rest(&mut self, rest: &[u8]) {
+        if self.block_sums_from_here() && rest.len() > CHECKSUM_BLOCK {
+            self.add_block_sums(block_sums(rest));
+        } else {
+            self.update(rest);
+        }
+    }
+
+    /// Whether the next bytes start a block (of an entry with [`FLAG_BLOCKS`]).
+    fn block_sums_from_here(&self) -> bool {
+        self.block.as_ref().is_some_and(|block| block.1 == 0)
+    }
+
+    /// Feeds the checksums of the blocks of the rest of the payload.
+    fn add_block_sums(&mut self, sums: impl IntoIterator<Item = u64>) {
+        for sum in sums {
+            self.hasher.update(&sum.to_le_bytes());
+        }
+    }
+
+    /// The checksum of what was fed (a last, shorter block included).
+    fn digest(mut self) -> u64 {
+        if let Some(block) = &self.block {
+            if block.1 > 0 {
+                self.hasher.update(&block.0.digest().to_le_bytes());
+            }
+        }
+        self.hasher.digest()
+    }
 }
 
 /// The XXH3-64 of each [`CHECKSUM_BLOCK`] bytes of `payload`, in order, computed on the rayon
@@ -273,10 +333,7 @@ pub fn decode<'a>(
 /// of any size, while it is read for decoding, then [`PendingChecksum::verify`] says whether the
 /// entry is intact. A value decoded from the payload must not be used before that.
 pub struct PendingChecksum {
-    hasher: Xxh3Default,
-    /// With [`FLAG_BLOCKS`]: the checksum of the block being fed, and how many of its bytes were
-    /// (boxed: the small entries read most often do not carry a second hasher's state around).
-    block: Option<Box<(Xxh3Default, usize)>>,
+    sum: Running,
     expected: u64,
     fed: u64,
     payload_len: u64,
@@ -284,59 +341,34 @@ pub struct PendingChecksum {
 
 impl PendingChecksum {
     /// Feeds the next bytes of the payload.
-    pub fn update(&mut self, mut bytes: &[u8]) {
+    pub fn update(&mut self, bytes: &[u8]) {
         self.fed += bytes.len() as u64;
-        let Some(block) = &mut self.block else {
-            self.hasher.update(bytes);
-            return;
-        };
-        let (block, in_block) = &mut **block;
-        while !bytes.is_empty() {
-            let take = (CHECKSUM_BLOCK - *in_block).min(bytes.len());
-            block.update(&bytes[..take]);
-            *in_block += take;
-            bytes = &bytes[take..];
-            if *in_block == CHECKSUM_BLOCK {
-                self.hasher.update(&block.digest().to_le_bytes());
-                block.reset();
-                *in_block = 0;
-            }
-        }
+        self.sum.update(bytes);
     }
 
     /// Feeds the rest of the payload, all of it; with [`FLAG_BLOCKS`], from the start of a
     /// block, the blocks' checksums are computed on the rayon pool.
     pub fn update_rest(&mut self, rest: &[u8]) {
-        if self.block_sums_from_here() && rest.len() > CHECKSUM_BLOCK {
-            self.add_block_sums(block_sums(rest), rest.len());
-        } else {
-            self.update(rest);
-        }
+        self.fed += rest.len() as u64;
+        self.sum.update_rest(rest);
     }
 
     /// Whether the payload's next bytes start a block of an entry with [`FLAG_BLOCKS`], so that
     /// [`PendingChecksum::add_block_sums`] may be fed the checksums of the blocks from here.
     pub(crate) fn block_sums_from_here(&self) -> bool {
-        self.block.as_ref().is_some_and(|block| block.1 == 0)
+        self.sum.block_sums_from_here()
     }
 
     /// Feeds the checksums of the blocks of the rest of the payload, `len` bytes, computed by
     /// the caller (see [`PendingChecksum::block_sums_from_here`]). Nothing may be fed after.
     pub(crate) fn add_block_sums(&mut self, sums: impl IntoIterator<Item = u64>, len: usize) {
-        for sum in sums {
-            self.hasher.update(&sum.to_le_bytes());
-        }
+        self.sum.add_block_sums(sums);
         self.fed += len as u64;
     }
 
     /// Whether the bytes fed were the whole payload the entry was written with.
-    pub fn verify(mut self) -> Result<(), CorruptEntry> {
-        if let Some(block) = &self.block {
-            if block.1 > 0 {
-                self.hasher.update(&block.0.digest().to_le_bytes());
-            }
-        }
-        if self.fed == self.payload_len && self.hasher.digest() == self.expected {
+    pub fn verify(self) -> Result<(), CorruptEntry> {
+        if self.fed == self.payload_len && self.sum.digest() == self.expected {
             Ok(())
         } else {
             Err(CorruptEntry::ChecksumMismatch)
@@ -363,8 +395,7 @@ pub fn decode_deferred<'a>(
         });
     }
     let checksum = PendingChecksum {
-        hasher: checksum_of_header(bytes),
-        block: header.blocks.then(|| Box::new((Xxh3Default::new(), 0))),
+        sum: Running::new(bytes, header.blocks),
         expected: u64_at(bytes, CHECKSUM_AT),
         fed: 0,
         payload_len: header.payload_len,

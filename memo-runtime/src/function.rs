@@ -403,18 +403,17 @@ fn read_stored<R>(
         Err(CorruptEntry::OtherVersion { found }) => return Stored::OtherVersion(found),
         Err(reason) => return corrupt(reason),
     };
-    // A large payload that decodes by copying is verified in the same pass (`decode_checked`);
-    // any other is verified first.
-    let in_one_pass = codec.decodes_checked()
-        && !header.compressed
+    // A large payload that decodes by copying is verified in the same pass, by the codecs that
+    // can (`decode_checked`); any other is verified first.
+    let large = !header.compressed
         && header.numbers
         && payload.len() >= DECODE_CHECKED_FROM.max(keep_plain.saturating_add(1));
-    let decoded = if in_one_pass {
-        codec.decode_checked(payload, &mut checksum)
-    } else {
+    let decoded = large
+        .then(|| codec.decode_checked(payload, &mut checksum))
+        .flatten();
+    if decoded.is_none() {
         checksum.update_rest(payload);
-        None
-    };
+    }
     if let Err(reason) = checksum.verify() {
         return corrupt(reason);
     }
