@@ -61,18 +61,19 @@ impl Hash for TierKey {
 
 impl TierKey {
     pub(crate) fn new(function: usize, call: &CallKey, digest: impl FnOnce() -> CacheKey) -> Self {
-        match call.short_args() {
-            Some(short) if short.len() <= ARGS => {
+        match call.short_padded() {
+            Some((len, padded)) if len <= ARGS => {
                 let mut hasher = FxHasher::default();
                 hasher.write_usize(function);
-                hasher.write(short);
+                hasher.write(&padded[..len]);
+                // A copy of a fixed size, zero past `len` as the call key is.
                 let mut args = [0u8; ARGS];
-                args[..short.len()].copy_from_slice(short);
+                args.copy_from_slice(&padded[..ARGS]);
                 TierKey {
                     hash: hasher.finish(),
                     function,
                     form: Form::Args {
-                        len: short.len() as u8,
+                        len: len as u8,
                         args,
                     },
                 }
