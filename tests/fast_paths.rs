@@ -229,6 +229,77 @@ fn slices_of_numbers_are_keyed_by_every_element() {
     assert_eq!(OWNED_SUMS.get(), 3);
 }
 
+/// The same function three times: served from memory, from the packs, from files of their own.
+static NAN_TIERED: LazyLock<Memory> = LazyLock::new(|| Memory::new(fresh_dir("nan-tiered")));
+static NAN_PACKED: LazyLock<Memory> =
+    LazyLock::new(|| Memory::new(fresh_dir("nan-packed")).memory_tier(0));
+static NAN_FILES: LazyLock<Memory> = LazyLock::new(|| {
+    Memory::new(fresh_dir("nan-files"))
+        .memory_tier(0)
+        .pack_limit(0)
+});
+static NAN_SUMS: [Counter; 3] = [Counter::new(), Counter::new(), Counter::new()];
+
+#[cached(memory = NAN_TIERED)]
+fn nan_count_tiered(values: &[f64]) -> usize {
+    NAN_SUMS[0].bump();
+    values.iter().filter(|v| v.is_nan()).count()
+}
+
+#[cached(memory = NAN_PACKED)]
+fn nan_count_packed(values: Vec<f64>) -> usize {
+    NAN_SUMS[1].bump();
+    values.iter().filter(|v| v.is_nan()).count()
+}
+
+#[cached(memory = NAN_FILES)]
+fn nan_count_files(values: &Vec<f64>) -> usize {
+    NAN_SUMS[2].bump();
+    values.iter().filter(|v| v.is_nan()).count()
+}
+
+#[test]
+fn large_slices_of_floats_key_every_nan_alike_however_they_are_looked_up() {
+    // Large enough (800 KB) to be hashed before it is looked at.
+    let with_nan = |bits: u64| {
+        let mut values: Vec<f64> = (0..100_000).map(f64::from).collect();
+        values[77_777] = f64::from_bits(bits);
+        values
+    };
+    let canonical = f64::NAN.to_bits();
+    type Call<'a> = (&'a dyn Fn(&[f64]) -> usize, &'a dyn Fn(&[f64]) -> bool);
+    let calls: [Call<'_>; 3] = [
+        (&|v| nan_count_tiered(v), &|v| {
+            nan_count_tiered::is_cached(v)
+        }),
+        (&|v| nan_count_packed(v.to_vec()), &|v| {
+            nan_count_packed::is_cached(v.to_vec())
+        }),
+        (&|v| nan_count_files(&v.to_vec()), &|v| {
+            nan_count_files::is_cached(&v.to_vec())
+        }),
+    ];
+    for (i, (call, is_cached)) in calls.into_iter().enumerate() {
+        let runs = || NAN_SUMS[i].get();
+        // Stored from a NaN that is not the canonical one: under the canonical key.
+        assert_eq!(call(&with_nan(canonical | 1)), 1);
+        assert_eq!(runs(), 1, "function {i}");
+        // The canonical NaN's bytes are the key's: found as they are.
+        assert_eq!(call(&with_nan(canonical)), 1);
+        // Another NaN: not found as it is, then looked at, then found in canonical form.
+        assert_eq!(call(&with_nan(canonical | 7)), 1);
+        assert!(is_cached(&with_nan(canonical | 9)));
+        assert!(is_cached(&with_nan((-f64::NAN).to_bits())));
+        assert_eq!(runs(), 1, "function {i}");
+        // Without a NaN: a new key, then a hit.
+        let plain = with_nan(0.5f64.to_bits());
+        assert!(!is_cached(&plain));
+        assert_eq!(call(&plain), 0);
+        assert_eq!(call(&plain), 0);
+        assert_eq!(runs(), 2, "function {i}");
+    }
+}
+
 /// Entries in files of their own: the tests read and damage them.
 static ARRAYS: LazyLock<Memory> = LazyLock::new(|| {
     Memory::new(fresh_dir("arrays"))

@@ -318,8 +318,16 @@ fn key(names: &Names<'_>, mode: TokenStream) -> TokenStream {
             }
         }
     }
+    // Arguments hashed in place (not a `key = ...` expression, which may move them) can be
+    // hashed again: large slices of floats are then hashed without a look for NaNs first (see
+    // `CachedFunction::key_checked`). Not in an `async fn`, whose look-up waits on a thread pool.
+    let hash = if names.model.args.key.is_none() && names.model.item.sig.asyncness.is_none() {
+        quote!(key_checked)
+    } else {
+        quote!(key)
+    };
     quote! {
-        let __memo_key = __memo_function.key(__memo_memory, #mode, |__memo_hasher| {
+        let __memo_key = __memo_function.#hash(__memo_memory, #mode, |__memo_hasher| {
             #(#parts)*
         });
     }

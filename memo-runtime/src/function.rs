@@ -589,11 +589,53 @@ impl CachedFunction {
         if mode == CallMode::Uncached || memory.store().is_none() {
             return None;
         }
-        let function = self
-            .function_key
-            .get_or_init(|| FunctionKey::new(self.identity(), self.version()));
+        let mut hasher = ArgsHasher::for_function(self.function_key());
+        args(&mut hasher);
+        self.take_key(memory, &mut hasher)
+    }
+
+    /// [`CachedFunction::key`] for arguments that can be hashed more than once (generated code
+    /// uses it unless the key is a `key = ...` expression or the function is `async`). The same
+    /// key, found sooner when a large slice of floats is among the arguments: its bytes are
+    /// hashed as they are, without first looking for NaNs (which all key alike, so the
+    /// canonical key hashes each as the one canonical NaN), and that key is kept when an entry
+    /// is stored under it, which proves it canonical (see [`ArgsHasher`]'s optimistic mode) and
+    /// is the common case of a hit. Otherwise the slices are looked at, and only when one holds
+    /// a NaN are the arguments hashed again in canonical form.
+    pub fn key_checked(
+        &self,
+        memory: &Memory,
+        mode: CallMode,
+        args: impl Fn(&mut ArgsHasher),
+    ) -> Option<CallKey> {
+        if mode == CallMode::Uncached || memory.store().is_none() {
+            return None;
+        }
+        let function = self.function_key();
+        let mut hasher = ArgsHasher::optimistic(function);
+        args(&mut hasher);
+        let unchecked = hasher.unchecked();
+        let key = self.take_key(memory, &mut hasher)?;
+        if !unchecked || self.contains(memory, &key) {
+            return Some(key);
+        }
+        let mut checker = ArgsHasher::checking();
+        args(&mut checker);
+        if !checker.nan_seen() {
+            return Some(key);
+        }
         let mut hasher = ArgsHasher::for_function(function);
         args(&mut hasher);
+        self.take_key(memory, &mut hasher)
+    }
+
+    fn function_key(&self) -> &FunctionKey {
+        self.function_key
+            .get_or_init(|| FunctionKey::new(self.identity(), self.version()))
+    }
+
+    /// The key the hasher made, or `None` after reporting why there is none.
+    fn take_key(&self, memory: &Memory, hasher: &mut ArgsHasher) -> Option<CallKey> {
         match hasher.take_call() {
             Ok(key) => Some(key),
             Err(source) => {
@@ -603,6 +645,20 @@ impl CachedFunction {
                 None
             }
         }
+    }
+
+    /// Whether anything is stored under `key`, in memory or in the store, without reading it
+    /// (whole, fresh or not).
+    fn contains(&self, memory: &Memory, call: &CallKey) -> bool {
+        let Some(store) = memory.store() else {
+            return false;
+        };
+        let key = call.digest();
+        let in_memory = memory
+            .tier
+            .as_ref()
+            .is_some_and(|tier| tier.contains(&TierKey::new(self.id(), call, || key)));
+        in_memory || store.contains(&self.address(&key))
     }
 
     /// Runs one call: serves the stored value for `key`, or runs `compute`, stores its value

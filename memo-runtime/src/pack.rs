@@ -718,6 +718,25 @@ impl Packs {
     /// [`Packs::get`], with what the same look-up learned of the entry: its latest recorded use,
     /// and whether this process read it before.
     pub(crate) fn get_used(&self, key: &CacheKey) -> io::Result<(Found, Seen)> {
+        self.with_current(|state| self.found(state, key))
+    }
+
+    /// Whether the packs hold an entry for `key` (`Some`), without reading it; `None` when the
+    /// entry is a file of its own (or may be).
+    pub(crate) fn contains(&self, key: &CacheKey) -> Option<bool> {
+        self.with_current(|state| match state.index.get(key) {
+            Some(slot) => match slot.kind {
+                Kind::Entry => Some(true),
+                Kind::Removed | Kind::Used => Some(false),
+                Kind::File => None,
+            },
+            None if state.files_listed || state.generation.is_some() => Some(false),
+            None => None,
+        })
+    }
+
+    /// Runs `f` on the index, brought up to date first when another process added records.
+    fn with_current<R>(&self, f: impl Fn(&State) -> R) -> R {
         {
             let state = self.state.read().unwrap_or_else(PoisonError::into_inner);
             let current = match &state.generation {
@@ -725,12 +744,12 @@ impl Packs {
                 None => state.files_listed && self.recently_absent(),
             };
             if current {
-                return self.found(&state, key);
+                return f(&state);
             }
         }
         let mut state = self.write_state();
         self.refresh(&mut state);
-        self.found(&state, key)
+        f(&state)
     }
 
     fn found(&self, state: &State, key: &CacheKey) -> io::Result<(Found, Seen)> {

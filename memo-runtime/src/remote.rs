@@ -1269,6 +1269,11 @@ impl Store for Tiered {
         Ok(Some(EntryBytes::Heap(bytes)))
     }
 
+    fn contains(&self, at: &EntryAddress<'_>) -> bool {
+        // Else fetched (and kept locally, where the call then reads it).
+        self.local.contains(at) || matches!(self.read(at), Ok(Some(_)))
+    }
+
     fn write(
         &self,
         at: &EntryAddress<'_>,

@@ -74,6 +74,11 @@ pub(crate) trait Store: Send + Sync {
     fn version_location(&self, function: &str, version: &str) -> PathBuf;
     /// The stored bytes of an entry, or `None` when there is none.
     fn read(&self, at: &EntryAddress<'_>) -> Result<Option<EntryBytes>, Error>;
+    /// Whether something is stored under the entry's key (intact or not), without reading it
+    /// when the store can tell so.
+    fn contains(&self, at: &EntryAddress<'_>) -> bool {
+        matches!(self.read(at), Ok(Some(_)))
+    }
     /// Stores an entry atomically, with the arguments' preview when there is one: readers see
     /// the old state or the complete new entry.
     fn write(
@@ -1237,6 +1242,15 @@ impl Store for DirStore {
             Err(e) if is_absent(&e) => Ok(None),
             Err(e) => Err(Error::io("reading cache entry", path, e)),
         }
+    }
+
+    fn contains(&self, at: &EntryAddress<'_>) -> bool {
+        #[cfg(unix)]
+        if let Ok(Some(recorded)) = self.packs_at(at).map(|packs| packs.contains(at.key)) {
+            return recorded;
+        }
+        // A file of its own (or the packs could not be looked at: the file tells).
+        self.entry_path(at).is_file()
     }
 
     fn lock(&self, at: &EntryAddress<'_>, timeout: Option<Duration>) -> Result<Acquired, Error> {

@@ -336,6 +336,11 @@ impl Tier {
         })
     }
 
+    /// Whether `key` has a slot (without counting a hit).
+    pub(crate) fn contains(&self, key: &TierKey) -> bool {
+        self.kept_any.load(Ordering::Acquire) && self.shard(key).0.slots.contains_key(key)
+    }
+
     /// Forgets the slot a hit found (a value not fresh any more, or that does not decode),
     /// unless another value took its place meanwhile.
     pub(crate) fn discard(&self, key: &TierKey, kept: &Kept) {
