@@ -451,10 +451,11 @@ impl ArgsHasher {
         }
     }
 
-    /// Whether a large slice of floats was hashed as it is, unlooked at ([`ArgsHasher::optimistic`]):
-    /// the key is then the canonical one if the slice holds no NaN. When it does hold one, the key
-    /// differs from every canonical key (the bytes of a canonical key hold no NaN but the
-    /// canonical one, where this key's bytes hold another), so it can only miss.
+    /// Whether a large slice of floats was hashed as it is, unlooked at
+    /// ([`ArgsHasher::optimistic`]): the key is then the canonical one if the slice holds no
+    /// NaN. When it does hold one, the key differs from every canonical key (the bytes of a
+    /// canonical key hold no NaN but the canonical one, where this key's bytes hold another),
+    /// so it can only miss.
     pub(crate) fn unchecked(&self) -> bool {
         self.unchecked
     }
@@ -470,9 +471,9 @@ impl ArgsHasher {
     /// canonical form. Generated code uses it for arguments of type `&[T]`, `Vec<T>` and
     /// `&Vec<T>` with `T` a primitive number; such an argument's key therefore differs from the
     /// one [`ArgsHasher::arg`] would give it (the same function always uses the same one).
-    /// (The hasher [`CachedFunction::key_checked`](crate::function::CachedFunction::key_checked) starts
-    /// with hashes large slices of floats as they are, NaNs included, and hashes them again in
-    /// canonical form only when that key finds nothing and a NaN is there.)
+    /// ([`CachedFunction::key_checked`](crate::function::CachedFunction::key_checked) first
+    /// hashes large slices of floats as they are, NaNs included, and hashes them again in
+    /// canonical form only when that key finds nothing stored and a NaN is there.)
     pub fn numbers<T: Number>(&mut self, values: &[T]) {
         if self.error.is_some() {
             return;
