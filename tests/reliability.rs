@@ -369,9 +369,12 @@ fn a_full_disk_still_returns_the_value_and_leaves_no_partial_entry() {
 
 // --- Hostile files, in this process. ---
 
-// Without the memory tier: the files are changed behind the process's back.
-static HOSTILE: LazyLock<Memory> =
-    LazyLock::new(|| Memory::new(fresh_dir("hostile")).memory_tier(0));
+// Without the memory tier: the files are changed behind the process's back. One memory per
+// test: a verification of one must not see the other's link (the tests run at once).
+static HOSTILE_LINK: LazyLock<Memory> =
+    LazyLock::new(|| Memory::new(fresh_dir("hostile-link")).memory_tier(0));
+static HOSTILE_HUGE: LazyLock<Memory> =
+    LazyLock::new(|| Memory::new(fresh_dir("hostile-huge")).memory_tier(0));
 static LINK_CALLS: Counter = Counter::new();
 static HUGE_CALLS: Counter = Counter::new();
 
@@ -380,13 +383,13 @@ fn large_value(key: u64) -> Vec<u64> {
     vec![u64::MAX - key; 20_000]
 }
 
-#[cached(memory = HOSTILE)]
+#[cached(memory = HOSTILE_LINK)]
 fn link_target(key: u64) -> Vec<u64> {
     LINK_CALLS.bump();
     large_value(key)
 }
 
-#[cached(memory = HOSTILE)]
+#[cached(memory = HOSTILE_HUGE)]
 fn huge_claim(key: u64) -> Vec<u64> {
     HUGE_CALLS.bump();
     large_value(key)
@@ -436,7 +439,7 @@ fn a_header_claiming_a_huge_length_is_a_miss() {
     );
     bytes[56..64].copy_from_slice(&(1u64 << 60).to_le_bytes());
     std::fs::write(&entry, &bytes).unwrap();
-    let report = HOSTILE.verify().unwrap();
+    let report = HOSTILE_HUGE.verify().unwrap();
     assert_eq!(
         report.broken.len(),
         1,
