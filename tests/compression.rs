@@ -109,8 +109,16 @@ fn plain_and_compressed_entries_mix_and_each_is_read_as_its_header_says() {
 }
 
 static DAMAGED: Counter = Counter::new();
+/// A memory of its own: the entry it damages would be a broken entry for the verification of
+/// `compressed_entries_round_trip_and_are_smaller`, which runs at the same time.
+static DAMAGED_MEMORY: LazyLock<Memory> = LazyLock::new(|| {
+    Memory::new(fresh_dir("compression-damaged"))
+        .compression(Some(3))
+        .memory_tier(0)
+        .pack_limit(0)
+});
 
-#[cached(memory = COMPRESSED)]
+#[cached(memory = DAMAGED_MEMORY)]
 fn damaged(n: u64) -> Vec<u64> {
     DAMAGED.bump();
     series_value(n)
