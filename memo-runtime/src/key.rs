@@ -127,10 +127,29 @@ struct Sink {
     /// Created when the input outgrows the small buffer.
     hasher: Option<Box<blake3::Hasher>>,
     /// The active buffer's bytes: `small` until it overflows, then `large` for good.
-    small: [u8; SMALL_BUFFER],
+    small: Small,
     large: Vec<u8>,
     /// Bytes used in the active buffer.
     len: usize,
+}
+
+/// The small buffer, aligned so that a short key's bytes are copied out of it in aligned 16-byte
+/// moves (one of the stores that copy makes is then read whole by the next copy, not assembled).
+#[repr(align(16))]
+struct Small([u8; SMALL_BUFFER]);
+
+impl std::ops::Deref for Small {
+    type Target = [u8; SMALL_BUFFER];
+
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Small {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
 }
 
 impl Sink {
@@ -142,7 +161,7 @@ impl Sink {
         Sink {
             key,
             hasher: None,
-            small: [0; SMALL_BUFFER],
+            small: Small([0; SMALL_BUFFER]),
             large: Vec::new(),
             len: 0,
         }
@@ -171,7 +190,7 @@ impl Sink {
     fn room(&mut self, n: usize) -> Option<&mut [u8]> {
         let start = self.len;
         let buffer: &mut [u8] = if self.large.is_empty() {
-            &mut self.small
+            &mut self.small[..]
         } else {
             &mut self.large
         };
@@ -564,21 +583,16 @@ impl ArgsHasher {
             // zero past what was written): a copy of `len` bytes is a call to `memcpy`, and
             // the reads of the key that follow would wait for its stores (a tenth of a hit).
             debug_assert!(sink.small[sink.len..SHORT_ARGS].iter().all(|&b| b == 0));
-            let mut args = [0u8; SHORT_ARGS];
-            args.copy_from_slice(&sink.small[..SHORT_ARGS]);
+            let mut bytes = Aligned([0u8; SHORT_ARGS]);
+            bytes.0.copy_from_slice(&sink.small[..SHORT_ARGS]);
             return Ok(CallKey {
+                bytes,
                 function,
-                form: KeyForm::Short {
-                    len: sink.len as u8,
-                    args,
-                },
+                len: sink.len as u8,
             });
         }
         let sink = std::mem::replace(sink, Sink::with(None));
-        Ok(CallKey {
-            function,
-            form: KeyForm::Digest(CacheKey(sink.finish())),
-        })
+        Ok(CallKey::hashed(CacheKey(sink.finish())))
     }
 
     /// The key, or the first error an argument's `Serialize` implementation returned.
@@ -596,49 +610,64 @@ pub(crate) const SHORT_ARGS: usize = 48;
 /// One call's key, as [`ArgsHasher::finish_call`] leaves it: short encoded arguments as they are
 /// (the memory tier compares them byte for byte, so a hit there needs no hashing), longer ones
 /// already hashed. [`CallKey::digest`] gives the [`CacheKey`] either way.
+//
+// Laid out for plain copies: the bytes first, aligned, so that each copy of a key (it is returned,
+// passed on, and copied into the memory tier's key) moves them in the same aligned 16-byte
+// pieces, and each piece a copy reads is one that the previous copy stored whole. (As an enum
+// of a length byte and the bytes, they sat one byte off, and each copy read pieces that spanned
+// two stores: a stall of some 15 cycles each, a tenth of a hit from memory.)
 #[derive(Clone, Copy)]
+#[repr(C)]
 pub struct CallKey {
+    /// Short: the encoded arguments, zero past `len`. Hashed: the key, then zeros.
+    bytes: Aligned,
+    /// The function key (short form only; zeros otherwise).
     function: [u8; 32],
-    form: KeyForm,
+    /// The length of the short encoded arguments, or [`HASHED`].
+    len: u8,
 }
 
-#[derive(Clone, Copy)]
-enum KeyForm {
-    Short { len: u8, args: [u8; SHORT_ARGS] },
-    Digest(CacheKey),
-}
+/// [`CallKey::len`] of a key in hashed form (short arguments are at most [`SHORT_ARGS`] long).
+const HASHED: u8 = u8::MAX;
+
+/// [`SHORT_ARGS`] bytes, aligned for 16-byte moves.
+#[derive(Clone, Copy, PartialEq, Eq)]
+#[repr(align(16))]
+pub(crate) struct Aligned(pub(crate) [u8; SHORT_ARGS]);
 
 impl CallKey {
     /// The entry's key: BLAKE3 keyed by the function key over the encoded arguments.
     pub fn digest(&self) -> CacheKey {
-        match &self.form {
-            KeyForm::Short { len, args } => {
-                CacheKey(*blake3::keyed_hash(&self.function, &args[..*len as usize]).as_bytes())
+        match self.short_args() {
+            Some(args) => CacheKey(*blake3::keyed_hash(&self.function, args).as_bytes()),
+            None => {
+                let mut key = [0u8; 32];
+                key.copy_from_slice(&self.bytes.0[..32]);
+                CacheKey(key)
             }
-            KeyForm::Digest(key) => *key,
         }
     }
 
     /// A call key of the hashed form, for a key computed elsewhere.
     pub fn hashed(key: CacheKey) -> Self {
+        let mut bytes = Aligned([0u8; SHORT_ARGS]);
+        bytes.0[..32].copy_from_slice(key.as_bytes());
         CallKey {
+            bytes,
             function: [0; 32],
-            form: KeyForm::Digest(key),
+            len: HASHED,
         }
     }
 
     /// The encoded arguments, when they are short enough to be kept.
     pub fn short_args(&self) -> Option<&[u8]> {
-        self.short_padded().map(|(len, args)| &args[..len])
+        self.short_padded().map(|(len, args)| &args.0[..len])
     }
 
     /// [`CallKey::short_args`] as their length and all [`SHORT_ARGS`] bytes kept, zero past
     /// that length (for copies of a fixed size).
-    pub(crate) fn short_padded(&self) -> Option<(usize, &[u8; SHORT_ARGS])> {
-        match &self.form {
-            KeyForm::Short { len, args } => Some((usize::from(*len), args)),
-            KeyForm::Digest(_) => None,
-        }
+    pub(crate) fn short_padded(&self) -> Option<(usize, &Aligned)> {
+        (self.len != HASHED).then_some((usize::from(self.len), &self.bytes))
     }
 }
 
@@ -1347,6 +1376,7 @@ mod tests {
             hasher.arg(text.as_str());
             let call = hasher.finish_call().unwrap();
             let (kept, padded) = call.short_padded().unwrap();
+            let padded = &padded.0;
             assert_eq!(kept, 10 + text.len());
             assert_eq!(&padded[10..kept], text.as_bytes());
             assert!(padded[kept..].iter().all(|&b| b == 0), "length {len}");

@@ -15,39 +15,40 @@
 //! and decoded after it (that runs the caller's code, which may call cached functions).
 
 use std::collections::{HashMap, VecDeque};
-use std::hash::{BuildHasherDefault, Hash, Hasher};
+use std::hash::{BuildHasher, BuildHasherDefault, Hash, Hasher};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
-use rustc_hash::FxHasher;
-
 use crate::flight::Payload;
-use crate::key::{CacheKey, CallKey};
+use crate::key::{Aligned, CacheKey, CallKey, SHORT_ARGS};
 
 /// What the tier is looked up by: a function (the address of its static) and its call's short
 /// encoded arguments, compared byte for byte, or else the call's full 256-bit key. Equality
-/// compares all of it; the hash is computed once, when the key is made. One cache line.
+/// compares all of it; the hash is computed once, when the key is made. One cache line, laid out
+/// as a [`CallKey`] is: the bytes first, copied from the call key in the same aligned pieces.
 #[derive(Clone, Copy)]
+#[repr(C)]
 pub(crate) struct TierKey {
-    hash: u64,
+    /// The call's short encoded arguments, zero past `len`; or its [`CacheKey`], then zeros.
+    bytes: Aligned,
     function: usize,
-    form: Form,
+    /// Spread over 64 bits by [`CarriedHash`].
+    hash: u32,
+    /// The length of the short encoded arguments, or [`DIGEST`].
+    len: u8,
 }
 
-/// Encoded arguments up to this many bytes are the key themselves (longer ones are hashed to a
-/// [`CacheKey`]): what fits a [`TierKey`] in 64 bytes.
-const ARGS: usize = 46;
-
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Form {
-    Args { len: u8, args: [u8; ARGS] },
-    Digest(CacheKey),
-}
+/// [`TierKey::len`] for a key made of a [`CacheKey`] (short arguments are at most
+/// [`SHORT_ARGS`](crate::key::SHORT_ARGS) long).
+const DIGEST: u8 = u8::MAX;
 
 impl PartialEq for TierKey {
     fn eq(&self, other: &Self) -> bool {
-        self.hash == other.hash && self.function == other.function && self.form == other.form
+        self.hash == other.hash
+            && self.len == other.len
+            && self.function == other.function
+            && self.bytes == other.bytes
     }
 }
 
@@ -55,39 +56,31 @@ impl Eq for TierKey {}
 
 impl Hash for TierKey {
     fn hash<H: Hasher>(&self, state: &mut H) {
-        state.write_u64(self.hash);
+        state.write_u64(u64::from(self.hash));
     }
 }
 
 impl TierKey {
     pub(crate) fn new(function: usize, call: &CallKey, digest: impl FnOnce() -> CacheKey) -> Self {
-        match call.short_padded() {
-            Some((len, padded)) if len <= ARGS => {
-                let mut hasher = FxHasher::default();
-                hasher.write_usize(function);
-                hasher.write(&padded[..len]);
-                // A copy of a fixed size, zero past `len` as the call key is.
-                let mut args = [0u8; ARGS];
-                args.copy_from_slice(&padded[..ARGS]);
-                TierKey {
-                    hash: hasher.finish(),
-                    function,
-                    form: Form::Args {
-                        len: len as u8,
-                        args,
-                    },
-                }
+        // A copy of a fixed size, zero past `len` as the call key is.
+        let (len, bytes) = match call.short_padded() {
+            Some((len, padded)) => (len as u8, *padded),
+            None => {
+                let mut bytes = Aligned([0u8; SHORT_ARGS]);
+                bytes.0[..32].copy_from_slice(digest().as_bytes());
+                (DIGEST, bytes)
             }
-            _ => {
-                let key = digest();
-                let mut bytes = [0u8; 8];
-                bytes.copy_from_slice(&key.as_bytes()[..8]);
-                TierKey {
-                    hash: u64::from_le_bytes(bytes),
-                    function,
-                    form: Form::Digest(key),
-                }
-            }
+        };
+        // All of the bytes are hashed: a fixed amount of work. (Every bit of the hash depends on
+        // every bit of the input; with Fx, part of the hash ignores the high bits of each word.)
+        let mut hasher = foldhash::fast::FixedState::default().build_hasher();
+        hasher.write_usize(function);
+        hasher.write(&bytes.0);
+        TierKey {
+            bytes,
+            function,
+            hash: (hasher.finish() >> 32) as u32,
+            len,
         }
     }
 
@@ -97,13 +90,14 @@ impl TierKey {
     }
 }
 
-/// Hashes a [`TierKey`] to the hash it carries.
+/// Hashes a [`TierKey`] to the hash it carries, spread over 64 bits (the table picks a place by
+/// the low bits and tells keys apart by the top ones).
 #[derive(Default)]
 struct CarriedHash(u64);
 
 impl Hasher for CarriedHash {
     fn finish(&self) -> u64 {
-        self.0
+        self.0.wrapping_mul(0x9e37_79b9_7f4a_7c15)
     }
 
     fn write(&mut self, bytes: &[u8]) {
@@ -500,10 +494,11 @@ impl Tier {
     }
 }
 
-/// The shard of a key. Fibonacci hashing: the top bits of the product depend on every bit of
-/// the hash.
+/// The shard of a key: the top bits of its hash. (The shard's table places a key by the low bits
+/// of the hash times an odd number, which depend only on the hash's low bits, and tells keys
+/// apart by the top bits of that product, which depend on all of them.)
 fn shard_of(key: &TierKey) -> usize {
-    (key.hash.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 60) as usize % SHARDS
+    (key.hash >> (32 - SHARDS.trailing_zeros())) as usize % SHARDS
 }
 
 fn cost(payload: &[u8]) -> u64 {
@@ -513,6 +508,7 @@ fn cost(payload: &[u8]) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::HashSet;
     use std::sync::Arc;
 
     fn key(n: u16) -> TierKey {
@@ -529,6 +525,23 @@ mod tests {
     fn value(tier: &Tier, n: u16) -> Option<Vec<u8>> {
         tier.get(&key(n), Duration::MAX)
             .map(|kept| kept.payload.to_vec())
+    }
+
+    #[test]
+    fn every_byte_of_a_key_moves_its_hash_and_shard() {
+        // Keys that differ in one byte only, wherever it is (the high bytes of a word too),
+        // spread over hashes and shards.
+        for at in 0..32 {
+            let keys = (0..=255u8).map(|b| {
+                let mut bytes = [7u8; 32];
+                bytes[at] = b;
+                TierKey::digest(1, CacheKey::from_bytes(bytes))
+            });
+            let hashes: HashSet<u32> = keys.clone().map(|k| k.hash).collect();
+            let shards: HashSet<usize> = keys.map(|k| shard_of(&k)).collect();
+            assert!(hashes.len() >= 255, "byte {at}: {} hashes", hashes.len());
+            assert_eq!(shards.len(), SHARDS, "byte {at}");
+        }
     }
 
     #[test]
