@@ -121,16 +121,22 @@ const PARALLEL_FROM: usize = 1 << 20;
 /// end, without a `blake3::Hasher`, whose 1.9 KB state would cost more to build and move than a
 /// small key costs to hash); large ones are hashed in 64 KiB blocks so that BLAKE3 can use its
 /// wide SIMD paths.
+//
+// In this order, so that the small buffer's zeros are written apart from the fields that the
+// first write reads (`len` first): zeroed together, they were one `memset`, and reading `len`
+// from its wide stores stalled. (Copying a short key out of the buffer still waits for that
+// `memset` once.)
+#[repr(C)]
 struct Sink {
-    /// The BLAKE3 key, for keyed mode.
-    key: Option<[u8; 32]>,
-    /// Created when the input outgrows the small buffer.
-    hasher: Option<Box<blake3::Hasher>>,
-    /// The active buffer's bytes: `small` until it overflows, then `large` for good.
-    small: Small,
-    large: Vec<u8>,
     /// Bytes used in the active buffer.
     len: usize,
+    /// Created when the input outgrows the small buffer.
+    hasher: Option<Box<blake3::Hasher>>,
+    /// The BLAKE3 key, for keyed mode.
+    key: Option<[u8; 32]>,
+    large: Vec<u8>,
+    /// The active buffer's bytes: `small` until it overflows, then `large` for good.
+    small: Small,
 }
 
 /// The small buffer, aligned so that a short key's bytes are copied out of it in aligned 16-byte
