@@ -2,7 +2,7 @@
 
 use std::future::Future;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -515,7 +515,12 @@ pub struct CachedFunction {
     /// [`LOCK_FROM`] or longer.
     computed: AtomicU64,
     slow: AtomicU64,
+    /// Its number in this process, given at first use (0 until then): see [`CachedFunction::id`].
+    id: AtomicUsize,
 }
+
+/// The next number [`CachedFunction::id`] gives (from 1; 0 stands for none yet).
+static NEXT_ID: AtomicUsize = AtomicUsize::new(1);
 
 /// A miss takes the key's cross-process lock (so that processes missing the same key at once
 /// compute it once) unless the function is quick: all but at most one in 16 of its
@@ -543,6 +548,7 @@ impl CachedFunction {
             unencoded_warned: AtomicBool::new(false),
             computed: AtomicU64::new(0),
             slow: AtomicU64::new(0),
+            id: AtomicUsize::new(0),
         }
     }
 
@@ -903,10 +909,28 @@ impl CachedFunction {
         }
     }
 
-    /// This function's identity in this process (the memory tier, the sources recorded): the
-    /// address of its static.
+    /// This function's identity in this process (the memory tier, the sources recorded): a
+    /// number of its own, given at its first use and never given again. (Not its address: a
+    /// `CachedFunction` made outside a static, then dropped, may leave its address to another
+    /// function, which must not find its values in the memory tier.)
     fn id(&self) -> usize {
-        self as *const Self as usize
+        match self.id.load(Ordering::Relaxed) {
+            0 => self.first_id(),
+            id => id,
+        }
+    }
+
+    /// Gives [`CachedFunction::id`] its number (the first thread to get there sets it).
+    #[cold]
+    fn first_id(&self) -> usize {
+        let fresh = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+        match self
+            .id
+            .compare_exchange(0, fresh, Ordering::Relaxed, Ordering::Relaxed)
+        {
+            Ok(_) => fresh,
+            Err(given) => given,
+        }
     }
 
     /// A hit from the memory tier: decoded from the kept payload, when it is there and still
@@ -1302,3 +1326,66 @@ const RECOMPUTING: &str = "treated as a miss, the value is recomputed";
 const NOT_CACHED: &str = "the value is computed and returned, but not cached; further such \
                           failures of this function are logged at debug level";
 const NOT_STORED: &str = "the value is returned but not stored; further write failures of this function, and the broken entries it cannot replace, are logged at debug level";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::SerdeCodec;
+
+    fn def(version: &'static str) -> FunctionDef {
+        FunctionDef {
+            module_path: "memo_runtime::function::tests",
+            name: "square",
+            version,
+            source: "fn square(x: u64) -> u64 { x * x }",
+            deps: &[],
+            freshness: Freshness {
+                expire_after: None,
+                validate: None,
+            },
+            compression: Compression::Inherit,
+        }
+    }
+
+    /// Calls `function(5)`, whose body returns `value`; whether the body ran.
+    fn call(function: &CachedFunction, memory: &Memory, value: u64) -> (u64, bool) {
+        let ran = std::cell::Cell::new(false);
+        let key = function.key_checked(memory, CallMode::Cached, |hasher| hash_arg(hasher, &5u64));
+        let codec = (&crate::codec::CodecFor::<u64>::NEW).codec();
+        let returned = function.call::<u64, Plain, _>(
+            memory,
+            CallMode::Cached,
+            key,
+            &OnceLock::new(),
+            codec,
+            || {
+                ran.set(true);
+                value
+            },
+        );
+        (returned, ran.get())
+    }
+
+    /// A function made where another one was (the same address, another version) has slots of
+    /// its own in the memory tier: it does not get the other's values.
+    #[test]
+    fn a_function_at_a_used_address_does_not_get_the_last_ones_values() {
+        let dir = tempfile::tempdir().unwrap();
+        let memory = Memory::new(dir.path());
+        let mut function = CachedFunction::new(def(
+            "1111111111111111111111111111111111111111111111111111111111111111",
+        ));
+        let first = &function as *const CachedFunction as usize;
+        assert_eq!(call(&function, &memory, 25), (25, true));
+        assert_eq!(call(&function, &memory, 26), (25, false));
+        // Kept in the memory tier: the second call did not read the disk.
+        assert!(memory.stats().memory_hits >= 1);
+
+        function = CachedFunction::new(def(
+            "2222222222222222222222222222222222222222222222222222222222222222",
+        ));
+        assert_eq!(&function as *const CachedFunction as usize, first);
+        assert_eq!(call(&function, &memory, 99), (99, true));
+        assert_eq!(call(&function, &memory, 100), (99, false));
+    }
+}

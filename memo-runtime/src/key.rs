@@ -576,7 +576,8 @@ impl ArgsHasher {
     }
 
     /// [`ArgsHasher::finish_call`] without moving the hasher (a few hundred bytes, which a
-    /// small hit would otherwise copy); it is left empty.
+    /// small hit would otherwise copy). The hasher is spent: it is not to be used again (it is
+    /// left empty, or as it was for short arguments).
     #[inline]
     pub(crate) fn take_call(&mut self) -> Result<CallKey, KeyError> {
         if let Some(error) = self.error.take() {
