@@ -67,7 +67,7 @@ pub struct Memory {
     stored_since_check: AtomicU64,
     pub(crate) flights: InFlight,
     pub(crate) counters: Counters,
-    /// Function versions (by the address of their static) whose source is already recorded.
+    /// Function versions (by their number in this process) whose source is already recorded.
     sources_saved: Mutex<HashSet<usize, rustc_hash::FxBuildHasher>>,
     /// Recently used payloads, in memory; `None` when turned off.
     pub(crate) tier: Option<Tier>,

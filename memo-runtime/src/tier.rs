@@ -1,6 +1,6 @@
 //! The in-process memory tier: recently used entries' payloads, in front of the disk.
 //!
-//! Looked up by the function (the address of its static, which fixes its version) and the call's
+//! Looked up by the function (its number in this process, which fixes its version) and the call's
 //! encoded arguments compared byte for byte when they are short, or else by the call's full
 //! 256-bit [`CacheKey`] (which covers the function, its version and the arguments): two
 //! different calls can never share a slot. A slot and its key fill two aligned cache lines (a hit
@@ -23,7 +23,7 @@ use std::time::{Duration, SystemTime};
 use crate::flight::Payload;
 use crate::key::{Aligned, CacheKey, CallKey, SHORT_ARGS};
 
-/// What the tier is looked up by: a function (the address of its static) and its call's short
+/// What the tier is looked up by: a function (its number in this process) and its call's short
 /// encoded arguments, compared byte for byte, or else the call's full 256-bit key. Equality
 /// compares all of it; the hash is computed once, when the key is made. One cache line, laid out
 /// as a [`CallKey`] is: the bytes first, copied from the call key in the same aligned pieces.
@@ -472,7 +472,7 @@ impl Tier {
         }
     }
 
-    /// Forgets every slot of one function (by the address of its static).
+    /// Forgets every slot of one function (by its number in this process).
     pub(crate) fn remove_function(&self, function: usize) {
         self.retain(|key| key.function != function);
     }
