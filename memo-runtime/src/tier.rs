@@ -14,11 +14,13 @@
 //! replaced or a clear removed. A hit copies its slot out under the shard's lock and is checked
 //! and decoded after it (that runs the caller's code, which may call cached functions).
 
-use std::collections::{HashMap, VecDeque};
-use std::hash::{BuildHasher, BuildHasherDefault, Hash, Hasher};
+use std::collections::VecDeque;
+use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
+
+use hashbrown::HashTable;
 
 use crate::flight::Payload;
 use crate::key::{Aligned, CacheKey, CallKey, SHORT_ARGS};
@@ -33,7 +35,7 @@ pub(crate) struct TierKey {
     /// The call's short encoded arguments, zero past `len`; or its [`CacheKey`], then zeros.
     bytes: Aligned,
     function: usize,
-    /// Spread over 64 bits by [`CarriedHash`].
+    /// Spread over 64 bits by [`TierKey::table_hash`].
     hash: u32,
     /// The length of the short encoded arguments, or [`DIGEST`].
     len: u8,
@@ -53,12 +55,6 @@ impl PartialEq for TierKey {
 }
 
 impl Eq for TierKey {}
-
-impl Hash for TierKey {
-    fn hash<H: Hasher>(&self, state: &mut H) {
-        state.write_u64(u64::from(self.hash));
-    }
-}
 
 impl TierKey {
     pub(crate) fn new(function: usize, call: &CallKey, digest: impl FnOnce() -> CacheKey) -> Self {
@@ -84,46 +80,41 @@ impl TierKey {
         }
     }
 
+    /// [`table_hash`] of this key.
+    fn table_hash(&self) -> u64 {
+        table_hash(self.hash)
+    }
+
     #[cfg(test)]
     fn digest(function: usize, key: CacheKey) -> Self {
         TierKey::new(function, &CallKey::hashed(key), || key)
     }
 }
 
-/// Hashes a [`TierKey`] to the hash it carries, spread over 64 bits (the table picks a place by
-/// the low bits and tells keys apart by the top ones).
-#[derive(Default)]
-struct CarriedHash(u64);
+/// A shard's slots, each with its key, placed by [`table_hash`].
+type Slots = HashTable<(TierKey, Slot)>;
 
-impl Hasher for CarriedHash {
-    fn finish(&self) -> u64 {
-        self.0.wrapping_mul(0x9e37_79b9_7f4a_7c15)
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        // Only `write_u64` is called, by `TierKey`'s `Hash`; this is a plain fallback.
-        for &byte in bytes {
-            self.0 = self.0.rotate_left(8) ^ u64::from(byte);
-        }
-    }
-
-    fn write_u64(&mut self, value: u64) {
-        self.0 = value;
-    }
+/// The hash a shard's table places a key by: the 32 bits it carries, spread over 64 (the table
+/// picks a place by the low bits and tells keys apart by the top ones).
+fn table_hash(hash: u32) -> u64 {
+    u64::from(hash).wrapping_mul(0x9e37_79b9_7f4a_7c15)
 }
 
-type Slots = HashMap<TierKey, Slot, BuildHasherDefault<CarriedHash>>;
+/// [`table_hash`] of a slot's key, for the table to move its slots when it grows.
+fn slot_hash(slot: &(TierKey, Slot)) -> u64 {
+    table_hash(slot.0.hash)
+}
 
 /// Independent locks, so that threads hitting different keys rarely wait for each other.
 const SHARDS: usize = 16;
 /// A hit reads the clock (to see whether the entry's time on disk is due a refresh) once in this
 /// many hits of its slot: reading it on every hit would cost a tenth of the hit.
 const CLOCK_EVERY: u32 = 64;
-/// What a slot costs beyond its payload, for the byte budget: its map entry (key and slot, with
-/// the table's spare room at its 7/8 load), its places in the eviction queue (which keeps up to
-/// twice as many places as slots, and grows by doubling), and a shared payload's allocation.
+/// What a slot costs beyond its payload, for the byte budget: its table entry (key and slot,
+/// with the table's spare room at its 7/8 load), its places in the eviction queue (which keeps up
+/// to twice as many places as slots, and grows by doubling), and a shared payload's allocation.
 const SLOT_OVERHEAD: u64 = ((std::mem::size_of::<TierKey>() + std::mem::size_of::<Slot>()) * 8 / 7
-    + 3 * std::mem::size_of::<(TierKey, u64)>()
+    + 3 * std::mem::size_of::<(u32, u32)>()
     + 32) as u64;
 
 /// A kept payload: small ones in the slot itself (a hit then touches no other memory), larger
@@ -249,19 +240,46 @@ fn seconds() -> u32 {
 #[derive(Default)]
 struct Shard {
     slots: Slots,
-    /// Insertion order, with the generation each insertion had (a replaced slot's old place in
-    /// the queue is skipped).
-    order: VecDeque<(TierKey, u32)>,
+    /// Insertion order: each insertion's key hash and generation (8 bytes a place, not the key's
+    /// 64; a generation is unique in its shard until it wraps, after 2^32 insertions, when a
+    /// stale place that matches by chance only forgets a slot early). A replaced slot's old
+    /// place is skipped.
+    order: VecDeque<(u32, u32)>,
     bytes: u64,
     generation: u32,
 }
 
 impl Shard {
+    /// The slot of `key`.
+    fn get(&self, key: &TierKey) -> Option<&Slot> {
+        self.slots
+            .find(key.table_hash(), |(k, _)| k == key)
+            .map(|(_, slot)| slot)
+    }
+
     /// Forgets the slot of `key`, if any, and its bytes.
     fn remove(&mut self, key: &TierKey) {
-        if let Some(slot) = self.slots.remove(key) {
+        self.remove_where(key.hash, |k, _| k == key);
+    }
+
+    /// Forgets the slot placed by `hash` that `which` picks, if any, and its bytes.
+    fn remove_where(&mut self, hash: u32, which: impl Fn(&TierKey, &Slot) -> bool) {
+        if let Ok(found) = self
+            .slots
+            .find_entry(table_hash(hash), |(k, slot)| which(k, slot))
+        {
+            let ((_, slot), _) = found.remove();
             self.bytes -= cost(&slot.payload);
         }
+    }
+
+    /// Whether the place `(hash, generation)` in the queue is that of a slot still kept.
+    fn current(&self, hash: u32, generation: u32) -> bool {
+        self.slots
+            .find(table_hash(hash), |(_, slot)| {
+                slot.facts.generation == generation
+            })
+            .is_some()
     }
 }
 
@@ -330,7 +348,7 @@ impl Tier {
             return None;
         }
         let (mut shard, _) = self.shard(key);
-        let slot = shard.slots.get_mut(key)?;
+        let (_, slot) = shard.slots.find_mut(key.table_hash(), |(k, _)| k == key)?;
         slot.hits = slot.hits.wrapping_add(1);
         let touch = slot.hits % CLOCK_EVERY == 0 && {
             let now = seconds();
@@ -350,17 +368,17 @@ impl Tier {
 
     /// Whether `key` has a slot (without counting a hit).
     pub(crate) fn contains(&self, key: &TierKey) -> bool {
-        self.kept_any.load(Ordering::Acquire) && self.shard(key).0.slots.contains_key(key)
+        self.kept_any.load(Ordering::Acquire) && self.shard(key).0.get(key).is_some()
     }
 
     /// Forgets the slot a hit found (a value not fresh any more, or that does not decode),
     /// unless another value took its place meanwhile.
     pub(crate) fn discard(&self, key: &TierKey, kept: &Kept) {
         let (mut shard, _) = self.shard(key);
-        let found = shard.slots.get(key);
-        if found.is_some_and(|slot| slot.facts.generation == kept.facts.generation) {
-            shard.remove(key);
-        }
+        let generation = kept.facts.generation;
+        shard.remove_where(key.hash, |k, slot| {
+            k == key && slot.facts.generation == generation
+        });
     }
 
     /// The largest payload it keeps, in bytes: larger ones are not worth copying for it.
@@ -444,31 +462,31 @@ impl Tier {
             hits: 0,
         };
         self.kept_any.store(true, Ordering::Release);
-        if let Some(old) = shard.slots.insert(key, slot) {
-            shard.bytes -= cost(&old.payload);
+        match shard
+            .slots
+            .entry(key.table_hash(), |(k, _)| *k == key, slot_hash)
+        {
+            hashbrown::hash_table::Entry::Occupied(mut found) => {
+                let old = std::mem::replace(&mut found.get_mut().1, slot);
+                shard.bytes -= cost(&old.payload);
+            }
+            hashbrown::hash_table::Entry::Vacant(place) => {
+                place.insert((key, slot));
+            }
         }
         shard.bytes += bytes;
-        shard.order.push_back((key, generation));
+        shard.order.push_back((key.hash, generation));
         while shard.bytes > self.shard_budget {
-            let Some((oldest, generation)) = shard.order.pop_front() else {
+            let Some((hash, generation)) = shard.order.pop_front() else {
                 break;
             };
-            let current = shard
-                .slots
-                .get(&oldest)
-                .is_some_and(|slot| slot.facts.generation == generation);
-            if current {
-                shard.remove(&oldest);
-            }
+            shard.remove_where(hash, |_, slot| slot.facts.generation == generation);
         }
         // Replaced slots leave stale places in the queue: drop them when they dominate.
         if shard.order.len() > 2 * shard.slots.len() + 64 {
-            let slots = &shard.slots;
-            shard.order.retain(|(key, generation)| {
-                slots
-                    .get(key)
-                    .is_some_and(|s| s.facts.generation == *generation)
-            });
+            let mut order = std::mem::take(&mut shard.order);
+            order.retain(|&(hash, generation)| shard.current(hash, generation));
+            shard.order = order;
         }
     }
 
@@ -488,7 +506,7 @@ impl Tier {
             let shard = &mut *shard;
             changes.0.fetch_add(1, Ordering::Release);
             let mut freed = 0;
-            shard.slots.retain(|key, slot| {
+            shard.slots.retain(|(key, slot)| {
                 let kept = keep(key);
                 if !kept {
                     freed += cost(&slot.payload);
@@ -611,6 +629,51 @@ mod tests {
         let before = tier.bytes();
         put(&tier, 999, 100);
         assert_eq!(tier.bytes(), before);
+    }
+
+    /// Keys sharing a hash are told apart by their bytes on a look-up, and by their generations
+    /// when the queue forgets the oldest slot (its place holds no key); the places of replaced
+    /// slots are skipped, and dropped once they dominate the queue.
+    #[test]
+    fn slots_sharing_a_hash_are_told_apart_and_stale_places_go() {
+        let forged = |n: u16| TierKey { hash: 7, ..key(n) };
+        let insert = |tier: &Tier, n: u16, len: usize| {
+            let payload = Arc::new(vec![n as u8; len]);
+            tier.insert(forged(n), payload, SystemTime::now(), Duration::ZERO, 0);
+        };
+        let get = |tier: &Tier, n: u16| {
+            tier.get(&forged(n), Duration::MAX)
+                .map(|kept| kept.payload.to_vec())
+        };
+        // Room for 8 slots of 100 bytes in each shard (a slot may take an eighth of it).
+        let each = cost(&[0; 100]);
+        let tier = Tier::new(16 * (8 * each + each / 2)).unwrap();
+        for n in 1..=7 {
+            insert(&tier, n, 100);
+        }
+        for n in 1..=7 {
+            assert_eq!(get(&tier, n), Some(vec![n as u8; 100]), "{n}");
+        }
+        assert_eq!(get(&tier, 8), None);
+        // 1 is replaced (its first place goes stale), then a ninth slot is one too many: the
+        // oldest current slot goes, 2, not 1.
+        insert(&tier, 1, 100);
+        insert(&tier, 8, 100);
+        insert(&tier, 9, 100);
+        assert_eq!(get(&tier, 2), None);
+        for n in [1, 3, 4, 5, 6, 7, 8, 9] {
+            assert_eq!(get(&tier, n), Some(vec![n as u8; 100]), "{n}");
+        }
+        assert_eq!(tier.bytes(), 8 * each);
+        for _ in 0..500 {
+            insert(&tier, 9, 100);
+        }
+        let shard = tier.shards[shard_of(&forged(9))].lock().unwrap();
+        assert_eq!(shard.slots.len(), 8);
+        assert!(shard.order.len() <= 2 * 8 + 64 + 1, "{}", shard.order.len());
+        for (key, slot) in shard.slots.iter() {
+            assert!(shard.order.contains(&(key.hash, slot.facts.generation)));
+        }
     }
 
     #[test]
