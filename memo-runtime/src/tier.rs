@@ -276,11 +276,19 @@ impl Shard {
     /// Whether the place `(hash, generation)` in the queue is that of a slot still kept.
     fn current(&self, hash: u32, generation: u32) -> bool {
         self.slots
-            .find(table_hash(hash), |(_, slot)| {
-                slot.facts.generation == generation
+            .find(table_hash(hash), |(key, slot)| {
+                is_place_of(hash, generation, key, slot)
             })
             .is_some()
     }
+}
+
+/// Whether the queue's place `(hash, generation)` is that of `slot` (of `key`). Both are compared:
+/// the table offers every slot whose few control bits match, and after the generations wrap two
+/// slots may share one; a place then matches only slots that are interchangeable for it, so no
+/// slot loses its place (the budget could no longer push it out).
+fn is_place_of(hash: u32, generation: u32, key: &TierKey, slot: &Slot) -> bool {
+    key.hash == hash && slot.facts.generation == generation
 }
 
 /// A slot as a hit found it, copied out of the shard: to be checked and decoded without its lock.
@@ -480,7 +488,7 @@ impl Tier {
             let Some((hash, generation)) = shard.order.pop_front() else {
                 break;
             };
-            shard.remove_where(hash, |_, slot| slot.facts.generation == generation);
+            shard.remove_where(hash, |key, slot| is_place_of(hash, generation, key, slot));
         }
         // Replaced slots leave stale places in the queue: drop them when they dominate.
         if shard.order.len() > 2 * shard.slots.len() + 64 {
@@ -673,6 +681,60 @@ mod tests {
         assert!(shard.order.len() <= 2 * 8 + 64 + 1, "{}", shard.order.len());
         for (key, slot) in shard.slots.iter() {
             assert!(shard.order.contains(&(key.hash, slot.facts.generation)));
+        }
+    }
+
+    /// After a shard's generations wrap (2^32 insertions), a new slot may get the generation of
+    /// an old one; even when the table cannot tell their hashes apart by its control bits, each
+    /// keeps a place of its own in the queue, and the budget still pushes both out.
+    #[test]
+    fn after_the_generations_wrap_every_slot_keeps_its_place() {
+        let control = |hash: u32| table_hash(hash) >> 57;
+        let each = cost(&[0; 100]);
+        for first in 1..=64u32 {
+            // Hashes of shard 0 (the top bits) with the same control bits.
+            let second = (first + 1..)
+                .find(|&h| control(h) == control(first))
+                .unwrap();
+            assert!(second < 1 << 28);
+            let tier = Tier::new(16 * (8 * each + each / 2)).unwrap();
+            let forged = |n: u16, hash: u32| TierKey { hash, ..key(n) };
+            let insert = |n: u16, hash: u32| {
+                let payload = Arc::new(vec![n as u8; 100]);
+                tier.insert(
+                    forged(n, hash),
+                    payload,
+                    SystemTime::now(),
+                    Duration::ZERO,
+                    0,
+                );
+            };
+            let placed = || {
+                let shard = tier.shards[0].lock().unwrap();
+                shard
+                    .slots
+                    .iter()
+                    .all(|(key, slot)| shard.order.contains(&(key.hash, slot.facts.generation)))
+            };
+            insert(1, first);
+            // As 2^32 insertions later: the next slot gets the first one's generation.
+            tier.shards[0].lock().unwrap().generation -= 1;
+            insert(2, second);
+            for n in 3..=20 {
+                insert(n, 1000 + u32::from(n));
+                assert!(placed(), "hashes {first} and {second}, slot {n}");
+            }
+            assert_eq!(
+                tier.get(&forged(1, first), Duration::MAX)
+                    .map(|k| k.payload.len()),
+                None
+            );
+            assert_eq!(
+                tier.get(&forged(2, second), Duration::MAX)
+                    .map(|k| k.payload.len()),
+                None
+            );
+            assert!(tier.bytes() <= 16 * (8 * each + each / 2));
         }
     }
 
