@@ -566,6 +566,15 @@ mod tests {
         tier.insert(key(n), payload, SystemTime::now(), Duration::ZERO, 0);
     }
 
+    /// Whether every slot of `shard` has its place in the eviction queue (else the budget could
+    /// never push it out).
+    fn every_slot_has_its_place(shard: &Shard) -> bool {
+        shard
+            .slots
+            .iter()
+            .all(|(key, slot)| shard.order.contains(&(key.hash, slot.facts.generation)))
+    }
+
     fn value(tier: &Tier, n: u16) -> Option<Vec<u8>> {
         tier.get(&key(n), Duration::MAX)
             .map(|kept| kept.payload.to_vec())
@@ -679,9 +688,7 @@ mod tests {
         let shard = tier.shards[shard_of(&forged(9))].lock().unwrap();
         assert_eq!(shard.slots.len(), 8);
         assert!(shard.order.len() <= 2 * 8 + 64 + 1, "{}", shard.order.len());
-        for (key, slot) in shard.slots.iter() {
-            assert!(shard.order.contains(&(key.hash, slot.facts.generation)));
-        }
+        assert!(every_slot_has_its_place(&shard));
     }
 
     /// After a shard's generations wrap (2^32 insertions), a new slot may get the generation of
@@ -709,13 +716,7 @@ mod tests {
                     0,
                 );
             };
-            let placed = || {
-                let shard = tier.shards[0].lock().unwrap();
-                shard
-                    .slots
-                    .iter()
-                    .all(|(key, slot)| shard.order.contains(&(key.hash, slot.facts.generation)))
-            };
+            let placed = || every_slot_has_its_place(&tier.shards[0].lock().unwrap());
             insert(1, first);
             // As 2^32 insertions later: the next slot gets the first one's generation.
             tier.shards[0].lock().unwrap().generation -= 1;
