@@ -23,6 +23,7 @@
 #![warn(missing_docs)]
 
 mod array;
+mod chunked;
 pub mod codec;
 pub mod deps;
 pub mod entry;

@@ -509,7 +509,7 @@ fn forget_inherited(state: &mut State) {
     let (pack, end) = (writer.pack, writer.end);
     state
         .index
-        .retain(|_, slot| slot.pack != pack || slot.body_at < end);
+        .retain(|(_, slot)| slot.pack != pack || slot.body_at < end);
     // Read like any other pack from now on, from its start.
     if let Some(Some(inherited)) = state.packs.get_mut(pack as usize) {
         inherited.scanned = 0;
@@ -724,7 +724,7 @@ impl Packs {
     /// Whether the packs hold an entry for `key` (`Some`), without reading it; `None` when the
     /// entry is a file of its own (or may be).
     pub(crate) fn contains(&self, key: &CacheKey) -> Option<bool> {
-        self.with_current(|state| match state.index.get(key) {
+        self.with_current(|state| match index_get(&state.index, key) {
             Some(slot) => match slot.kind {
                 Kind::Entry => Some(true),
                 Kind::Removed | Kind::Used => Some(false),
@@ -753,7 +753,7 @@ impl Packs {
     }
 
     fn found(&self, state: &State, key: &CacheKey) -> io::Result<(Found, Seen)> {
-        let Some(slot) = state.index.get(key) else {
+        let Some(slot) = index_get(&state.index, key) else {
             let found = if state.files_listed || state.generation.is_some() {
                 Found::Absent
             } else {
@@ -852,7 +852,7 @@ impl Packs {
             };
             if gone {
                 state.packs[id] = None;
-                state.index.retain(|_, slot| slot.pack != id as u32);
+                state.index.retain(|(_, slot)| slot.pack != id as u32);
             }
         }
         names.retain(|name| !state.packs.iter().flatten().any(|pack| pack.name == *name));
@@ -905,7 +905,7 @@ impl Packs {
                 if let Some(key) = crate::store::decode_hex_key(&file.file_name().to_string_lossy())
                 {
                     // Written at time 0: any record of the key is newer.
-                    state.index.entry(key).or_insert(Slot {
+                    let slot = Slot {
                         kind: Kind::File,
                         written: 0,
                         used: 0,
@@ -913,7 +913,10 @@ impl Packs {
                         body_at: 0,
                         body_len: 0,
                         read: ReadBefore::default(),
-                    });
+                    };
+                    state
+                        .index
+                        .upsert(key_hash(&key), |(k, _)| *k == key, (key, slot), |_, _| {});
                 }
             }
         }
@@ -979,9 +982,7 @@ impl Packs {
         // Now, not the entry's creation, and after every record of the key this process knows,
         // even when the clock went back meanwhile: an entry fetched from elsewhere, a value
         // computed again or a removal must be newer than what it replaces.
-        let written = state
-            .index
-            .get(key)
+        let written = index_get(&state.index, key)
             .map_or(0, |slot| slot.written.saturating_add(1))
             .max(now);
         let Some(writer) = state.writer.as_mut() else {
@@ -1060,7 +1061,7 @@ impl Packs {
             // What may have been written of them is an incomplete record: those records, and
             // the ones appended after them, are lost (their values are computed again when
             // asked for), and a new pack starts.
-            index.retain(|_, slot| slot.pack != pack || slot.body_at < at);
+            index.retain(|(_, slot)| slot.pack != pack || slot.body_at < at);
             *writer = None;
             return Err(error);
         }
@@ -1279,8 +1280,27 @@ fn place(packs: &mut Vec<Option<Pack>>, pack: Pack) -> u32 {
     }
 }
 
-/// Where each key's newest record is.
-type Index = HashMap<CacheKey, Slot, rustc_hash::FxBuildHasher>;
+/// Where each key's newest record is (see [`crate::chunked`] for why not a plain hash map).
+type Index = crate::chunked::Table<(CacheKey, Slot)>;
+
+impl crate::chunked::Placed for (CacheKey, Slot) {
+    fn place(&self) -> u64 {
+        key_hash(&self.0)
+    }
+}
+
+/// The slot of `key` in `index`.
+fn index_get<'a>(index: &'a Index, key: &CacheKey) -> Option<&'a Slot> {
+    index
+        .find(key_hash(key), |(k, _)| k == key)
+        .map(|(_, slot)| slot)
+}
+
+/// What the index places `key` by.
+fn key_hash(key: &CacheKey) -> u64 {
+    use std::hash::BuildHasher;
+    rustc_hash::FxBuildHasher.hash_one(key)
+}
 
 impl Drop for Packs {
     fn drop(&mut self) {
@@ -1293,20 +1313,20 @@ impl Drop for Packs {
 /// latest use of the key's record; read before any other record of its key (which may be in a
 /// pack read later), it stands alone for that time, as no entry, until one comes.
 fn upsert(index: &mut Index, key: CacheKey, slot: Slot) {
-    match index.entry(key) {
-        std::collections::hash_map::Entry::Occupied(mut present) => {
-            let present = present.get_mut();
+    let new = (key, slot);
+    index.upsert(
+        key_hash(&key),
+        |(k, _)| *k == key,
+        new,
+        |(_, present), (_, slot)| {
             let used = present.used.max(slot.used);
             if slot.kind == Kind::Used {
                 present.used = used;
             } else if present.kind == Kind::Used || slot.written >= present.written {
                 *present = Slot { used, ..slot };
             }
-        }
-        std::collections::hash_map::Entry::Vacant(vacant) => {
-            vacant.insert(slot);
-        }
-    }
+        },
+    );
 }
 
 /// Reads pack `id` on from where it was read last, into the index.
@@ -1362,7 +1382,7 @@ fn scan(state: &mut State, id: u32) {
         };
         // About 150 bytes per record of a small value: room for them at once.
         // (Bounded: a pack of large records, or a sparse file, must not reserve gigabytes.)
-        let _ = index.try_reserve((((len - pack.scanned) / 150) as usize).min(1 << 20));
+        index.try_reserve((((len - pack.scanned) / 150) as usize).min(1 << 20));
         let parsed = parse(&map[pack.scanned as usize..], pack.scanned, |r| {
             each(index, r)
         });
