@@ -5,6 +5,7 @@
 //! ```sh
 //! cargo bench --bench scaling                 # up to 100,000 entries (about a minute)
 //! cargo bench --bench scaling -- 1000000      # up to 1,000,000 (several minutes, ~4 GB of disk)
+//! cargo bench --bench scaling -- --fill 1000000   # the slowest calls of a fill (a few seconds)
 //! ```
 //!
 //! One line per size: entries, W1 hit from the memory tier, W1 hit from disk (the tier emptied
@@ -15,7 +16,7 @@
 use std::hint::black_box;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::LazyLock;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use memo::prelude::*;
 
@@ -35,6 +36,43 @@ fn body(x: u64) -> u64 {
 #[cached(memory = TIERED)]
 fn fill(x: u64) -> u64 {
     body(x)
+}
+
+/// The function of `--fill`, whose cache starts empty.
+#[cached(memory = TIERED)]
+fn fill_in_turn(x: u64) -> u64 {
+    body(x)
+}
+
+/// `--fill N`: N misses in turn on one thread, each timed: the mean, how many took over a
+/// millisecond, and the slowest five (the calls during which the in-memory tables grew), then the
+/// resident memory. Tail latency, which the medians of the main run do not show.
+fn fill_run(n: u64) {
+    let mut slowest: Vec<(Duration, u64)> = Vec::new();
+    let mut over_1ms = 0;
+    let start = Instant::now();
+    for x in 0..n {
+        let call = Instant::now();
+        assert_eq!(fill_in_turn(black_box(x)), body_value(x));
+        let took = call.elapsed();
+        over_1ms += usize::from(took > Duration::from_millis(1));
+        if slowest.len() < 5 || took > slowest[4].0 {
+            slowest.push((took, x));
+            slowest.sort_by(|a, b| b.cmp(a));
+            slowest.truncate(5);
+        }
+    }
+    let mean = start.elapsed().as_secs_f64() * 1e6 / n as f64;
+    assert_eq!(RUNS.load(Ordering::Relaxed), n, "every call of the fill computes");
+    let slowest: Vec<String> = slowest
+        .iter()
+        .map(|(took, x)| format!("{:.1} ms (call {})", took.as_secs_f64() * 1e3, x + 1))
+        .collect();
+    println!(
+        "{n} misses in turn: {mean:.2} µs per call, {over_1ms} over 1 ms, slowest {}; {:.0} MiB resident",
+        slowest.join(", "),
+        resident_mib()
+    );
 }
 
 fn median(mut values: Vec<f64>) -> f64 {
@@ -92,6 +130,12 @@ fn hits(keys: &[u64], f: impl Fn(u64) -> u64) -> f64 {
 
 fn main() {
     let _cleanup = common::RemoveOnDrop(ROOT.clone());
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(at) = args.iter().position(|a| a == "--fill") {
+        let n = args.get(at + 1).and_then(|n| n.parse().ok()).unwrap_or(1_000_000);
+        fill_run(n);
+        return;
+    }
     let max: u64 = std::env::args()
         .skip(1)
         .find_map(|a| a.parse().ok())
