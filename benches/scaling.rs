@@ -63,7 +63,11 @@ fn fill_run(n: u64) {
         }
     }
     let mean = start.elapsed().as_secs_f64() * 1e6 / n as f64;
-    assert_eq!(RUNS.load(Ordering::Relaxed), n, "every call of the fill computes");
+    assert_eq!(
+        RUNS.load(Ordering::Relaxed),
+        n,
+        "every call of the fill computes"
+    );
     let slowest: Vec<String> = slowest
         .iter()
         .map(|(took, x)| format!("{:.1} ms (call {})", took.as_secs_f64() * 1e3, x + 1))
@@ -132,7 +136,10 @@ fn main() {
     let _cleanup = common::RemoveOnDrop(ROOT.clone());
     let args: Vec<String> = std::env::args().collect();
     if let Some(at) = args.iter().position(|a| a == "--fill") {
-        let n = args.get(at + 1).and_then(|n| n.parse().ok()).unwrap_or(1_000_000);
+        let n = args
+            .get(at + 1)
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(1_000_000);
         fill_run(n);
         return;
     }
