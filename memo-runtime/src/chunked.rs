@@ -6,18 +6,21 @@
 //! took 0.4 ms, the one that stored its 917,505th 107 ms. Here a bucket holds an item's 4-byte
 //! position and 32 bits of its hash (growing never reads the items), and the items sit in chunks
 //! of [`CHUNK`] that never move once full, their pages touched one by one as items fill them:
-//! that call now takes 20 ms. No room is kept empty for items either, only for buckets (a
-//! million entries: 164 instead of 230 MB resident, with the memory tier).
+//! that call now takes 20 ms. The room kept empty is that of buckets, and of the last chunk's
+//! items, whose pages are not touched until items fill them (a million entries: 164 instead of
+//! 230 MB resident, with the memory tier).
 
 use hashbrown::hash_table::Entry;
 use hashbrown::HashTable;
 
+/// [`CHUNK`] as a power of two.
+const CHUNK_BITS: u32 = 10;
 /// Items per chunk: 1,024 (72 KiB of the index's items, from the heap rather than a mapping of
 /// its own).
-const CHUNK_BITS: u32 = 10;
 const CHUNK: usize = 1 << CHUNK_BITS;
 
-/// What an item is placed by: a hash of its key, the same every time.
+/// What an item is placed by: a hash of its key, the same every time (a look-up of the key
+/// passes the same hash).
 pub(crate) trait Placed {
     /// The item's hash.
     fn place(&self) -> u64;
@@ -61,6 +64,7 @@ fn spread(short: u32) -> u64 {
     u64::from(short).wrapping_mul(0x9e37_79b9_7f4a_7c15)
 }
 
+/// What the table places a bucket by, when it grows.
 fn bucket_hash(&(_, short): &(u32, u32)) -> u64 {
     spread(short)
 }
@@ -70,6 +74,7 @@ fn item<T>(chunks: &[Vec<T>], at: u32) -> &T {
     &chunks[(at >> CHUNK_BITS) as usize][at as usize & (CHUNK - 1)]
 }
 
+/// [`item`], to change.
 fn item_mut<T>(chunks: &mut [Vec<T>], at: u32) -> &mut T {
     &mut chunks[(at >> CHUNK_BITS) as usize][at as usize & (CHUNK - 1)]
 }
@@ -83,43 +88,48 @@ impl<T: Placed> Table<T> {
             .map(|&(at, _)| item(chunks, at))
     }
 
-    /// Puts `new` in, placed by `hash`, unless `eq` picks an item there: then that item and `new`
-    /// go to `merge`. When the table already holds as many items as a position can name (2^32),
-    /// `new` is dropped (not found later).
+    /// Puts `new` in, unless `eq` picks an item placed as it is: then that item and `new` go to
+    /// `merge` (which must leave the item's key, and so its place, as it was). When the table
+    /// already holds as many items as a position can name (2^32, about 300 GB of pack index
+    /// entries), `new` is dropped (not found later).
     pub(crate) fn upsert(
         &mut self,
-        hash: u64,
         eq: impl Fn(&T) -> bool,
         new: T,
         merge: impl FnOnce(&mut T, T),
     ) {
         let Table { positions, chunks } = self;
-        let (filled, short) = (positions.len(), short(hash));
+        let (filled, short) = (positions.len(), short(new.place()));
         let same = |&(at, h): &(u32, u32)| h == short && eq(item(chunks, at));
         match positions.entry(spread(short), same, bucket_hash) {
             Entry::Occupied(present) => merge(item_mut(chunks, present.get().0), new),
             Entry::Vacant(place) => {
                 if let Ok(at) = u32::try_from(filled) {
-                    place.insert((at, short));
+                    // The item first: a position never names a missing item, even if the push
+                    // could not allocate.
                     push(chunks, new);
+                    place.insert((at, short));
                 }
             }
         }
     }
 
-    /// Keeps only the items `keep` says to keep, in the order they were. All of it is rebuilt
-    /// (its buckets kept), each item's hash computed again.
-    pub(crate) fn retain(&mut self, mut keep: impl FnMut(&mut T) -> bool) {
+    /// Keeps only the items `keep` says to keep, in the order they were. Unless it keeps them all,
+    /// all of it is rebuilt (its buckets kept), each item's hash computed again.
+    pub(crate) fn retain(&mut self, keep: impl Fn(&T) -> bool) {
+        if self.chunks.iter().flatten().all(&keep) {
+            return;
+        }
         let old = std::mem::take(&mut self.chunks);
         self.positions.clear();
-        for mut kept in old.into_iter().flatten() {
-            if keep(&mut kept) {
+        for kept in old.into_iter().flatten() {
+            if keep(&kept) {
                 let Table { positions, chunks } = self;
                 // Fewer than before, so a position names each.
                 let at = positions.len() as u32;
                 let short = short(kept.place());
-                positions.insert_unique(spread(short), (at, short), bucket_hash);
                 push(chunks, kept);
+                positions.insert_unique(spread(short), (at, short), bucket_hash);
             }
         }
     }
@@ -186,7 +196,6 @@ mod tests {
     fn put(table: &mut Table<Item>, key: u64, value: u64) {
         let new = Item { key, value };
         table.upsert(
-            new.place(),
             |item| item.key == key,
             new,
             |present, new| {
@@ -249,6 +258,26 @@ mod tests {
         );
     }
 
+    /// Room made ahead in a table part filled (as each new reading of a pack does) leaves every
+    /// item where its position says.
+    #[test]
+    fn room_made_ahead_midway_keeps_every_position_right() {
+        let mut table = Table::default();
+        for key in 0..1_500 {
+            put(&mut table, key, key);
+        }
+        table.try_reserve(5_000);
+        for key in 1_500..5_000 {
+            put(&mut table, key, key);
+        }
+        table.try_reserve(10);
+        table.try_reserve(3 * CHUNK);
+        for key in 0..5_000 {
+            assert_eq!(get(&table, key), Some(key), "key {key}");
+        }
+        assert!(table.iter().map(|item| item.key).eq(0..5_000));
+    }
+
     /// Retaining keeps exactly the items asked for, each still found by its key, and the table
     /// goes on taking new ones.
     #[test]
@@ -258,6 +287,8 @@ mod tests {
         for key in 0..n {
             put(&mut table, key, key + 1);
         }
+        table.retain(|_| true);
+        assert_eq!(get(&table, 10), Some(11));
         table.retain(|item| item.key % 5 != 0);
         for key in 0..n {
             let expected = (key % 5 != 0).then_some(key + 1);

@@ -844,16 +844,21 @@ impl Packs {
             // again, the index left as it was.)
             Err(_) => return,
         };
-        // Packs removed meanwhile (compacted into another): forget their records.
+        // Packs removed meanwhile (compacted into another): forget their records (in one pass
+        // over the index, however many went).
+        let mut gone = Vec::new();
         for id in 0..state.packs.len() {
-            let gone = match &state.packs[id] {
+            let removed = match &state.packs[id] {
                 Some(pack) => Some(id as u32) != own && !names.contains(&pack.name),
                 None => false,
             };
-            if gone {
+            if removed {
                 state.packs[id] = None;
-                state.index.retain(|(_, slot)| slot.pack != id as u32);
+                gone.push(id as u32);
             }
+        }
+        if !gone.is_empty() {
+            state.index.retain(|(_, slot)| !gone.contains(&slot.pack));
         }
         names.retain(|name| !state.packs.iter().flatten().any(|pack| pack.name == *name));
         names.sort();
@@ -916,7 +921,7 @@ impl Packs {
                     };
                     state
                         .index
-                        .upsert(key_hash(&key), |(k, _)| *k == key, (key, slot), |_, _| {});
+                        .upsert(|(k, _)| *k == key, (key, slot), |_, _| {});
                 }
             }
         }
@@ -1315,7 +1320,6 @@ impl Drop for Packs {
 fn upsert(index: &mut Index, key: CacheKey, slot: Slot) {
     let new = (key, slot);
     index.upsert(
-        key_hash(&key),
         |(k, _)| *k == key,
         new,
         |(_, present), (_, slot)| {
