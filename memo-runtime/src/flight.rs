@@ -22,8 +22,9 @@ enum State {
     Abandoned,
 }
 
+/// What waiters of a key wait on: made by the first of them (a key nobody waits for, the usual
+/// case, costs no allocation and no locking of its own).
 struct Flight {
-    owner: ThreadId,
     state: Mutex<State>,
     finished: Condvar,
     /// Threads waiting on `finished` (changed while holding `state`): without any, finishing
@@ -39,32 +40,53 @@ pub(crate) struct InFlight {
     flights: Mutex<Flights>,
 }
 
-#[derive(Default)]
-struct Flights {
-    running: HashMap<CacheKey, Arc<Flight>, rustc_hash::FxBuildHasher>,
-    /// The threads waiting for a flight, each with the thread that owns it.
-    waiting: HashMap<ThreadId, ThreadId, rustc_hash::FxBuildHasher>,
+/// A key being computed: by which thread, and what its waiters wait on, once there are any.
+struct Running {
+    owner: ThreadId,
+    flight: Option<Arc<Flight>>,
 }
 
-impl Flights {
-    /// Whether `thread` is `me`, or waits (through others) for a flight that `me` owns: then
-    /// `me` waiting for a flight of `thread` would close a circle in which no one ever wakes.
-    /// (Work-stealing pools make one: a thread computing a key runs, while it waits for its
-    /// parallel parts, another item's call that waits for a key of a second thread, which did
-    /// the same the other way round.)
-    fn leads_to(&self, mut thread: ThreadId, me: ThreadId) -> bool {
-        // Bounded: the waits recorded form no circle (none is let in), but be sure.
-        for _ in 0..=self.waiting.len() {
-            if thread == me {
-                return true;
-            }
-            match self.waiting.get(&thread) {
-                Some(&owner) => thread = owner,
-                None => return false,
-            }
-        }
-        false
+impl Running {
+    /// What a new waiter waits on.
+    fn flight(&mut self) -> Arc<Flight> {
+        Arc::clone(self.flight.get_or_insert_with(|| {
+            Arc::new(Flight {
+                state: Mutex::new(State::Running),
+                finished: Condvar::new(),
+                sleepers: AtomicUsize::new(0),
+                wakers: Mutex::new(Vec::new()),
+            })
+        }))
     }
+}
+
+#[derive(Default)]
+struct Flights {
+    running: HashMap<CacheKey, Running, rustc_hash::FxBuildHasher>,
+    /// The threads waiting for a flight.
+    waiting: Waiting,
+}
+
+/// The threads waiting for a flight, each with the thread that owns it.
+type Waiting = HashMap<ThreadId, ThreadId, rustc_hash::FxBuildHasher>;
+
+/// Whether `thread` is `me`, or waits (through others) for a flight that `me` owns: then `me`
+/// waiting for a flight of `thread` would close a circle in which no one ever wakes.
+/// (Work-stealing pools make one: a thread computing a key runs, while it waits for its parallel
+/// parts, another item's call that waits for a key of a second thread, which did the same the
+/// other way round.)
+fn leads_to(waiting: &Waiting, mut thread: ThreadId, me: ThreadId) -> bool {
+    // Bounded: the waits recorded form no circle (none is let in), but be sure.
+    for _ in 0..=waiting.len() {
+        if thread == me {
+            return true;
+        }
+        match waiting.get(&thread) {
+            Some(&owner) => thread = owner,
+            None => return false,
+        }
+    }
+    false
 }
 
 /// The outcome of [`InFlight::claim`].
@@ -89,27 +111,25 @@ impl InFlight {
     pub(crate) fn claim(&self, key: CacheKey) -> Claim<'_> {
         let me = thread::current().id();
         let flight = {
-            let mut flights = lock(&self.flights);
-            match flights.running.get(&key) {
-                Some(flight) if flights.leads_to(flight.owner, me) => return Claim::Reentrant,
-                Some(flight) => {
-                    let flight = Arc::clone(flight);
-                    flights.waiting.insert(me, flight.owner);
-                    flight
+            let mut guard = lock(&self.flights);
+            let Flights { running, waiting } = &mut *guard;
+            match running.get_mut(&key) {
+                Some(found) if leads_to(waiting, found.owner, me) => return Claim::Reentrant,
+                Some(found) => {
+                    waiting.insert(me, found.owner);
+                    found.flight()
                 }
                 None => {
-                    let flight = Arc::new(Flight {
-                        owner: me,
-                        state: Mutex::new(State::Running),
-                        finished: Condvar::new(),
-                        sleepers: AtomicUsize::new(0),
-                        wakers: Mutex::new(Vec::new()),
-                    });
-                    flights.running.insert(key, Arc::clone(&flight));
+                    running.insert(
+                        key,
+                        Running {
+                            owner: me,
+                            flight: None,
+                        },
+                    );
                     return Claim::Owner(FlightGuard {
                         set: self,
                         key,
-                        flight,
                         finished: false,
                     });
                 }
@@ -155,23 +175,19 @@ impl InFlight {
     /// task has no thread of its own, so there is no re-entrance check.
     pub(crate) fn claim_async(&self, key: CacheKey) -> AsyncClaim<'_> {
         let mut flights = lock(&self.flights);
-        if let Some(flight) = flights.running.get(&key) {
+        if let Some(running) = flights.running.get_mut(&key) {
             return AsyncClaim::Wait(FlightWait {
-                flight: Arc::clone(flight),
+                flight: running.flight(),
             });
         }
-        let flight = Arc::new(Flight {
+        let running = Running {
             owner: thread::current().id(),
-            state: Mutex::new(State::Running),
-            finished: Condvar::new(),
-            sleepers: AtomicUsize::new(0),
-            wakers: Mutex::new(Vec::new()),
-        });
-        flights.running.insert(key, Arc::clone(&flight));
+            flight: None,
+        };
+        flights.running.insert(key, running);
         AsyncClaim::Owner(FlightGuard {
             set: self,
             key,
-            flight,
             finished: false,
         })
     }
@@ -204,7 +220,6 @@ impl Future for FlightWait {
 pub(crate) struct FlightGuard<'a> {
     set: &'a InFlight,
     key: CacheKey,
-    flight: Arc<Flight>,
     finished: bool,
 }
 
@@ -215,13 +230,18 @@ impl FlightGuard<'_> {
     }
 
     fn settle(&self, outcome: State) {
-        lock(&self.set.flights).running.remove(&self.key);
-        *lock(&self.flight.state) = outcome;
+        let running = lock(&self.set.flights).running.remove(&self.key);
+        // Waiters made the flight while holding the lock just taken: after it, no new waiter
+        // finds the key (it looks up the store, or claims the key for itself).
+        let Some(flight) = running.and_then(|running| running.flight) else {
+            return;
+        };
+        *lock(&flight.state) = outcome;
         // A sleeper counted itself while holding `state`, before this thread set it: seen here.
-        if self.flight.sleepers.load(Ordering::SeqCst) > 0 {
-            self.flight.finished.notify_all();
+        if flight.sleepers.load(Ordering::SeqCst) > 0 {
+            flight.finished.notify_all();
         }
-        let wakers = std::mem::take(&mut *lock(&self.flight.wakers));
+        let wakers = std::mem::take(&mut *lock(&flight.wakers));
         for waker in wakers {
             waker.wake();
         }
@@ -285,6 +305,58 @@ mod tests {
             assert!(waiter.join().unwrap());
         });
         assert!(matches!(set.claim(key), Claim::Owner(_)));
+    }
+
+    #[test]
+    fn a_flight_is_made_by_its_first_waiter_and_serves_every_waiter() {
+        // On a thread of its own: waiters never woken fail the test instead of hanging it.
+        let (ended, end) = std::sync::mpsc::channel();
+        thread::spawn(move || {
+            waiters_share_a_flight_made_by_the_first();
+            ended.send(()).unwrap();
+        });
+        end.recv_timeout(Duration::from_secs(60))
+            .expect("the waiters were not woken with the owner's payload");
+    }
+
+    fn waiters_share_a_flight_made_by_the_first() {
+        let set = InFlight::default();
+        let key = CacheKey::from_bytes([4; 32]);
+        let flight_made = || {
+            lock(&set.flights)
+                .running
+                .get(&key)
+                .map(|r| r.flight.is_some())
+        };
+        let Claim::Owner(guard) = set.claim(key) else {
+            panic!("the first claim owns the key");
+        };
+        // Nobody waits: nothing made.
+        assert_eq!(flight_made(), Some(false));
+        let (sent, received) = std::sync::mpsc::channel();
+        thread::scope(|scope| {
+            for _ in 0..3 {
+                let sent = sent.clone();
+                scope.spawn(|| {
+                    let sent = sent;
+                    match set.claim(key) {
+                        Claim::Waited(payload) => sent.send(payload).unwrap(),
+                        _ => panic!("a second claim waits"),
+                    }
+                });
+            }
+            while lock(&set.flights).waiting.len() < 3 {
+                thread::yield_now();
+            }
+            assert_eq!(flight_made(), Some(true));
+            guard.finish(Some(Arc::new(b"shared".to_vec())));
+            for _ in 0..3 {
+                let payload = received.recv().unwrap();
+                assert_eq!(payload.as_deref().map(Vec::as_slice), Some(&b"shared"[..]));
+            }
+        });
+        assert!(lock(&set.flights).running.is_empty());
+        assert!(lock(&set.flights).waiting.is_empty());
     }
 
     #[test]
