@@ -354,7 +354,14 @@ mod tests {
                     }
                 });
             }
+            // (A waiter that panics ends the waiting for its message at once.)
+            drop(sent);
+            let deadline = std::time::Instant::now() + Duration::from_secs(30);
             while lock(&set.flights).waiting.len() < 3 {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the waiters never waited"
+                );
                 thread::yield_now();
             }
             assert_eq!(flight_made(), Some(true));
@@ -366,6 +373,46 @@ mod tests {
         });
         assert!(lock(&set.flights).running.is_empty());
         assert!(lock(&set.flights).waiting.is_empty());
+    }
+
+    /// The owner finishing between a waiter making the flight and waiting on it: the waiter,
+    /// thread or task, finds the outcome.
+    #[test]
+    fn a_flight_finished_before_its_waiter_waits_still_serves_it() {
+        // On a thread of its own: a waiter never served fails the test instead of hanging it.
+        let (ended, end) = std::sync::mpsc::channel();
+        thread::spawn(move || {
+            finished_before_waiting();
+            ended.send(()).unwrap();
+        });
+        end.recv_timeout(Duration::from_secs(60))
+            .expect("a waiter was not served by a flight that had finished");
+    }
+
+    fn finished_before_waiting() {
+        let set = InFlight::default();
+        let key = CacheKey::from_bytes([5; 32]);
+        let Claim::Owner(guard) = set.claim(key) else {
+            panic!("the first claim owns the key");
+        };
+        let flight = lock(&set.flights)
+            .running
+            .get_mut(&key)
+            .map(Running::flight);
+        let AsyncClaim::Wait(mut task) = set.claim_async(key) else {
+            panic!("a second claim waits");
+        };
+        guard.finish(Some(Arc::new(b"early".to_vec())));
+        let payload = flight.expect("the key is running").wait();
+        assert_eq!(payload.as_deref().map(Vec::as_slice), Some(&b"early"[..]));
+        let mut context = Context::from_waker(Waker::noop());
+        match Pin::new(&mut task).poll(&mut context) {
+            Poll::Ready(payload) => {
+                assert_eq!(payload.as_deref().map(Vec::as_slice), Some(&b"early"[..]));
+            }
+            Poll::Pending => panic!("the task waits for a flight that finished"),
+        }
+        assert!(lock(&set.flights).running.is_empty());
     }
 
     #[test]

@@ -61,7 +61,8 @@ pub use par_map::{
 pub use store::{Cleanup, VerifyReport};
 
 /// Time since this process first asked: a clock that a change of the system's time does not
-/// move, for the times kept as process-local integers (memory-tier slots, the packs' index).
+/// move, for the times kept as process-local integers (the packs' look-ups of a folder without
+/// packs).
 pub(crate) fn uptime() -> std::time::Duration {
     static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
     START.get_or_init(std::time::Instant::now).elapsed()

@@ -232,7 +232,7 @@ impl Facts {
 const _: () =
     assert!(std::mem::size_of::<TierKey>() <= 64 && std::mem::size_of::<(TierKey, Slot)>() == 128);
 
-/// Seconds since the Unix epoch, from the coarse clock where the system has one (a few
+/// Seconds since 2020, from the coarse clock where the system has one (a few
 /// milliseconds off, enough to tell whether an hour went by): every value kept reads it, and the
 /// precise clock costs 50-70 ns a reading in a virtual machine, the coarse one 10.
 fn seconds() -> u32 {
@@ -242,8 +242,12 @@ fn seconds() -> u32 {
     let secs = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |since| since.as_secs());
-    u32::try_from(secs).unwrap_or(u32::MAX)
+    // Counted from 2020, so that 32 bits last until 2156.
+    u32::try_from(secs.saturating_sub(SECONDS_FROM)).unwrap_or(u32::MAX)
 }
+
+/// 2020-01-01 in seconds since the Unix epoch: where [`seconds`] counts from.
+const SECONDS_FROM: u64 = 1_577_836_800;
 
 #[derive(Default)]
 struct Shard {
