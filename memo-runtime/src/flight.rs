@@ -318,14 +318,27 @@ mod tests {
 
     #[test]
     fn a_flight_is_made_by_its_first_waiter_and_serves_every_waiter() {
-        // On a thread of its own: waiters never woken fail the test instead of hanging it.
+        ends_in_time(
+            waiters_share_a_flight_made_by_the_first,
+            "the waiters were not woken with the owner's payload",
+        );
+    }
+
+    /// Runs `test` on a thread of its own and fails with `stuck` when it has not ended within a
+    /// minute: a waiter never woken fails the test instead of hanging it.
+    fn ends_in_time(test: fn(), stuck: &str) {
         let (ended, end) = std::sync::mpsc::channel();
         thread::spawn(move || {
-            waiters_share_a_flight_made_by_the_first();
+            test();
             ended.send(()).unwrap();
         });
-        end.recv_timeout(Duration::from_secs(60))
-            .expect("the waiters were not woken with the owner's payload");
+        match end.recv_timeout(Duration::from_secs(60)) {
+            Ok(()) => {}
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => panic!("{stuck}"),
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                panic!("the test's thread panicked (its message is above)")
+            }
+        }
     }
 
     fn waiters_share_a_flight_made_by_the_first() {
@@ -379,14 +392,10 @@ mod tests {
     /// thread or task, finds the outcome.
     #[test]
     fn a_flight_finished_before_its_waiter_waits_still_serves_it() {
-        // On a thread of its own: a waiter never served fails the test instead of hanging it.
-        let (ended, end) = std::sync::mpsc::channel();
-        thread::spawn(move || {
-            finished_before_waiting();
-            ended.send(()).unwrap();
-        });
-        end.recv_timeout(Duration::from_secs(60))
-            .expect("a waiter was not served by a flight that had finished");
+        ends_in_time(
+            finished_before_waiting,
+            "a waiter was not served by a flight that had finished",
+        );
     }
 
     fn finished_before_waiting() {
@@ -417,14 +426,10 @@ mod tests {
 
     #[test]
     fn threads_waiting_for_each_others_keys_do_not_deadlock() {
-        // On threads of their own: a deadlock fails the test instead of hanging it.
-        let (ended, end) = std::sync::mpsc::channel();
-        thread::spawn(move || {
-            circle_of_two_waits();
-            ended.send(()).unwrap();
-        });
-        end.recv_timeout(Duration::from_secs(30))
-            .expect("two threads waiting for each other's keys deadlocked");
+        ends_in_time(
+            circle_of_two_waits,
+            "two threads waiting for each other's keys deadlocked",
+        );
     }
 
     fn circle_of_two_waits() {
