@@ -232,9 +232,9 @@ impl Facts {
 const _: () =
     assert!(std::mem::size_of::<TierKey>() <= 64 && std::mem::size_of::<(TierKey, Slot)>() == 128);
 
-/// Seconds since 2020, from the coarse clock where the system has one (a few
-/// milliseconds off, enough to tell whether an hour went by): every value kept reads it, and the
-/// precise clock costs 50-70 ns a reading in a virtual machine, the coarse one 10.
+/// Seconds since 2020, from the coarse clock where the system has one (a few milliseconds off,
+/// enough to tell whether an hour went by): every value kept reads it, and the precise clock
+/// costs 50-70 ns a reading in a virtual machine, the coarse one 10.
 fn seconds() -> u32 {
     #[cfg(unix)]
     let secs = crate::pack::now_nanos_coarse() / 1_000_000_000;
