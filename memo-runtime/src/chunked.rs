@@ -58,9 +58,9 @@ fn short(hash: u64) -> u32 {
     (hash >> 32) as u32
 }
 
-/// What the table places a bucket by: its 32 bits spread over 64 (the table picks a place by the
-/// low bits and tells buckets apart by the top ones).
-fn spread(short: u32) -> u64 {
+/// What a hash table places 32 bits of hash by: spread over 64 (`hashbrown` picks a place by the
+/// low bits and tells entries apart by the top ones). Here and in the memory tier's shards.
+pub(crate) fn spread(short: u32) -> u64 {
     u64::from(short).wrapping_mul(0x9e37_79b9_7f4a_7c15)
 }
 

@@ -22,6 +22,8 @@ use std::time::{Duration, SystemTime};
 
 use hashbrown::HashTable;
 
+// The hash a shard's table places a key by: the 32 bits it carries, spread over 64.
+use crate::chunked::spread as table_hash;
 use crate::flight::Payload;
 use crate::key::{Aligned, CacheKey, CallKey, SHORT_ARGS};
 
@@ -93,12 +95,6 @@ impl TierKey {
 
 /// A shard's slots, each with its key, placed by [`table_hash`].
 type Slots = HashTable<(TierKey, Slot)>;
-
-/// The hash a shard's table places a key by: the 32 bits it carries, spread over 64 (the table
-/// picks a place by the low bits and tells keys apart by the top ones).
-fn table_hash(hash: u32) -> u64 {
-    u64::from(hash).wrapping_mul(0x9e37_79b9_7f4a_7c15)
-}
 
 /// [`table_hash`] of a slot's key, for the table to move its slots when it grows.
 fn slot_hash(slot: &(TierKey, Slot)) -> u64 {
