@@ -42,6 +42,66 @@ fn a_repeated_call_is_served_from_memory_and_never_confuses_arguments() {
     assert_eq!(stored_keys(&square::location().unwrap()).len(), 500);
 }
 
+/// Parameters that are all primitive values are keyed without the serializer: with the key the
+/// documented scheme gives.
+static PRIMITIVE_MEMORY: LazyLock<Memory> =
+    LazyLock::new(|| Memory::new(fresh_dir("primitive-keys")));
+static PRIMITIVES: Counter = Counter::new();
+
+#[cached(memory = PRIMITIVE_MEMORY, ignore(verbose))]
+#[allow(clippy::too_many_arguments)]
+fn primitives(a: u8, b: i64, c: f64, d: bool, e: char, f: usize, g: &u32, verbose: bool) -> f64 {
+    PRIMITIVES.bump();
+    if verbose {
+        eprintln!("computing");
+    }
+    f64::from(a)
+        + b as f64
+        + c
+        + f64::from(u8::from(d))
+        + f64::from(u32::from(e))
+        + f as f64
+        + f64::from(*g)
+}
+
+#[test]
+fn primitive_arguments_are_keyed_as_the_key_scheme_says() {
+    let some_nan = f64::from_bits(0x7ff8_0000_dead_beef);
+    let value = primitives(3, -4, 2.5, true, 'z', 9, &7, false);
+    assert_eq!(value, 3.0 - 4.0 + 2.5 + 1.0 + 122.0 + 9.0 + 7.0);
+    assert!(primitives(3, -4, some_nan, true, 'z', 9, &7, false).is_nan());
+    assert_eq!(PRIMITIVES.get(), 2);
+    // Any NaN keys alike, an ignored parameter not at all, and every other value counts.
+    assert!(primitives(3, -4, f64::NAN, true, 'z', 9, &7, true).is_nan());
+    assert_eq!(PRIMITIVES.get(), 2);
+    primitives(3, -4, 2.5, true, 'y', 9, &7, false);
+    primitives(3, -4, 2.5, true, 'z', 9, &8, false);
+    assert_eq!(PRIMITIVES.get(), 4);
+
+    // The entries are filed under the keys an `ArgsHasher` gives for the same values, in order.
+    let key = |c: f64, e: char, g: u32| {
+        let mut hasher =
+            memo::format::key::ArgsHasher::new("fast_paths::primitives", primitives::version());
+        hasher.arg(&3u8);
+        hasher.arg(&-4i64);
+        hasher.arg(&c);
+        hasher.arg(&true);
+        hasher.arg(&e);
+        hasher.arg(&9usize);
+        hasher.arg(&g);
+        hasher.finish().unwrap().to_hex()
+    };
+    let mut expected = vec![
+        key(2.5, 'z', 7),
+        key(f64::NAN, 'z', 7),
+        key(2.5, 'y', 7),
+        key(2.5, 'z', 8),
+    ];
+    expected.sort();
+    PRIMITIVE_MEMORY.flush().unwrap();
+    assert_eq!(stored_keys(&primitives::location().unwrap()), expected);
+}
+
 static GONE: Counter = Counter::new();
 
 #[cached(memory = TIERED)]

@@ -303,9 +303,7 @@ fn key(names: &Names<'_>, mode: TokenStream) -> TokenStream {
     match &names.model.args.key {
         Some(expr) => parts.push(hash(quote!(&(#expr)), expr.span())),
         None => {
-            for Param { binding, ty, .. } in
-                names.model.signature.params.iter().filter(|p| !p.ignored)
-            {
+            for Param { binding, ty, .. } in keyed_params(names) {
                 // A slice or `Vec` of numbers is hashed as raw bytes, anything else through
                 // serde: method resolution on the declared type picks (see `__private::Arg`).
                 parts.push(quote_spanned! {ty.span()=>
@@ -321,16 +319,48 @@ fn key(names: &Names<'_>, mode: TokenStream) -> TokenStream {
     // Arguments hashed in place (not a `key = ...` expression, which may move them) can be
     // hashed again: large slices of floats are then hashed without a look for NaNs first (see
     // `CachedFunction::key_checked`). Not in an `async fn`, whose look-up waits on a thread pool.
-    let hash = if names.model.args.key.is_none() && names.model.item.sig.asyncness.is_none() {
-        quote!(key_checked)
-    } else {
-        quote!(key)
-    };
-    quote! {
-        let __memo_key = __memo_function.#hash(__memo_memory, #mode, |__memo_hasher| {
-            #(#parts)*
-        });
+    let checked = names.model.args.key.is_none() && names.model.item.sig.asyncness.is_none();
+    if !checked {
+        return quote! {
+            let __memo_key = __memo_function.key(__memo_memory, #mode, |__memo_hasher| {
+                #(#parts)*
+            });
+        };
     }
+    if parts.len() != keyed_params(names).count() {
+        // Type names, `self` or the function's path are hashed too: through serde.
+        return quote! {
+            let __memo_key = __memo_function.key_checked(__memo_memory, #mode, |__memo_hasher| {
+                #(#parts)*
+            });
+        };
+    }
+    // Parameters that are all primitive values are written straight into a short key (method
+    // resolution on each declared type picks `ShortArg`, or else `OtherShortArg`, which sends
+    // the call through the hasher): the same key, without the serializer.
+    let short = keyed_params(names).map(|Param { binding, ty, .. }| {
+        quote_spanned! {ty.span()=>
+            {
+                #[allow(unused_imports)]
+                use #private::{OtherShortArg as _, ShortArg as _};
+                (&#private::Arg(&#binding)).short_into(&mut __memo_short);
+            }
+        }
+    });
+    quote! {
+        let __memo_key = {
+            let mut __memo_short = #private::ShortArgs::new();
+            #(#short)*
+            __memo_function.key_short(__memo_memory, #mode, __memo_short, |__memo_hasher| {
+                #(#parts)*
+            })
+        };
+    }
+}
+
+/// The parameters a call is keyed by, without a `key = ...` expression: those not ignored.
+fn keyed_params<'a>(names: &'a Names<'_>) -> impl Iterator<Item = &'a Param> + 'a {
+    names.model.signature.params.iter().filter(|p| !p.ignored)
 }
 
 /// The struct sharing the function's name and its `impl`: the cache handle and the hidden items.

@@ -14,7 +14,7 @@ use crate::deps::{combined_version, DepNode};
 use crate::entry::{self, CorruptEntry};
 use crate::error::Error;
 use crate::flight::{AsyncClaim, Claim, Payload};
-use crate::key::{ArgsHasher, CacheKey, CallKey, FunctionKey, Number};
+use crate::key::{ArgsHasher, CacheKey, CallKey, FunctionKey, Number, ShortArgs};
 use crate::lock::{Acquired, KeyLock};
 use crate::log;
 use crate::memory::{Counters, Memory};
@@ -257,6 +257,25 @@ impl<T: ?Sized> SerdeArg<T> for &Arg<'_, T> {
         hasher.arg(self.0);
     }
 }
+
+/// Writes a parameter that is a primitive value (an integer, a float, `bool` or `char`, or a
+/// reference to one) into a call's [`ShortArgs`]: generated code's first choice, picked by
+/// method resolution as [`NumbersArg`] is.
+pub trait ShortArg {
+    /// Adds the parameter to the short key.
+    fn short_into(&self, args: &mut ShortArgs);
+}
+
+/// Any other parameter: marks the [`ShortArgs`], so that the call is keyed through an
+/// [`ArgsHasher`].
+pub trait OtherShortArg {
+    /// Marks the short key as not usable.
+    fn short_into(&self, args: &mut ShortArgs) {
+        args.other();
+    }
+}
+
+impl<T: ?Sized> OtherShortArg for &Arg<'_, T> {}
 
 /// An [`EntryAddress`] with owned parts.
 struct OwnedAddress {
@@ -633,6 +652,26 @@ impl CachedFunction {
         let mut hasher = ArgsHasher::for_function(function);
         args(&mut hasher);
         self.take_key(memory, &mut hasher)
+    }
+
+    /// [`CachedFunction::key_checked`] for generated code that wrote the arguments into `short`
+    /// first: the key is made from it when every parameter was a primitive value (the same key,
+    /// without the serializer); otherwise `args` hashes them.
+    #[inline]
+    pub fn key_short(
+        &self,
+        memory: &Memory,
+        mode: CallMode,
+        short: ShortArgs,
+        args: impl Fn(&mut ArgsHasher),
+    ) -> Option<CallKey> {
+        if mode == CallMode::Uncached || memory.store().is_none() {
+            return None;
+        }
+        match short.call_key(self.function_key()) {
+            Some(key) => Some(key),
+            None => self.key_checked(memory, mode, args),
+        }
     }
 
     fn function_key(&self) -> &FunctionKey {

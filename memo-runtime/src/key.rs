@@ -614,6 +614,131 @@ impl ArgsHasher {
 /// Encoded arguments up to this many bytes are kept as they are in a [`CallKey`].
 pub(crate) const SHORT_ARGS: usize = 48;
 
+/// The encoded arguments of a call whose parameters are all primitive values (integers, floats,
+/// `bool`, `char`), written straight into a [`CallKey`]'s bytes: the bytes
+/// [`ArgsHasher::arg`] writes for each, without the serializer and the hasher's buffers (a third
+/// of a hit from memory). Generated code fills one first, through
+/// [`ShortArg`](crate::function::ShortArg); when a parameter is of another type, or the
+/// arguments do not fit in a short key, it is marked, and the call is keyed through an
+/// [`ArgsHasher`] instead
+/// ([`CachedFunction::key_short`](crate::function::CachedFunction::key_short)).
+#[derive(Clone, Copy)]
+pub struct ShortArgs {
+    bytes: Aligned,
+    len: usize,
+    /// A parameter was not a primitive value, or the arguments did not fit.
+    other: bool,
+}
+
+impl Default for ShortArgs {
+    fn default() -> Self {
+        ShortArgs::new()
+    }
+}
+
+impl ShortArgs {
+    /// No arguments yet.
+    pub fn new() -> Self {
+        ShortArgs {
+            bytes: Aligned([0; SHORT_ARGS]),
+            len: 0,
+            other: false,
+        }
+    }
+
+    /// Adds one argument: `ARG`, the value's tag, then its bytes, as
+    /// [`ArgsHasher::arg`] writes a primitive value. Past [`SHORT_ARGS`] bytes, marks the
+    /// arguments as not short.
+    #[inline(always)]
+    pub(crate) fn push(&mut self, tag: u8, value: &[u8]) {
+        let start = self.len;
+        let end = start + 2 + value.len();
+        if end > SHORT_ARGS {
+            self.other = true;
+            return;
+        }
+        self.bytes.0[start] = tag::ARG;
+        self.bytes.0[start + 1] = tag;
+        self.bytes.0[start + 2..end].copy_from_slice(value);
+        self.len = end;
+    }
+
+    /// Marks a parameter that is not a primitive value: the call is keyed through an
+    /// [`ArgsHasher`].
+    pub fn other(&mut self) {
+        self.other = true;
+    }
+
+    /// The call's key, the one an [`ArgsHasher`] keyed by `function` would give; `None` when a
+    /// parameter was not a primitive value or the arguments did not fit.
+    pub(crate) fn call_key(&self, function: &FunctionKey) -> Option<CallKey> {
+        (!self.other).then_some(CallKey {
+            bytes: self.bytes,
+            function: function.0,
+            len: self.len as u8,
+        })
+    }
+}
+
+macro_rules! short_values {
+    ($($ty:ty => |$v:ident| ($tag:expr, $bytes:expr)),* $(,)?) => {$(
+        impl crate::function::ShortArg for crate::function::Arg<'_, $ty> {
+            #[inline(always)]
+            fn short_into(&self, args: &mut ShortArgs) {
+                let $v: $ty = *self.0;
+                args.push($tag, &$bytes);
+            }
+        }
+
+        impl crate::function::ShortArg for crate::function::Arg<'_, &$ty> {
+            #[inline(always)]
+            fn short_into(&self, args: &mut ShortArgs) {
+                let $v: $ty = **self.0;
+                args.push($tag, &$bytes);
+            }
+        }
+    )*};
+}
+
+// The bytes of `KeySerializer`'s `serialize_*` for each type (`usize` and `isize` are
+// serialized as 64-bit values, and every NaN as the canonical one).
+short_values!(
+    bool => |v| (tag::BOOL, [u8::from(v)]),
+    i8 => |v| (tag::I8, v.to_le_bytes()),
+    i16 => |v| (tag::I16, v.to_le_bytes()),
+    i32 => |v| (tag::I32, v.to_le_bytes()),
+    i64 => |v| (tag::I64, v.to_le_bytes()),
+    i128 => |v| (tag::I128, v.to_le_bytes()),
+    isize => |v| (tag::I64, (v as i64).to_le_bytes()),
+    u8 => |v| (tag::U8, v.to_le_bytes()),
+    u16 => |v| (tag::U16, v.to_le_bytes()),
+    u32 => |v| (tag::U32, v.to_le_bytes()),
+    u64 => |v| (tag::U64, v.to_le_bytes()),
+    u128 => |v| (tag::U128, v.to_le_bytes()),
+    usize => |v| (tag::U64, (v as u64).to_le_bytes()),
+    f32 => |v| (tag::F32, canonical_f32(v).to_le_bytes()),
+    f64 => |v| (tag::F64, canonical_f64(v).to_le_bytes()),
+    char => |v| (tag::CHAR, u32::from(v).to_le_bytes()),
+);
+
+/// The bits a float is keyed by: every NaN as the canonical one.
+fn canonical_f32(v: f32) -> u32 {
+    if v.is_nan() {
+        f32::NAN.to_bits()
+    } else {
+        v.to_bits()
+    }
+}
+
+/// [`canonical_f32`] for `f64`.
+fn canonical_f64(v: f64) -> u64 {
+    if v.is_nan() {
+        f64::NAN.to_bits()
+    } else {
+        v.to_bits()
+    }
+}
+
 /// One call's key, as [`ArgsHasher::finish_call`] leaves it: short encoded arguments as they are
 /// (the memory tier compares them byte for byte, so a hit there needs no hashing), longer ones
 /// already hashed. [`CallKey::digest`] gives the [`CacheKey`] either way.
@@ -944,21 +1069,11 @@ impl<'s, 'a> ser::Serializer for &'s mut KeySerializer<'a> {
         Ok(())
     }
     fn serialize_f32(self, v: f32) -> Result<(), KeyError> {
-        let bits = if v.is_nan() {
-            f32::NAN.to_bits()
-        } else {
-            v.to_bits()
-        };
-        self.sink.tagged(tag::F32, &bits.to_le_bytes());
+        self.sink.tagged(tag::F32, &canonical_f32(v).to_le_bytes());
         Ok(())
     }
     fn serialize_f64(self, v: f64) -> Result<(), KeyError> {
-        let bits = if v.is_nan() {
-            f64::NAN.to_bits()
-        } else {
-            v.to_bits()
-        };
-        self.sink.tagged(tag::F64, &bits.to_le_bytes());
+        self.sink.tagged(tag::F64, &canonical_f64(v).to_le_bytes());
         Ok(())
     }
     fn serialize_char(self, v: char) -> Result<(), KeyError> {
@@ -1416,5 +1531,140 @@ mod tests {
         >()));
         assert!(!is_unordered(std::any::type_name::<Vec<HashSet<u8>>>()));
         assert!(!is_unordered(std::any::type_name::<BTreeMap<u8, u8>>()));
+    }
+
+    /// The key generated code gets from [`ShortArgs`] for `write`'s arguments, and the one an
+    /// [`ArgsHasher`] gives for `hash`'s, for the same function.
+    fn short_and_hashed(
+        write: impl Fn(&mut ShortArgs),
+        hash: impl Fn(&mut ArgsHasher),
+    ) -> (Option<CallKey>, CallKey) {
+        let function = FunctionKey::new("crate::f", "v");
+        let mut short = ShortArgs::new();
+        write(&mut short);
+        let mut hasher = ArgsHasher::optimistic(&function);
+        hash(&mut hasher);
+        (short.call_key(&function), hasher.take_call().unwrap())
+    }
+
+    /// Asserts that a short key is the key the hasher gives, byte for byte.
+    fn same_key(short: Option<CallKey>, hashed: CallKey, what: &str) {
+        let short = short.unwrap_or_else(|| panic!("{what}: no short key"));
+        assert_eq!(short.short_args(), hashed.short_args(), "{what}");
+        assert_eq!(short.digest(), hashed.digest(), "{what}");
+    }
+
+    macro_rules! assert_short_keys {
+        ($($ty:ty: [$($value:expr),* $(,)?]),* $(,)?) => {$($({
+            use crate::function::{Arg, ShortArg as _};
+            let value: $ty = $value;
+            let what = format!("{} {:?}", stringify!($ty), value);
+            let (short, hashed) = short_and_hashed(
+                |s| (&Arg(&value)).short_into(s),
+                |h| h.arg(&value),
+            );
+            same_key(short, hashed, &what);
+            // A reference keys as the value does.
+            let (short, hashed) = short_and_hashed(
+                |s| (&Arg(&&value)).short_into(s),
+                |h| h.arg(&value),
+            );
+            same_key(short, hashed, &format!("&{what}"));
+        })*)*};
+    }
+
+    #[test]
+    #[allow(clippy::needless_borrow)] // The borrow picks the trait, as in generated code.
+    fn primitive_values_written_straight_key_as_the_hasher_keys_them() {
+        let nan_with_payload = f64::from_bits(0x7ff8_0000_dead_beef);
+        let signalling = f32::from_bits(0x7f80_0001);
+        assert_short_keys!(
+            bool: [false, true],
+            i8: [0, -1, i8::MIN, i8::MAX],
+            i16: [0, -300, i16::MIN, i16::MAX],
+            i32: [0, -70_000, i32::MIN, i32::MAX],
+            i64: [0, -5, i64::MIN, i64::MAX],
+            i128: [0, -1, i128::MIN, i128::MAX],
+            isize: [0, -7, isize::MIN, isize::MAX],
+            u8: [0, 7, u8::MAX],
+            u16: [0, 300, u16::MAX],
+            u32: [0, 70_000, u32::MAX],
+            u64: [0, 1, 1 << 40, u64::MAX],
+            u128: [0, 1, u128::MAX],
+            usize: [0, 9, usize::MAX],
+            f32: [0.0, -0.0, 1.5, f32::INFINITY, f32::NAN, -f32::NAN, signalling],
+            f64: [0.0, -0.0, -2.25, f64::NEG_INFINITY, f64::NAN, -f64::NAN, nan_with_payload],
+            char: ['a', '\0', '\u{10FFFF}'],
+        );
+    }
+
+    #[test]
+    #[allow(clippy::needless_borrow)] // The borrow picks the trait, as in generated code.
+    fn short_keys_of_several_values_match_and_give_way_when_they_do_not_fit() {
+        use crate::function::{Arg, OtherShortArg as _, ShortArg as _};
+        // Several kinds together, in order.
+        let (a, b, c, d) = (3u8, -4i64, f64::NAN, 'z');
+        let (short, hashed) = short_and_hashed(
+            |s| {
+                (&Arg(&a)).short_into(s);
+                (&Arg(&b)).short_into(s);
+                (&Arg(&c)).short_into(s);
+                (&Arg(&d)).short_into(s);
+            },
+            |h| {
+                h.arg(&a);
+                h.arg(&b);
+                h.arg(&c);
+                h.arg(&d);
+            },
+        );
+        same_key(short, hashed, "u8, i64, f64, char");
+        // No arguments at all.
+        let (short, hashed) = short_and_hashed(|_| {}, |_| {});
+        same_key(short, hashed, "no arguments");
+        // 48 bytes fit (four `u64`s, 10 bytes each, and two `u16`s, 4 each); 49 do not (four
+        // `u64`s, a `u32` and a `u8`), and the hasher's key is then the hashed form.
+        let fits = |s: &mut ShortArgs| {
+            for x in 0..4u64 {
+                (&Arg(&x)).short_into(s);
+            }
+        };
+        let (short, hashed) = short_and_hashed(
+            |s| {
+                fits(s);
+                (&Arg(&7u16)).short_into(s);
+                (&Arg(&8u16)).short_into(s);
+            },
+            |h| {
+                (0..4u64).for_each(|x| h.arg(&x));
+                h.arg(&7u16);
+                h.arg(&8u16);
+            },
+        );
+        assert_eq!(hashed.short_args().map(<[u8]>::len), Some(48));
+        same_key(short, hashed, "48 bytes");
+        let (short, hashed) = short_and_hashed(
+            |s| {
+                fits(s);
+                (&Arg(&7u32)).short_into(s);
+                (&Arg(&8u8)).short_into(s);
+            },
+            |h| {
+                (0..4u64).for_each(|x| h.arg(&x));
+                h.arg(&7u32);
+                h.arg(&8u8);
+            },
+        );
+        assert!(short.is_none() && hashed.short_args().is_none(), "49 bytes");
+        // A parameter of another type sends the call through the hasher.
+        let text = String::from("x");
+        let (short, _) = short_and_hashed(
+            |s| {
+                (&Arg(&1u64)).short_into(s);
+                (&Arg(&text)).short_into(s);
+            },
+            |_| {},
+        );
+        assert!(short.is_none(), "a String");
     }
 }

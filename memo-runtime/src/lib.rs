@@ -76,9 +76,10 @@ pub mod __private {
     pub use crate::error::Error;
     pub use crate::function::{
         hash_arg, Arg, CacheArg, CacheValue, CachedFunction, CallMode, Compression, EntryMeta,
-        Freshness, FunctionDef, NumbersArg, OkOnly, Plain, SerdeArg, SomeOnly, StorePolicy,
+        Freshness, FunctionDef, NumbersArg, OkOnly, OtherShortArg, Plain, SerdeArg, ShortArg,
+        SomeOnly, StorePolicy,
     };
-    pub use crate::key::{ArgsHasher, CacheKey, CallKey, FunctionKey};
+    pub use crate::key::{ArgsHasher, CacheKey, CallKey, FunctionKey, ShortArgs};
     pub use crate::memory::{AsMemory, Memory};
     pub use crate::preview::{Preview, PreviewDebug, PreviewNone, PreviewSeq};
 }
