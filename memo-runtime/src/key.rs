@@ -780,6 +780,16 @@ impl CallKey {
         }
     }
 
+    /// A call key of the short form with these bytes (zero past `len`), for tests.
+    #[cfg(test)]
+    pub(crate) fn short(bytes: [u8; SHORT_ARGS], len: u8) -> Self {
+        CallKey {
+            bytes: Aligned(bytes),
+            function: [0; 32],
+            len,
+        }
+    }
+
     /// A call key of the hashed form, for a key computed elsewhere.
     pub fn hashed(key: CacheKey) -> Self {
         let mut bytes = Aligned([0u8; SHORT_ARGS]);
