@@ -33,6 +33,34 @@ fn async_functions_are_cached_under_any_executor() {
     assert_eq!(FETCH.get(), 3);
 }
 
+static SCALED_MEMORY: LazyLock<Memory> = LazyLock::new(|| Memory::new(fresh_dir("async-scaled")));
+static SCALED: Counter = Counter::new();
+
+/// Primitive parameters only: keyed without the serializer, in an `async fn` too.
+#[cached(memory = SCALED_MEMORY)]
+async fn scaled(x: u64, by: f32) -> f64 {
+    SCALED.bump();
+    x as f64 * f64::from(by)
+}
+
+#[test]
+fn primitive_arguments_of_async_functions_are_keyed_as_the_key_scheme_says() {
+    assert_eq!(pollster::block_on(scaled(3, 0.5)), 1.5);
+    assert_eq!(pollster::block_on(scaled(3, 0.5)), 1.5);
+    assert_eq!(pollster::block_on(scaled(4, 0.5)), 2.0);
+    assert_eq!(SCALED.get(), 2);
+    let key = |x: u64| {
+        let mut hasher = memo::format::key::ArgsHasher::new("async_fn::scaled", scaled::version());
+        hasher.arg(&x);
+        hasher.arg(&0.5f32);
+        hasher.finish().unwrap().to_hex()
+    };
+    let mut expected = vec![key(3), key(4)];
+    expected.sort();
+    SCALED_MEMORY.flush().unwrap();
+    assert_eq!(common::stored_keys(&scaled::location().unwrap()), expected);
+}
+
 #[derive(Debug, PartialEq, Serialize, Deserialize)]
 struct Page {
     lines: Vec<String>,

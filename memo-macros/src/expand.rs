@@ -319,21 +319,19 @@ fn key(names: &Names<'_>, mode: TokenStream) -> TokenStream {
     // Arguments hashed in place (not a `key = ...` expression, which may move them) can be
     // hashed again: large slices of floats are then hashed without a look for NaNs first (see
     // `CachedFunction::key_checked`). Not in an `async fn`, whose look-up waits on a thread pool.
-    let checked = names.model.args.key.is_none() && names.model.item.sig.asyncness.is_none();
-    if !checked {
-        return quote! {
-            let __memo_key = __memo_function.key(__memo_memory, #mode, |__memo_hasher| {
-                #(#parts)*
-            });
-        };
-    }
-    if parts.len() != keyed_params(names).count() {
-        // Type names, `self` or the function's path are hashed too: through serde.
-        return quote! {
-            let __memo_key = __memo_function.key_checked(__memo_memory, #mode, |__memo_hasher| {
-                #(#parts)*
-            });
-        };
+    let hash = if names.model.args.key.is_none() && names.model.item.sig.asyncness.is_none() {
+        quote!(key_checked)
+    } else {
+        quote!(key)
+    };
+    let hashed = quote! {
+        __memo_function.#hash(__memo_memory, #mode, |__memo_hasher| {
+            #(#parts)*
+        })
+    };
+    if names.model.args.key.is_some() || parts.len() != keyed_params(names).count() {
+        // A `key = ...` expression, type names, `self` or the function's path: through serde.
+        return quote!(let __memo_key = #hashed;);
     }
     // Parameters that are all primitive values are written straight into a short key (method
     // resolution on each declared type picks `ShortArg`, or else `OtherShortArg`, which sends
@@ -351,9 +349,7 @@ fn key(names: &Names<'_>, mode: TokenStream) -> TokenStream {
         let __memo_key = {
             let mut __memo_short = #private::ShortArgs::new();
             #(#short)*
-            __memo_function.key_short(__memo_memory, #mode, __memo_short, |__memo_hasher| {
-                #(#parts)*
-            })
+            __memo_function.key_short(__memo_memory, #mode, __memo_short, || #hashed)
         };
     }
 }

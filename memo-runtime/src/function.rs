@@ -654,23 +654,24 @@ impl CachedFunction {
         self.take_key(memory, &mut hasher)
     }
 
-    /// [`CachedFunction::key_checked`] for generated code that wrote the arguments into `short`
-    /// first: the key is made from it when every parameter was a primitive value (the same key,
-    /// without the serializer); otherwise `args` hashes them.
+    /// The call's key for generated code that wrote the arguments into `short` first: made from
+    /// it when every parameter was a primitive value (the key [`CachedFunction::key`] gives,
+    /// without the serializer); otherwise `hashed` keys the call ([`CachedFunction::key_checked`]
+    /// or [`CachedFunction::key`] through an [`ArgsHasher`]).
     #[inline]
     pub fn key_short(
         &self,
         memory: &Memory,
         mode: CallMode,
         short: ShortArgs,
-        args: impl Fn(&mut ArgsHasher),
+        hashed: impl FnOnce() -> Option<CallKey>,
     ) -> Option<CallKey> {
         if mode == CallMode::Uncached || memory.store().is_none() {
             return None;
         }
         match short.call_key(self.function_key()) {
             Some(key) => Some(key),
-            None => self.key_checked(memory, mode, args),
+            None => hashed(),
         }
     }
 
