@@ -102,6 +102,108 @@ fn primitive_arguments_are_keyed_as_the_key_scheme_says() {
     assert_eq!(stored_keys(&primitives::location().unwrap()), expected);
 }
 
+/// Parameters of other shapes, each function in a folder of its own: aliases and references go
+/// through the short key or the serializer as their real type says, and either way the key is
+/// the documented one.
+type Id = u64;
+static SHAPES: LazyLock<Memory> = LazyLock::new(|| Memory::new(fresh_dir("key-shapes")));
+
+#[cached(memory = SHAPES)]
+fn by_alias(id: Id, nested: &&u64) -> u64 {
+    id + **nested
+}
+
+#[cached(memory = SHAPES)]
+fn by_pattern((a, b): (u32, u32), maybe: Option<u64>) -> u64 {
+    u64::from(a + b) + maybe.unwrap_or(0)
+}
+
+#[cached(memory = SHAPES)]
+fn too_long_for_short(a: u128, b: u128, c: u128) -> u128 {
+    a ^ b ^ c
+}
+
+#[cached(memory = SHAPES)]
+fn with_text(n: u64, text: &str) -> usize {
+    text.len() + n as usize
+}
+
+#[cached(memory = SHAPES)]
+fn no_arguments() -> u8 {
+    7
+}
+
+/// The hex key the documented scheme gives for `identity`'s call with `args`.
+fn scheme_key(
+    identity: &str,
+    version: &str,
+    args: impl FnOnce(&mut memo::format::key::ArgsHasher),
+) -> String {
+    let mut hasher = memo::format::key::ArgsHasher::new(identity, version);
+    args(&mut hasher);
+    hasher.finish().unwrap().to_hex()
+}
+
+#[test]
+fn arguments_of_every_shape_are_keyed_as_the_key_scheme_says() {
+    by_alias(5, &&6);
+    by_pattern((1, 2), Some(3));
+    too_long_for_short(1, 2, 3);
+    with_text(4, "four");
+    no_arguments();
+    SHAPES.flush().unwrap();
+    let stored = |location: Option<std::path::PathBuf>| stored_keys(&location.unwrap());
+    assert_eq!(
+        stored(by_alias::location()),
+        [scheme_key(
+            "fast_paths::by_alias",
+            by_alias::version(),
+            |h| {
+                h.arg(&5u64);
+                h.arg(&6u64);
+            }
+        )]
+    );
+    assert_eq!(
+        stored(by_pattern::location()),
+        [scheme_key(
+            "fast_paths::by_pattern",
+            by_pattern::version(),
+            |h| {
+                h.arg(&(1u32, 2u32));
+                h.arg(&Some(3u64));
+            }
+        )]
+    );
+    assert_eq!(
+        stored(too_long_for_short::location()),
+        [scheme_key(
+            "fast_paths::too_long_for_short",
+            too_long_for_short::version(),
+            |h| (1..=3u128).for_each(|x| h.arg(&x)),
+        )]
+    );
+    assert_eq!(
+        stored(with_text::location()),
+        [scheme_key(
+            "fast_paths::with_text",
+            with_text::version(),
+            |h| {
+                h.arg(&4u64);
+                h.arg("four");
+            }
+        )]
+    );
+    assert_eq!(
+        stored(no_arguments::location()),
+        [scheme_key(
+            "fast_paths::no_arguments",
+            no_arguments::version(),
+            |_| {}
+        )]
+    );
+}
+
 static GONE: Counter = Counter::new();
 
 #[cached(memory = TIERED)]

@@ -255,6 +255,8 @@ fn memory(names: &Names<'_>) -> TokenStream {
 
 /// Statements binding `__memo_key` to the call's key (or `None`): the `key = ...` expression, or
 /// every parameter not ignored; and the concrete type and const parameters of a generic function.
+/// When the parameters alone are keyed, they are first written into a short key directly
+/// (`ShortArgs`), which serves when all are primitive values; else they go through serde.
 fn key(names: &Names<'_>, mode: TokenStream) -> TokenStream {
     let private = &names.private;
     let hash = |value: TokenStream, span: Span| {

@@ -260,14 +260,16 @@ impl<T: ?Sized> SerdeArg<T> for &Arg<'_, T> {
 
 /// Writes a parameter that is a primitive value (an integer, a float, `bool` or `char`, or a
 /// reference to one) into a call's [`ShortArgs`]: generated code's first choice, picked by
-/// method resolution as [`NumbersArg`] is.
+/// method resolution as [`NumbersArg`] is. For generated code: not a stable interface.
+#[doc(hidden)]
 pub trait ShortArg {
     /// Adds the parameter to the short key.
     fn short_into(&self, args: &mut ShortArgs);
 }
 
 /// Any other parameter: marks the [`ShortArgs`], so that the call is keyed through an
-/// [`ArgsHasher`].
+/// [`ArgsHasher`]. For generated code: not a stable interface.
+#[doc(hidden)]
 pub trait OtherShortArg {
     /// Marks the short key as not usable.
     fn short_into(&self, args: &mut ShortArgs) {
@@ -657,7 +659,8 @@ impl CachedFunction {
     /// The call's key for generated code that wrote the arguments into `short` first: made from
     /// it when every parameter was a primitive value (the key [`CachedFunction::key`] gives,
     /// without the serializer); otherwise `hashed` keys the call ([`CachedFunction::key_checked`]
-    /// or [`CachedFunction::key`] through an [`ArgsHasher`]).
+    /// or [`CachedFunction::key`] through an [`ArgsHasher`]). For generated code.
+    #[doc(hidden)]
     #[inline]
     pub fn key_short(
         &self,

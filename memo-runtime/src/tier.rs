@@ -75,8 +75,8 @@ impl TierKey {
         // input; with Fx, part of the hash ignores the high bits of each word.)
         let mut hasher = foldhash::fast::FixedState::default().build_hasher();
         hasher.write_usize(function);
-        for word in bytes.0.chunks_exact(8) {
-            hasher.write_u64(u64::from_le_bytes(word.try_into().unwrap_or_default()));
+        for word in bytes.0.as_chunks::<8>().0 {
+            hasher.write_u64(u64::from_le_bytes(*word));
         }
         TierKey {
             bytes,
