@@ -50,10 +50,10 @@ fn primitive_arguments_of_async_functions_are_keyed_as_the_key_scheme_says() {
     assert_eq!(pollster::block_on(scaled(4, 0.5)), 2.0);
     assert_eq!(SCALED.get(), 2);
     let key = |x: u64| {
-        let mut hasher = memo::format::key::ArgsHasher::new("async_fn::scaled", scaled::version());
-        hasher.arg(&x);
-        hasher.arg(&0.5f32);
-        hasher.finish().unwrap().to_hex()
+        common::scheme_key("async_fn::scaled", scaled::version(), |h| {
+            h.arg(&x);
+            h.arg(&0.5f32);
+        })
     };
     let mut expected = vec![key(3), key(4)];
     expected.sort();

@@ -6,7 +6,7 @@ mod common;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, LazyLock};
 
-use common::{entry_files, fresh_dir, stored_keys, Counter};
+use common::{entry_files, fresh_dir, scheme_key, stored_keys, Counter};
 use memo::prelude::*;
 use memo::EntryMeta;
 use serde::{Deserialize, Deserializer, Serialize};
@@ -80,16 +80,15 @@ fn primitive_arguments_are_keyed_as_the_key_scheme_says() {
 
     // The entries are filed under the keys an `ArgsHasher` gives for the same values, in order.
     let key = |c: f64, e: char, g: u32| {
-        let mut hasher =
-            memo::format::key::ArgsHasher::new("fast_paths::primitives", primitives::version());
-        hasher.arg(&3u8);
-        hasher.arg(&-4i64);
-        hasher.arg(&c);
-        hasher.arg(&true);
-        hasher.arg(&e);
-        hasher.arg(&9usize);
-        hasher.arg(&g);
-        hasher.finish().unwrap().to_hex()
+        scheme_key("fast_paths::primitives", primitives::version(), |h| {
+            h.arg(&3u8);
+            h.arg(&-4i64);
+            h.arg(&c);
+            h.arg(&true);
+            h.arg(&e);
+            h.arg(&9usize);
+            h.arg(&g);
+        })
     };
     let mut expected = vec![
         key(2.5, 'z', 7),
@@ -131,17 +130,6 @@ fn with_text(n: u64, text: &str) -> usize {
 #[cached(memory = SHAPES)]
 fn no_arguments() -> u8 {
     7
-}
-
-/// The hex key the documented scheme gives for `identity`'s call with `args`.
-fn scheme_key(
-    identity: &str,
-    version: &str,
-    args: impl FnOnce(&mut memo::format::key::ArgsHasher),
-) -> String {
-    let mut hasher = memo::format::key::ArgsHasher::new(identity, version);
-    args(&mut hasher);
-    hasher.finish().unwrap().to_hex()
 }
 
 #[test]

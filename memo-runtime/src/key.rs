@@ -1640,33 +1640,38 @@ mod tests {
         same_key(short, hashed, "no arguments");
         // 48 bytes fit (four `u64`s, 10 bytes each, and two `u16`s, 4 each); 49 do not (four
         // `u64`s, a `u32` and a `u8`), and the hasher's key is then the hashed form.
-        let fits = |s: &mut ShortArgs| {
-            for x in 0..4u64 {
-                (&Arg(&x)).short_into(s);
-            }
+        let four_u64s_and = |write: &dyn Fn(&mut ShortArgs), hash: &dyn Fn(&mut ArgsHasher)| {
+            short_and_hashed(
+                |s| {
+                    for x in 0..4u64 {
+                        (&Arg(&x)).short_into(s);
+                    }
+                    write(s);
+                },
+                |h| {
+                    (0..4u64).for_each(|x| h.arg(&x));
+                    hash(h);
+                },
+            )
         };
-        let (short, hashed) = short_and_hashed(
-            |s| {
-                fits(s);
+        let (short, hashed) = four_u64s_and(
+            &|s| {
                 (&Arg(&7u16)).short_into(s);
                 (&Arg(&8u16)).short_into(s);
             },
-            |h| {
-                (0..4u64).for_each(|x| h.arg(&x));
+            &|h| {
                 h.arg(&7u16);
                 h.arg(&8u16);
             },
         );
         assert_eq!(hashed.short_args().map(<[u8]>::len), Some(48));
         same_key(short, hashed, "48 bytes");
-        let (short, hashed) = short_and_hashed(
-            |s| {
-                fits(s);
+        let (short, hashed) = four_u64s_and(
+            &|s| {
                 (&Arg(&7u32)).short_into(s);
                 (&Arg(&8u8)).short_into(s);
             },
-            |h| {
-                (0..4u64).for_each(|x| h.arg(&x));
+            &|h| {
                 h.arg(&7u32);
                 h.arg(&8u8);
             },

@@ -592,6 +592,15 @@ mod tests {
             .map(|kept| kept.payload.to_vec())
     }
 
+    /// Asserts that 256 keys differing in one byte have at least 255 hashes and reach every
+    /// shard.
+    fn assert_spread(keys: impl Iterator<Item = TierKey> + Clone, what: &str) {
+        let hashes: HashSet<u32> = keys.clone().map(|k| k.hash).collect();
+        let shards: HashSet<usize> = keys.map(|k| shard_of(&k)).collect();
+        assert!(hashes.len() >= 255, "{what}: {} hashes", hashes.len());
+        assert_eq!(shards.len(), SHARDS, "{what}");
+    }
+
     #[test]
     fn every_byte_of_a_key_moves_its_hash_and_shard() {
         // Keys that differ in one byte only, wherever it is (the high bytes of a word too),
@@ -602,10 +611,7 @@ mod tests {
                 bytes[at] = b;
                 TierKey::digest(1, CacheKey::from_bytes(bytes))
             });
-            let hashes: HashSet<u32> = keys.clone().map(|k| k.hash).collect();
-            let shards: HashSet<usize> = keys.map(|k| shard_of(&k)).collect();
-            assert!(hashes.len() >= 255, "byte {at}: {} hashes", hashes.len());
-            assert_eq!(shards.len(), SHARDS, "byte {at}");
+            assert_spread(keys, &format!("byte {at}"));
         }
     }
 
@@ -622,10 +628,7 @@ mod tests {
                     || unreachable!(),
                 )
             });
-            let hashes: HashSet<u32> = keys.clone().map(|k| k.hash).collect();
-            let shards: HashSet<usize> = keys.map(|k| shard_of(&k)).collect();
-            assert!(hashes.len() >= 255, "byte {at}: {} hashes", hashes.len());
-            assert_eq!(shards.len(), SHARDS, "byte {at}");
+            assert_spread(keys, &format!("byte {at}"));
         }
         // The same arguments for different functions.
         let call = CallKey::short([0; SHORT_ARGS], 2);

@@ -54,6 +54,17 @@ pub fn stored_keys(dir: &Path) -> Vec<String> {
     keys
 }
 
+/// The hex key the documented scheme gives for `identity`'s call with `args`.
+pub fn scheme_key(
+    identity: &str,
+    version: &str,
+    args: impl FnOnce(&mut memo::format::key::ArgsHasher),
+) -> String {
+    let mut hasher = memo::format::key::ArgsHasher::new(identity, version);
+    args(&mut hasher);
+    hasher.finish().unwrap().to_hex()
+}
+
 /// Every pack file below `dir`.
 pub fn pack_files(dir: &Path) -> Vec<PathBuf> {
     let mut packs: Vec<PathBuf> = version_dirs(dir)
