@@ -767,9 +767,25 @@ pub struct CallKey {
 const HASHED: u8 = u8::MAX;
 
 /// [`SHORT_ARGS`] bytes, aligned for 16-byte moves.
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy)]
 #[repr(align(16))]
 pub(crate) struct Aligned(pub(crate) [u8; SHORT_ARGS]);
+
+impl PartialEq for Aligned {
+    /// Compares all the bytes, 16 at a time and without a branch between the pieces: the
+    /// derived comparison called `memcmp`, 4 % of a hit from the memory tier.
+    #[inline]
+    fn eq(&self, other: &Self) -> bool {
+        let (ours, theirs) = (self.0.as_chunks::<16>().0, other.0.as_chunks::<16>().0);
+        let mut differ = 0;
+        for (a, b) in ours.iter().zip(theirs) {
+            differ |= u128::from_ne_bytes(*a) ^ u128::from_ne_bytes(*b);
+        }
+        differ == 0
+    }
+}
+
+impl Eq for Aligned {}
 
 impl CallKey {
     /// The entry's key: BLAKE3 keyed by the function key over the encoded arguments.
@@ -1612,6 +1628,22 @@ mod tests {
             f64: [0.0, -0.0, -2.25, f64::NEG_INFINITY, f64::NAN, -f64::NAN, nan_with_payload],
             char: ['a', '\0', '\u{10FFFF}'],
         );
+    }
+
+    #[test]
+    fn aligned_bytes_are_equal_only_when_every_byte_is() {
+        let bytes: [u8; SHORT_ARGS] = std::array::from_fn(|i| (i * 37 + 11) as u8);
+        let ours = Aligned(bytes);
+        assert!(ours == Aligned(bytes));
+        assert!(Aligned([0; SHORT_ARGS]) == Aligned([0; SHORT_ARGS]));
+        for at in 0..SHORT_ARGS {
+            for bit in 0..8 {
+                let mut theirs = bytes;
+                theirs[at] ^= 1 << bit;
+                assert!(ours != Aligned(theirs), "byte {at}, bit {bit} not compared");
+                assert!(Aligned(theirs) != ours);
+            }
+        }
     }
 
     #[test]
