@@ -771,6 +771,9 @@ const HASHED: u8 = u8::MAX;
 #[repr(align(16))]
 pub(crate) struct Aligned(pub(crate) [u8; SHORT_ARGS]);
 
+// Whole 16-byte pieces, which `Aligned::eq` compares (none left over).
+const _: () = assert!(SHORT_ARGS.is_multiple_of(16));
+
 impl PartialEq for Aligned {
     /// Compares all the bytes, 16 at a time and without a branch between the pieces: the
     /// derived comparison called `memcmp`, 4 % of a hit from the memory tier.
