@@ -140,56 +140,34 @@ fn arguments_of_every_shape_are_keyed_as_the_key_scheme_says() {
     with_text(4, "four");
     no_arguments();
     SHAPES.flush().unwrap();
-    let stored = |location: Option<std::path::PathBuf>| stored_keys(&location.unwrap());
-    assert_eq!(
-        stored(by_alias::location()),
-        [scheme_key(
-            "fast_paths::by_alias",
-            by_alias::version(),
-            |h| {
-                h.arg(&5u64);
-                h.arg(&6u64);
-            }
-        )]
-    );
-    assert_eq!(
-        stored(by_pattern::location()),
-        [scheme_key(
-            "fast_paths::by_pattern",
-            by_pattern::version(),
-            |h| {
-                h.arg(&(1u32, 2u32));
-                h.arg(&Some(3u64));
-            }
-        )]
-    );
-    assert_eq!(
-        stored(too_long_for_short::location()),
-        [scheme_key(
-            "fast_paths::too_long_for_short",
-            too_long_for_short::version(),
-            |h| (1..=3u128).for_each(|x| h.arg(&x)),
-        )]
-    );
-    assert_eq!(
-        stored(with_text::location()),
-        [scheme_key(
-            "fast_paths::with_text",
-            with_text::version(),
-            |h| {
-                h.arg(&4u64);
-                h.arg("four");
-            }
-        )]
-    );
-    assert_eq!(
-        stored(no_arguments::location()),
-        [scheme_key(
-            "fast_paths::no_arguments",
-            no_arguments::version(),
-            |_| {}
-        )]
-    );
+    // Each function's one entry is filed under the documented scheme's key for its arguments.
+    macro_rules! assert_scheme_key {
+        ($function:ident, $args:expr) => {
+            assert_eq!(
+                stored_keys(&$function::location().unwrap()),
+                [scheme_key(
+                    concat!("fast_paths::", stringify!($function)),
+                    $function::version(),
+                    $args,
+                )],
+                stringify!($function),
+            )
+        };
+    }
+    assert_scheme_key!(by_alias, |h| {
+        h.arg(&5u64);
+        h.arg(&6u64);
+    });
+    assert_scheme_key!(by_pattern, |h| {
+        h.arg(&(1u32, 2u32));
+        h.arg(&Some(3u64));
+    });
+    assert_scheme_key!(too_long_for_short, |h| (1..=3u128).for_each(|x| h.arg(&x)));
+    assert_scheme_key!(with_text, |h| {
+        h.arg(&4u64);
+        h.arg("four");
+    });
+    assert_scheme_key!(no_arguments, |_| {});
 }
 
 static GONE: Counter = Counter::new();
